@@ -1,0 +1,5 @@
+"""The project's own operators (torch.library custom ops). Importing this registers them."""
+from moh_compile.ops.attention import attention, attention_reference
+from moh_compile.ops.ffn import ffn, ffn_reference
+
+__all__ = ["attention", "attention_reference", "ffn", "ffn_reference"]

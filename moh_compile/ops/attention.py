@@ -1,0 +1,154 @@
+"""`moh_compile::attention`: one attention block, from the Q projection to the output projection.
+
+Why one op for the whole block: routed heads only save time if the op owns the Q projection
+(to skip rows of W_q), the attention core (to skip query rows per head) and the output
+projection (to skip the matching columns of W_o). K and V are computed outside the op, by
+the model's own graph, because every head's keys stay needed.
+
+Semantics (the reference below is the definition; fast kernels must match it):
+
+    q    = rope(x @ q_weight.T + q_bias)            viewed as (B, H, S, D)
+    ctx  = softmax(scale * q k^T + mask) v          per head, GQA by repeating K/V heads
+    out  = sum_h gate[b, s, h] * ctx_h @ W_o[:, h].T + o_bias
+
+- `attn_mask`: bool (True = may attend) or additive float, broadcastable to (B, H, S, S_k).
+- `rope_cos`/`rope_sin`: rotate-half rotary embedding for q, broadcastable to (B, 1, S, D).
+- `head_gates` (B, S, H): 0 means the (token, head) pair is not computed at all; None means
+  every head with gate 1 (the identity setting).
+- window attributes (per head): a key j is visible to query i when j < sink, or i < sink
+  (sink tokens are global), or j lies in the head's local window of `span = alpha + beta*S_k`
+  keys (causal: i - span < j <= i; two-sided: |i - j| <= span // 2). alpha < 0 = dense head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moh_compile.ops.recompute import register_recompute_autograd
+
+
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def window_spans(alpha: list[int], beta: list[float], s_k: int) -> list[int]:
+    """Per-head local span for a key length; -1 marks a dense head."""
+    spans = []
+    for a, b in zip(alpha, beta):
+        spans.append(-1 if a < 0 else max(1, min(s_k, int(a + b * s_k))))
+    return spans
+
+
+def window_mask(
+    s_q: int,
+    s_k: int,
+    sink: list[int],
+    alpha: list[int],
+    beta: list[float],
+    two_sided: bool,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Bool (H, S_q, S_k) mask of each head's sink + local-window pattern (True = visible)."""
+    i = torch.arange(s_q, device=device).view(1, -1, 1)
+    j = torch.arange(s_k, device=device).view(1, 1, -1)
+    spans = torch.tensor(window_spans(alpha, beta, s_k), device=device).view(-1, 1, 1)
+    sinks = torch.tensor(sink, device=device).view(-1, 1, 1)
+    if two_sided:
+        local = (i - j).abs() <= spans // 2
+    else:
+        local = (j <= i) & (j > i - spans)
+    visible = local | (j < sinks) | (i < sinks) | (spans < 0)
+    return visible
+
+
+def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
+    """Combine a model mask (bool or additive) with a bool pattern; returns an SDPA mask."""
+    if pattern is None:
+        return attn_mask
+    pattern = pattern.unsqueeze(0)  # (1, H, S, S_k)
+    if attn_mask is None:
+        return pattern
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & pattern
+    return attn_mask.masked_fill(~pattern, float("-inf"))
+
+
+def attention_reference(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    head_gates: torch.Tensor | None,
+    scale: float,
+    window_sink: list[int] | None = None,
+    window_alpha: list[int] | None = None,
+    window_beta: list[float] | None = None,
+    window_two_sided: bool = False,
+) -> torch.Tensor:
+    """Dense, masked computation of the op: every head is computed, then gated."""
+    b, s, _ = x.shape
+    d = k.shape[-1]
+    h = q_weight.shape[0] // d
+    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
+    if rope_cos is not None:
+        q = q * rope_cos + rotate_half(q) * rope_sin
+    pattern = None
+    if window_sink is not None:
+        pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
+    mask = merge_masks(attn_mask, pattern)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
+    if head_gates is not None:
+        ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
+    return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
+
+
+_FAST_KERNELS: list = []
+
+
+def register_fast_kernel(fn) -> None:
+    """Kernels take the op's arguments and return a tensor, or None when they do not apply."""
+    _FAST_KERNELS.append(fn)
+
+
+@torch.library.custom_op("moh_compile::attention", mutates_args=())
+def attention(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    head_gates: torch.Tensor | None,
+    scale: float,
+    window_sink: list[int] | None = None,
+    window_alpha: list[int] | None = None,
+    window_beta: list[float] | None = None,
+    window_two_sided: bool = False,
+) -> torch.Tensor:
+    args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
+            window_sink, window_alpha, window_beta, window_two_sided)
+    for kernel in _FAST_KERNELS:
+        out = kernel(*args)
+        if out is not None:
+            return out
+    return attention_reference(*args)
+
+
+@attention.register_fake
+def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
+                    scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False):
+    return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
+
+
+register_recompute_autograd(attention, attention_reference)
