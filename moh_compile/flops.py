@@ -1,0 +1,41 @@
+"""FLOP counts (multiply-adds x 2) per block, so every report and benchmark shows the ideal
+speedup of a configuration next to the measured one."""
+from __future__ import annotations
+
+
+def attention_flops(
+    batch: int,
+    seq: int,
+    d_in: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    d_out: int | None = None,
+    active_heads: float = 1.0,
+    kv_len: int | None = None,
+    density: float = 1.0,
+) -> dict[str, float]:
+    """FLOPs of one attention block (projections + core).
+
+    active_heads: average number of heads a token uses as a fraction of `heads` (MoH);
+    density: average fraction of keys each query sees (sparse patterns).
+    K and V projections stay dense: every head's keys are needed by some token.
+    """
+    d_out = d_in if d_out is None else d_out
+    kv_len = seq if kv_len is None else kv_len
+    tokens = batch * seq
+    q_proj = 2 * tokens * d_in * heads * head_dim * active_heads
+    kv_proj = 2 * 2 * tokens * d_in * kv_heads * head_dim
+    core = 2 * 2 * tokens * kv_len * heads * head_dim * active_heads * density
+    o_proj = 2 * tokens * heads * head_dim * d_out * active_heads
+    return {"q_proj": q_proj, "kv_proj": kv_proj, "core": core, "o_proj": o_proj,
+            "total": q_proj + kv_proj + core + o_proj}
+
+
+def ffn_flops(tokens: int, d_in: int, d_hidden: int, d_out: int | None = None,
+              gated: bool = False, keep: float = 1.0) -> dict[str, float]:
+    """FLOPs of one FFN block; `keep` is the fraction of hidden neurons computed (MoE++)."""
+    d_out = d_in if d_out is None else d_out
+    fc_in = 2 * tokens * d_in * d_hidden * keep * (2 if gated else 1)
+    fc_out = 2 * tokens * d_hidden * d_out * keep
+    return {"fc_in": fc_in, "fc_out": fc_out, "total": fc_in + fc_out}
