@@ -1,0 +1,161 @@
+"""The Python API: the pipeline on one screen.
+
+    load -> capture -> match -> plan -> rewrite (verified at identity) -> finalize/calibrate -> report
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from moh_compile import passes
+from moh_compile.capture import Captured, capture
+from moh_compile.config import CompileConfig
+from moh_compile.errors import MohCompileError
+from moh_compile.match import MatchResult, find_blocks
+from moh_compile.plan import BlockPlan, Plan
+from moh_compile.report import Report, block_rows
+from moh_compile.rewrite import commit_verified, probe_values
+
+
+@dataclass
+class Inspection:
+    captured: Captured
+    matches: MatchResult
+    report: Report
+
+
+def _detect_causality(captured: Captured, matches: MatchResult) -> None:
+    """Fill block.causal from the mask values on the example inputs (causal: no key after the query)."""
+    watch = {f"m{i}": m.mask for i, m in enumerate(matches.attention) if m.mask is not None and not m.is_causal_flag}
+    values = probe_values(captured.module, watch, captured.args, captured.kwargs) if watch else {}
+    for i, m in enumerate(matches.attention):
+        if m.is_causal_flag:
+            m.block.causal = True
+            continue
+        mask = values.get(f"m{i}")
+        if mask is None:
+            m.block.causal = False
+            continue
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        s_q, s_k = visible.shape[-2], visible.shape[-1]
+        upper = torch.ones(s_q, s_k, dtype=torch.bool).triu(1)
+        m.block.causal = bool(s_q > 1 and not visible[..., upper].any() and visible[..., ~upper].any())
+
+
+def inspect(model: torch.nn.Module, example_inputs) -> Inspection:
+    """Capture the model and describe every attention and FFN block found (and skipped)."""
+    captured = capture(model, example_inputs)
+    matches = find_blocks(captured.module)
+    _detect_causality(captured, matches)
+    if not matches.attention:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in matches.skipped if s.kind == "attention")
+        raise MohCompileError("no attention blocks found in this model" + (f" (skipped: {reasons})" if reasons else ""))
+    report = Report(model_name=type(model).__name__, blocks=block_rows(matches),
+                    skipped=[s.to_dict() for s in matches.skipped])
+    return Inspection(captured, matches, report)
+
+
+class CompiledModel(torch.nn.Module):
+    """The rewritten model: run it, keep training it, save it (`.save(dir)`)."""
+
+    def __init__(self, graph_module: fx.GraphModule, plan: Plan, report: Report, captured: Captured):
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.report = report
+        self._example = (captured.args, captured.kwargs, captured.dynamic_shapes)
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """Re-export (the project's ops stay single nodes; importing moh_compile registers them)."""
+        args, kwargs, dyn = self._example
+        with torch.no_grad():
+            return torch.export.export(self.graph_module, args, kwargs, dynamic_shapes=dyn, strict=False)
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
+        """Write model.pt2, plan.json, report.md and report.json atomically into out_dir."""
+        return write_outputs(self, Path(out_dir), force)
+
+
+def _pass_for(kind: str, name: str):
+    registry = passes.ATTENTION_PASSES if kind == "attention" else passes.FFN_PASSES
+    if name not in registry:
+        raise MohCompileError(f"no {kind} pass named {name!r} (known: {', '.join(registry)}, keep)")
+    return registry[name]
+
+
+def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None = None,
+            plan: Plan | None = None, calibration=None) -> CompiledModel:  # noqa: A001 (the tool's verb)
+    """Rewrite the model's blocks as `config` asks (or as a saved `plan` says).
+
+    calibration: data for passes that fit routers (see each pass); None keeps identity routers.
+    """
+    config = (config or CompileConfig()).validate(
+        tuple(passes.ATTENTION_PASSES) + ("keep",), tuple(passes.FFN_PASSES) + ("keep",))
+    insp = inspect(model, example_inputs)
+    gm, matches = insp.captured.module, insp.matches
+    new_plan = Plan(config=config.to_dict())
+    pending, owners = [], []
+    for kind, found, choice in (("attention", matches.attention, config.attention), ("ffn", matches.ffn, config.ffn)):
+        for m in found:
+            saved = plan.for_block(m.block.name, kind) if plan else None
+            transform = saved.transform if saved else choice
+            if transform == "keep":
+                new_plan.blocks.append(BlockPlan(m.block.name, kind, "keep"))
+                continue
+            p = _pass_for(kind, transform)
+            reason = p.check(m, config)
+            if reason:
+                insp.report.skip(m.block.name, kind, reason)
+                new_plan.blocks.append(BlockPlan(m.block.name, kind, "keep", {"reason": reason}))
+                continue
+            bp = saved if saved else p.plan(m, config)
+            new_plan.blocks.append(bp)
+            pending.append(p.rewrite(gm, m, bp))
+            owners.append((p, m, bp))
+    results = commit_verified(gm, pending, insp.captured.args, insp.captured.kwargs, config.verify_rtol)
+    done: dict = {}
+    for (p, m, bp), rw, res in zip(owners, pending, results):
+        if isinstance(res, str):
+            insp.report.skip(m.block.name, p.kind, res)
+            bp.transform, bp.settings = "keep", {"reason": res}
+        else:
+            insp.report.applied(m.block.name, p.kind, p.name, res)
+            done.setdefault(p, []).append((m, bp, rw))
+    for p, items in done.items():
+        extra = p.finalize(gm, items, config, calibration)
+        if extra:
+            insp.report.sections[f"{p.kind}:{p.name}"] = extra
+    gm.recompile()
+    return CompiledModel(gm, new_plan, insp.report, insp.captured)
+
+
+def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool) -> Path:
+    """Atomic: everything is written to a temporary sibling directory, then renamed."""
+    if out_dir.exists() and not force:
+        raise MohCompileError(f"{out_dir} exists; pass --force (force=True) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        program = compiled.export()
+        torch.export.save(program, str(tmp / "model.pt2"))
+        (tmp / "plan.json").write_text(compiled.plan.to_json())
+        compiled.report.write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+__all__ = ["inspect", "compile", "CompiledModel", "Inspection"]

@@ -1,0 +1,104 @@
+"""Capture: (model, example inputs) -> torch.fx GraphModule via torch.export (non-strict).
+
+Batch and sequence dimensions are exported dynamic (Dim.AUTO: export keeps them symbolic
+where the model allows). A batch of 1 would be specialised to 1 by export, so examples with
+batch 1 are repeated to batch 2 for tracing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from moh_compile.errors import MohCompileError
+
+
+@dataclass
+class Captured:
+    module: fx.GraphModule  # the IR: ep.module(), parameters under their original names
+    program: torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict
+    dynamic_shapes: object
+
+
+def normalize_inputs(example_inputs) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list)) and isinstance(
+                example_inputs[1], dict):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise MohCompileError(f"example inputs must be a tensor, tuple or dict, not {type(example_inputs).__name__}")
+
+
+def _dynamic_spec(x):
+    """Every dim may vary; export keeps symbolic what the model allows and pins the rest."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    return {i: Dim.AUTO for i in range(x.dim())}
+
+
+def _at_least_batch_two(x):
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1:
+        return torch.cat([x, x], dim=0)
+    return x
+
+
+def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> Captured:
+    """Export `model` into the IR. Raises MohCompileError with the cause summarised."""
+    args, kwargs = normalize_inputs(example_inputs)
+    args = tuple(_at_least_batch_two(a) for a in args)
+    kwargs = {k: _at_least_batch_two(v) for k, v in kwargs.items()}
+    dyn = None
+    if dynamic:
+        dyn = {"args": tuple(_dynamic_spec(a) for a in args), "kwargs": {k: _dynamic_spec(v) for k, v in kwargs.items()}}
+        dyn = _as_export_spec(model, args, kwargs, dyn)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+    except MohCompileError:
+        raise
+    except Exception as err:  # export failures are user-facing: summarise them
+        raise MohCompileError(f"torch.export could not capture the model: {_summarise(err)}. "
+                              "Hint: pass example inputs that match forward(), disable caches "
+                              "(use_cache=False) and data-dependent Python control flow.") from err
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return Captured(gm, program, args, kwargs, dyn)
+
+
+def _as_export_spec(model, args, kwargs, dyn):
+    """torch.export wants dynamic_shapes keyed like forward()'s parameters."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if kwargs and not args:
+        return {k: dyn["kwargs"][k] for k in kwargs}
+    if not kwargs:
+        return tuple(dyn["args"])
+    spec = {}
+    for name, s in zip(params, dyn["args"]):
+        spec[name] = s
+    spec.update(dyn["kwargs"])
+    return spec
+
+
+def _summarise(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {first[:300]}"

@@ -1,0 +1,420 @@
+"""Find multi-head attention blocks by structure.
+
+Anchor: the attention core, either one SDPA node or softmax(Q K^T * scale + mask) @ V.
+From it the matcher walks back along the query to its projection (through layout ops,
+scalar pre-scaling and a rotate-half RoPE), walks the keys/values back to their un-expanded
+(GQA) form, and walks the core's output forward to the output projection. Every decision
+that the graph's symbolic shapes cannot settle is left to the rewrite's numerical check,
+which rejects a block whose rewrite does not reproduce it.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from moh_compile.match import graph as g
+from moh_compile.match.blocks import AttentionBlock, ProjectionInfo, Skipped
+
+aten = g.aten
+
+
+class NoMatch(Exception):
+    """Raised inside the matcher with the human-readable reason a candidate was skipped."""
+
+
+@dataclass
+class AttentionMatch:
+    block: AttentionBlock
+    core: fx.Node
+    x: fx.Node  # 3-D input of the q projection, (B, S, E) or (S, B, E)
+    q_proj: g.LinearLike
+    q_rows: tuple[int, int]
+    rope_cos: fx.Node | None
+    rope_sin: fx.Node | None
+    k: fx.Node  # (B, Hkv, S, D) or (B*H, S, D)
+    v: fx.Node
+    mask: fx.Node | None
+    is_causal_flag: bool
+    o_proj: g.LinearLike
+    y: fx.Node  # node whose value the op output replaces, (B, S, E) or (S, B, E)
+
+
+def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Skipped]]:
+    found, skipped = [], []
+    for node in list(gm.graph.nodes):
+        if g.is_call(node, g.SDPA) or g.is_call(node, g.SOFTMAX):
+            try:
+                core = _core_from(node)
+                if core is None:
+                    continue
+                found.append(_match_block(gm, *core))
+            except NoMatch as err:
+                skipped.append(Skipped(name=_guess_name(node), kind="attention", reason=str(err)))
+    return found, skipped
+
+
+def _guess_name(node: fx.Node) -> str:
+    return g.module_path(node) or node.name
+
+
+# ---------------------------------------------------------------- core
+def _core_from(node: fx.Node):
+    """Returns (core_out, q, k, v, mask, scale, is_causal, kind) or None if not a core."""
+    if g.is_call(node, g.SDPA):
+        args = list(node.args) + [None] * 8
+        kw = node.kwargs
+        q, k, v = args[0], args[1], args[2]
+        mask = kw.get("attn_mask", args[3])
+        dropout = kw.get("dropout_p", args[4] if args[4] is not None else 0.0)
+        is_causal = bool(kw.get("is_causal", args[5] if args[5] is not None else False))
+        scale = kw.get("scale", args[6])
+        if kw.get("enable_gqa", args[7] or False):
+            raise NoMatch("SDPA with enable_gqa=True is not supported yet")
+        if dropout:
+            raise NoMatch("attention dropout is active (capture the model in eval mode)")
+        d = g.static_int(g.val(q).shape[-1])
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        return node, q, k, v, mask, scale, is_causal, "sdpa"
+    # softmax(scores) @ v
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    rank = g.val(node).dim()
+    if dim not in (-1, rank - 1):
+        return None
+    probs, users = node, list(node.users)
+    while len(users) == 1 and (g.is_eval_dropout(users[0]) or g.is_call(users[0], {aten.clone.default})):
+        probs, users = users[0], list(users[0].users)
+    pv = [u for u in users if g.is_call(u, g.MATMUL) and u.args[0] is probs]
+    if not pv:
+        return None
+    if len(users) != 1:
+        raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
+    v = pv[0].args[1]
+    scale, mask = 1.0, None
+    s = node.args[0]
+    while True:
+        if g.is_call(s, {aten.add.Tensor}) and g.val(s.args[1]) is not None and mask is None:
+            s, mask = s.args[0], s.args[1]
+        elif g.is_call(s, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(s.args[1]) is not None:
+            scale *= g.scalar_of(s.args[1])
+            s = s.args[0]
+        elif g.is_call(s, {aten.div.Tensor, aten.div.Scalar}) and g.scalar_of(s.args[1]) is not None:
+            scale /= g.scalar_of(s.args[1])
+            s = s.args[0]
+        else:
+            break
+    if g.is_call(s, g.BADDBMM):
+        mask, q, kt = s.args[0], s.args[1], s.args[2]
+        scale *= float(s.kwargs.get("alpha", 1.0))
+    elif g.is_call(s, g.MATMUL):
+        q, kt = s.args[0], s.args[1]
+    else:
+        raise NoMatch("softmax input is not a Q K^T product")
+    k = _untranspose_last(kt)
+    if k is None:
+        raise NoMatch("keys enter Q K^T without a visible transpose")
+    while g.is_call(q, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(q.args[1]) is not None:
+        scale *= g.scalar_of(q.args[1])
+        q = q.args[0]
+    return pv[0], q, k, v, mask, scale, False, "softmax(QK^T)V"
+
+
+def _untranspose_last(node):
+    if g.is_call(node, {aten.transpose.int}):
+        rank = g.val(node).dim()
+        dims = {d % rank for d in node.args[1:3]}
+        if dims == {rank - 1, rank - 2}:
+            return node.args[0]
+    if g.is_call(node, {aten.permute.default}):
+        perm = list(node.args[1])
+        rank = len(perm)
+        want = list(range(rank - 2)) + [rank - 1, rank - 2]
+        if [p % rank for p in perm] == want:
+            return node.args[0]
+    return None
+
+
+# ---------------------------------------------------------------- walks
+def _walk_to_projection(node):
+    """From the query at the core back to (projection, pre-RoPE tensor, cos, sin, extra scale)."""
+    cos = sin = None
+    scale = 1.0
+    for _ in range(64):
+        lin = g.as_linear(node)
+        if lin is not None:
+            return lin, cos, sin, scale
+        rope = _match_rope(node)
+        if rope is not None:
+            if cos is not None:
+                raise NoMatch("two rotary embeddings on one query")
+            node, cos, sin = rope
+            continue
+        if g.is_call(node, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(node.args[1]) is not None:
+            scale *= g.scalar_of(node.args[1])
+            node = node.args[0]
+            continue
+        if g.is_passthrough(node):
+            node = node.args[0]
+            continue
+        raise NoMatch(f"could not trace the query back to a projection (stopped at {_desc(node)})")
+    raise NoMatch("query path too long")
+
+
+def _desc(node) -> str:
+    if isinstance(node, fx.Node):
+        return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+    return repr(node)
+
+
+def _match_rope(node):
+    """q*cos + rotate_half(q)*sin  ->  (q, cos, sin)."""
+    if not g.is_call(node, {aten.add.Tensor}):
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (g.is_call(a, {aten.mul.Tensor}) and g.is_call(b, {aten.mul.Tensor})):
+        return None
+    for plain, rotated in ((a, b), (b, a)):
+        for i in (0, 1):
+            src, cos = plain.args[i], plain.args[1 - i]
+            for j in (0, 1):
+                cat, sin = rotated.args[j], rotated.args[1 - j]
+                if _is_rotate_half_of(cat, src):
+                    return src, cos, sin
+    return None
+
+
+def _is_rotate_half_of(cat, src) -> bool:
+    if not g.is_call(cat, {aten.cat.default}):
+        return False
+    parts = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else 0
+    if len(parts) != 2 or dim not in (-1, g.val(cat).dim() - 1):
+        return False
+    neg, second = parts
+    if not g.is_call(neg, {aten.neg.default}):
+        return False
+    hi, lo = neg.args[0], second
+    d = g.static_int(g.val(src).shape[-1])
+    return (_is_last_dim_slice(hi, src, d // 2, d) and _is_last_dim_slice(lo, src, 0, d // 2))
+
+
+def _is_last_dim_slice(node, src, start, end) -> bool:
+    if not g.is_call(node, {aten.slice.Tensor}) or node.args[0] is not src:
+        return False
+    rank = g.val(src).dim()
+    dim = node.args[1] if len(node.args) > 1 else 0
+    s = node.args[2] if len(node.args) > 2 else 0
+    e = node.args[3] if len(node.args) > 3 else None
+    e = end if e is None or (isinstance(e, int) and e >= end) else e
+    return dim % rank == rank - 1 and s == start and e == end
+
+
+def _unexpand_kv(node, num_heads: int):
+    """Walk a key/value tensor back through a GQA repeat (unsqueeze/expand/reshape)."""
+    shape = g.val(node).shape
+    cur = node
+    for _ in range(8):
+        if not (g.is_call(cur, {aten.reshape.default, aten.view.default, aten.expand.default,
+                                aten.unsqueeze.default, aten.slice.Tensor, aten.clone.default,
+                                aten.contiguous.default, aten._unsafe_view.default})):
+            break
+        cur = cur.args[0]
+        v = g.val(cur)
+        if v.dim() == 4 and g.dim_key(v.shape[0]) == g.dim_key(shape[0]) \
+                and g.dim_key(v.shape[2]) == g.dim_key(shape[2]) and g.dim_key(v.shape[3]) == g.dim_key(shape[3]):
+            hkv = g.static_int(v.shape[1])
+            if hkv and hkv < num_heads and num_heads % hkv == 0:
+                return cur, hkv
+    return node, num_heads
+
+
+def _walk_to_out_projection(node):
+    cur = node
+    for _ in range(16):
+        users = list(cur.users)
+        if len(users) != 1:
+            raise NoMatch("attention output is used outside the block")
+        user = users[0]
+        lin = g.as_linear(user)
+        if lin is not None and lin.x is cur:
+            return lin
+        if g.is_passthrough(user) and user.args[0] is cur:
+            cur = user
+            continue
+        raise NoMatch(f"attention output does not reach an output projection (stopped at {_desc(user)})")
+    raise NoMatch("output path too long")
+
+
+def _token_layout(node, b_key: str | None, s_key: str) -> str | None:
+    keys = g.shape_keys(node)
+    if keys is None or len(keys) != 3:
+        return None
+    if keys[1] == s_key and keys[0] != s_key and (b_key is None or keys[0] == b_key):
+        return "batch_first"
+    if keys[0] == s_key and keys[1] != s_key and (b_key is None or keys[1] == b_key):
+        return "seq_first"
+    if keys[0] == keys[1] == s_key:
+        return "batch_first"
+    return None
+
+
+def _walk_back_to_3d(node, s_key, b_key):
+    cur = node
+    for _ in range(8):
+        layout = _token_layout(cur, b_key, s_key)
+        if layout is not None:
+            return cur, layout
+        if g.is_call(cur, {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                           aten.contiguous.default, aten.clone.default}) or g.is_eval_dropout(cur):
+            cur = cur.args[0]
+            continue
+        break
+    raise NoMatch("could not find the (batch, seq, features) input of the query projection")
+
+
+def _walk_forward_to_3d(node, s_key, b_key):
+    cur = node
+    for _ in range(8):
+        layout = _token_layout(cur, b_key, s_key)
+        if layout is not None:
+            return cur, layout
+        users = list(cur.users)
+        if len(users) == 1 and g.is_call(users[0], {aten.view.default, aten.reshape.default,
+                                                    aten._unsafe_view.default}):
+            cur = users[0]
+            continue
+        break
+    raise NoMatch("could not find the (batch, seq, features) output of the output projection")
+
+
+# ---------------------------------------------------------------- block
+def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> AttentionMatch:
+    qv, kv_ = g.val(q), g.val(k)
+    if qv is None or kv_ is None:
+        raise NoMatch("missing shape information")
+    d = g.static_int(qv.shape[-1])
+    if qv.dim() == 4:
+        num_heads = g.static_int(qv.shape[1])
+        s_key = g.dim_key(qv.shape[2])
+        b_key = g.dim_key(qv.shape[0])
+        if g.dim_key(kv_.shape[2]) != s_key:
+            raise NoMatch("cross-attention (keys from another sequence) is not supported yet")
+    elif qv.dim() == 3:
+        num_heads = None
+        s_key = g.dim_key(qv.shape[1])
+        b_key = None
+        if g.dim_key(kv_.shape[1]) != s_key:
+            raise NoMatch("cross-attention (keys from another sequence) is not supported yet")
+    else:
+        raise NoMatch(f"query has rank {qv.dim()}")
+    lin_q, cos, sin, pre_scale = _walk_to_projection(q)
+    scale *= pre_scale
+    fused_rows = _fused_q_rows(q, lin_q)
+    if num_heads is None:
+        width = fused_rows[1] - fused_rows[0] if fused_rows else lin_q.out_features
+        num_heads = width // d if width % d == 0 else 0
+        if not num_heads:
+            raise NoMatch("cannot infer the number of heads")
+    hd = num_heads * d
+    q_rows = fused_rows or (0, hd)
+    if q_rows[1] - q_rows[0] != hd or q_rows[1] > lin_q.out_features:
+        raise NoMatch("query projection width is not heads x head_dim")
+    x, layout = _walk_back_to_3d(lin_q.x, s_key, b_key)
+    if g.val(x).shape[-1] != lin_q.in_features:
+        raise NoMatch("query projection input is not token-wise")
+    lin_o = _walk_to_out_projection(core_out)
+    if lin_o.in_features != hd:
+        raise NoMatch(f"output projection expects {lin_o.in_features} features, heads give {hd}")
+    y, _ = _walk_forward_to_3d(lin_o.node, s_key, b_key or g.shape_keys(x)[0 if layout == "batch_first" else 1])
+    k_src, num_kv = (k, num_heads)
+    v_src = v
+    if qv.dim() == 4:
+        k_src, num_kv = _unexpand_kv(k, num_heads)
+        v_src, num_kv_v = _unexpand_kv(v, num_heads)
+        if num_kv_v != num_kv:
+            k_src, v_src, num_kv = k, v, num_heads
+    paths = [g.module_path(n) for n in (lin_q.node, lin_o.node, core_out)]
+    name = g.common_prefix([p for p in paths if p]) or core_out.name
+    k_lin = _projection_of(k_src)
+    v_lin = _projection_of(v_src)
+    block = AttentionBlock(
+        name=name,
+        layer=g.layer_index(name),
+        core=kind,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=d,
+        d_model=lin_q.in_features,
+        d_out=lin_o.out_features,
+        scale=scale,
+        causal=True if is_causal else None,
+        has_mask=mask is not None or is_causal,
+        rope=cos is not None,
+        layout=layout,
+        q=_proj_info(lin_q, q_rows),
+        k=_proj_info(k_lin, None) if k_lin else None,
+        v=_proj_info(v_lin, None) if v_lin else None,
+        o=_proj_info(lin_o, None),
+    )
+    return AttentionMatch(block, core_out, x, lin_q, q_rows, cos, sin, k_src, v_src, mask, is_causal, lin_o, y)
+
+
+def _fused_q_rows(q, lin):
+    """For fused qkv projections: which output features of the projection are the query.
+
+    Read off the split/select/slice on the path from the projection to the query; None when
+    the path takes the projection whole.
+    """
+    cur = q
+    for _ in range(64):
+        if cur is lin.node or not isinstance(cur, fx.Node):
+            return None
+        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.split.Tensor}):
+            size = int(cur.args[0].args[1])
+            return (cur.args[1] * size, (cur.args[1] + 1) * size)
+        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.split_with_sizes.default}):
+            sizes = list(cur.args[0].args[1])
+            start = sum(sizes[: cur.args[1]])
+            return (start, start + sizes[cur.args[1]])
+        if g.is_call(cur, {aten.select.int}):
+            n = g.static_int(g.val(cur.args[0]).shape[cur.args[1]])
+            width = lin.out_features // n
+            return (cur.args[2] * width, (cur.args[2] + 1) * width)
+        if g.is_call(cur, {aten.slice.Tensor}):
+            src = g.val(cur.args[0])
+            dim = cur.args[1] % src.dim()
+            if dim == src.dim() - 1 and src.shape[-1] == lin.out_features and g.val(cur).shape[-1] != src.shape[-1]:
+                start = int(cur.args[2])
+                return (start, start + g.static_int(g.val(cur).shape[-1]))
+        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], g.SPLITS):
+            raise NoMatch("fused projection split in an unsupported way")
+        if not cur.args:
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def _projection_of(node):
+    cur = node
+    for _ in range(32):
+        lin = g.as_linear(cur)
+        if lin is not None:
+            return lin
+        rope = _match_rope(cur)
+        if rope is not None:
+            cur = rope[0]
+            continue
+        if g.is_passthrough(cur) and cur.args:
+            cur = cur.args[0]
+            continue
+        return None
+    return None
+
+
+def _proj_info(lin, rows) -> ProjectionInfo:
+    bias = g.param_name(lin.bias) if lin.bias is not None else None
+    fused = rows is not None and (rows[1] - rows[0]) != lin.out_features
+    return ProjectionInfo(weight=g.param_name(lin.weight), bias=bias, rows=tuple(rows) if fused else None,
+                          fused=fused)

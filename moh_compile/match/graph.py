@@ -1,0 +1,209 @@
+"""Small helpers for reading an exported aten graph: op families, walks, shapes, names.
+
+Why a module of its own: the matchers must be exporter-agnostic, so they reason about
+*kinds* of ops (layout-only, pointwise, linear-like) rather than about node sequences of a
+particular model family.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+SDPA = {aten.scaled_dot_product_attention.default}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+BADDBMM = {aten.baddbmm.default}
+
+# Ops that only move or relabel data: walking through them keeps the same values.
+LAYOUT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.contiguous.default, aten.clone.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.select.int, aten.slice.Tensor,
+    aten.unflatten.int, aten.flatten.using_ints, aten.alias.default, aten.expand.default,
+    aten.t.default, aten.detach.default, aten.lift_fresh_copy.default,
+}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+          aten.split.sizes, aten.tensor_split.sections}
+
+POINTWISE = {
+    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor,
+    aten.sub.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten.tanh.default,
+    aten.erf.default, aten.sigmoid.default, aten.exp.default, aten.neg.default, aten.gelu.default,
+    aten.relu.default, aten.silu.default, aten.rsub.Scalar, aten.sqrt.default, aten.reciprocal.default,
+    aten.clamp_min.default, aten.clamp.default, aten.hardtanh.default, aten.leaky_relu.default,
+    aten.mish.default, aten.hardswish.default, aten.elu.default,
+}
+
+
+def is_call(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_eval_dropout(node) -> bool:
+    """Dropout that is a no-op in the captured (eval) graph."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in (aten.dropout.default, aten.native_dropout.default):
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
+        return p == 0.0 or train is False
+    return False
+
+
+def is_passthrough(node) -> bool:
+    """A node whose output holds the same values as its first input (possibly re-laid out)."""
+    if is_eval_dropout(node):
+        return True
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in LAYOUT:
+            return True
+        if node.target in (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default):
+            src, dst = val(node.args[0]), val(node)
+            return src is not None and dst is not None and src.dtype == dst.dtype
+        if node.target is operator.getitem and is_call(node.args[0], SPLITS):
+            return True
+        if node.target in SPLITS:
+            return True
+    return False
+
+
+def val(node):
+    """The FakeTensor recorded by export for a node (shape/dtype carrier), or None."""
+    if isinstance(node, fx.Node):
+        v = node.meta.get("val")
+        return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def dim_key(d) -> str:
+    """A comparable key for a possibly symbolic dimension."""
+    if isinstance(d, torch.SymInt):
+        return str(d.node.expr)
+    return str(int(d))
+
+
+def shape_keys(node) -> tuple[str, ...] | None:
+    v = val(node)
+    return None if v is None else tuple(dim_key(d) for d in v.shape)
+
+
+def static_int(d) -> int | None:
+    if isinstance(d, torch.SymInt):
+        try:
+            return int(d.node.expr)
+        except TypeError:
+            return None
+    return int(d)
+
+
+def scalar_of(x) -> float | None:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+@dataclass
+class LinearLike:
+    """A projection: y = x W^T + b, whatever aten op spelled it."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    weight_is_in_out: bool  # True when the stored weight is (in, out), as in GPT-2's Conv1D
+
+    @property
+    def out_features(self) -> int:
+        w = val(self.weight)
+        return int(w.shape[1] if self.weight_is_in_out else w.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        w = val(self.weight)
+        return int(w.shape[0] if self.weight_is_in_out else w.shape[1])
+
+
+def _is_weight(node) -> bool:
+    """True for a parameter or a view of one (weights never depend on the model's inputs)."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 8:
+        if node.op == "get_attr":
+            return True
+        if node.op == "call_function" and (node.target in LAYOUT or node.target is operator.getitem
+                                           or node.target in SPLITS):
+            node = node.args[0]
+            seen += 1
+            continue
+        return False
+    return False
+
+
+def as_linear(node) -> LinearLike | None:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is aten.linear.default:
+        w = node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _is_weight(w) and val(w) is not None and val(w).dim() == 2:
+            return LinearLike(node, node.args[0], w, b, False)
+    if node.target is aten.addmm.default:
+        b, x, w = node.args[:3]
+        if node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and _is_weight(w):
+            return LinearLike(node, x, w, b, True)
+    if node.target in (aten.mm.default, aten.matmul.default):
+        x, w = node.args[:2]
+        if _is_weight(w) and val(w) is not None and val(w).dim() == 2 and not _is_weight(x):
+            return LinearLike(node, x, w, None, True)
+    return None
+
+
+def param_name(node) -> str | None:
+    """Dotted parameter name behind a weight node (through views), for reports."""
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return str(node.target)
+        if node.op != "call_function" or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    path = re.sub(r"L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = path.replace("getattr(", "").replace(")", "")
+    return path.strip(".")
+
+
+def common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    out = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    return ".".join(out)
+
+
+def layer_index(path: str) -> int | None:
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None

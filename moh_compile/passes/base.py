@@ -1,0 +1,29 @@
+"""The shape every pass has: check (can this block be transformed, and if not why),
+plan (per-block settings as plain data) and rewrite (insert the new op, unwired), plus an
+optional configure/calibrate step after the rewrite is verified at its identity setting."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from moh_compile.config import CompileConfig
+from moh_compile.plan import BlockPlan
+from moh_compile.rewrite import PendingRewrite
+
+
+class Pass:
+    name: str = ""
+    kind: str = ""  # "attention" or "ffn"
+
+    def check(self, match, config: CompileConfig) -> str | None:
+        """Why this block cannot be transformed, or None."""
+        return None
+
+    def plan(self, match, config: CompileConfig) -> BlockPlan:
+        return BlockPlan(match.block.name, self.kind, self.name, {})
+
+    def rewrite(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> PendingRewrite:
+        raise NotImplementedError
+
+    def finalize(self, gm: fx.GraphModule, rewrites: list, config: CompileConfig, calibration=None) -> dict:
+        """Leave the identity setting (e.g. switch routers to top-k) and calibrate. Returns report data."""
+        return {}

@@ -1,0 +1,203 @@
+"""Graph surgery: replace a matched block by one call to the project's op.
+
+Every rewrite is checked before it is committed: the new op's output and the old block's
+output are both computed on the example inputs (probe nodes in the same forward), and a
+block whose rewrite does not reproduce the original is left untouched and reported.
+A wrong rewrite is never kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from moh_compile.match import graph as g
+from moh_compile.match.attention import AttentionMatch
+from moh_compile.match.ffn import FFNMatch
+
+aten = torch.ops.aten
+
+_PROBES: dict[str, torch.Tensor] = {}
+
+
+def _probe(key: str, t: torch.Tensor) -> None:
+    _PROBES[key] = t.detach()
+
+
+torch.fx.wrap("_probe")
+
+
+@dataclass
+class PendingRewrite:
+    """Nodes inserted for one block, not yet wired in (old block still computes the output)."""
+
+    name: str
+    kind: str
+    old: fx.Node
+    new: fx.Node
+    inserted: list[fx.Node] = field(default_factory=list)
+
+
+class _Builder:
+    """Inserts nodes in order right after `anchor`, remembering what it inserted."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph = graph
+        self.before = anchor.next
+        self.nodes: list[fx.Node] = []
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        self.nodes.append(node)
+        return node
+
+    def module(self, name: str, *args) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_module(name, tuple(args))
+        self.nodes.append(node)
+        return node
+
+    def attr(self, name: str) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.get_attr(name)
+        self.nodes.append(node)
+        return node
+
+
+def _weight_as_linear(b: _Builder, lin: g.LinearLike, rows: tuple[int, int] | None):
+    """Weight in nn.Linear layout (out, in), sliced to `rows` of a fused projection."""
+    w = lin.weight
+    if rows is not None and (rows[0], rows[1]) != (0, lin.out_features):
+        w = b.call(aten.slice.Tensor, w, 1 if lin.weight_is_in_out else 0, rows[0], rows[1])
+    if lin.weight_is_in_out:
+        w = b.call(aten.t.default, w)
+    bias = lin.bias
+    if bias is not None and rows is not None and (rows[0], rows[1]) != (0, lin.out_features):
+        bias = b.call(aten.slice.Tensor, bias, 0, rows[0], rows[1])
+    return w, bias
+
+
+def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
+    """Graph nodes for the op's operands, in the op's canonical layouts."""
+    blk = m.block
+    x = m.x if blk.layout == "batch_first" else b.call(aten.transpose.int, m.x, 0, 1)
+    wq, bq = _weight_as_linear(b, m.q_proj, m.q_rows)
+    wo, bo = _weight_as_linear(b, m.o_proj, None)
+    k, v, mask = m.k, m.v, m.mask
+    if g.val(k).dim() == 3 or (mask is not None and g.val(mask).dim() == 3) or m.is_causal_flag:
+        bsz = b.call(aten.sym_size.int, x, 0)
+        seq = b.call(aten.sym_size.int, x, 1)
+        if g.val(k).dim() == 3:
+            k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq, blk.head_dim])
+            v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq, blk.head_dim])
+        if mask is not None and g.val(mask).dim() == 3:
+            mask = b.call(aten.view.default, mask, [bsz, -1, seq, seq])
+        if m.is_causal_flag:
+            ones = b.call(aten.new_ones.default, x, [seq, seq], dtype=torch.bool)
+            mask = b.call(aten.tril.default, ones)
+    return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=m.rope_cos,
+                rope_sin=m.rope_sin, o_weight=wo, o_bias=bo)
+
+
+GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
+
+
+def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | None = None,
+                     window: dict | None = None) -> PendingRewrite:
+    """Insert `moh_compile.attention` for a matched block.
+
+    gates_fn(builder, operands) may add a router and return (head_gates, compensation) nodes;
+    window: {'sink': [...], 'alpha': [...], 'beta': [...], 'two_sided': bool} per-head pattern.
+    """
+    b = _Builder(gm.graph, m.y)
+    ops = attention_operands(b, m)
+    gates, compensation = (None, None) if gates_fn is None else gates_fn(b, ops)
+    w = window or {}
+    out = b.call(torch.ops.moh_compile.attention.default, ops["x"], ops["q_weight"], ops["q_bias"], ops["k"],
+                 ops["v"], ops["attn_mask"], ops["rope_cos"], ops["rope_sin"], ops["o_weight"], ops["o_bias"],
+                 gates, float(m.block.scale), w.get("sink"), w.get("alpha"), w.get("beta"),
+                 bool(w.get("two_sided", False)))
+    if compensation is not None:
+        out = b.call(aten.add.Tensor, out, compensation)
+    if m.block.layout == "seq_first":
+        out = b.call(aten.transpose.int, out, 0, 1)
+    return PendingRewrite(m.block.name, "attention", m.y, out, b.nodes)
+
+
+def ffn_operands(b: _Builder, m: FFNMatch) -> dict:
+    w_in, b_in = _weight_as_linear(b, m.fc_in, m.in_rows)
+    w_out, b_out = _weight_as_linear(b, m.fc_out, None)
+    w_gate = b_gate = None
+    if m.gate is not None:
+        w_gate, b_gate = _weight_as_linear(b, m.gate, m.gate_rows)
+    return dict(x=m.x, w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, w_gate=w_gate, b_gate=b_gate)
+
+
+def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict], fx.Node] | None = None
+               ) -> PendingRewrite:
+    """Insert the dense `moh_compile.ffn` op (or what `emit` builds from the operands)."""
+    b = _Builder(gm.graph, m.fc_out.node)
+    ops = ffn_operands(b, m)
+    if emit is None:
+        out = b.call(torch.ops.moh_compile.ffn.default, ops["x"], ops["w_in"], ops["b_in"], ops["w_out"],
+                     ops["b_out"], ops["w_gate"], ops["b_gate"], m.activation)
+    else:
+        out = emit(b, ops)
+    return PendingRewrite(m.block.name, "ffn", m.fc_out.node, out, b.nodes)
+
+
+def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwargs: dict) -> dict:
+    """Values of chosen nodes on the example inputs (one forward with probe nodes, removed after)."""
+    graph = gm.graph
+    probes = []
+    for key, node in nodes.items():
+        with graph.inserting_after(node):
+            probes.append(graph.call_function(_probe, (key, node)))
+    gm.recompile()
+    _PROBES.clear()
+    try:
+        with torch.no_grad():
+            gm(*args, **kwargs)
+    finally:
+        for node in probes:
+            graph.erase_node(node)
+        gm.recompile()
+    values = dict(_PROBES)
+    _PROBES.clear()
+    return values
+
+
+def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tuple, kwargs: dict,
+                    rtol: float = 1e-4) -> list[float | str]:
+    """Compare each pending rewrite with the block it replaces on the example inputs; wire in
+    those that agree, remove the others. Returns, per rewrite, the max abs diff or a reason."""
+    graph = gm.graph
+    watch = {}
+    for i, p in enumerate(pending):
+        watch[f"new{i}"], watch[f"old{i}"] = p.new, p.old
+    error, values = None, {}
+    try:
+        values = probe_values(gm, watch, args, kwargs)
+    except Exception as err:  # a broken rewrite must not break compilation: reject them all
+        error = f"rewritten graph failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    results: list[float | str] = []
+    for i, p in enumerate(pending):
+        new, old = values.get(f"new{i}"), values.get(f"old{i}")
+        ok = error is None and new is not None and old is not None and new.shape == old.shape
+        diff = (new - old).abs().max().item() if ok else float("inf")
+        ok = ok and diff <= rtol * (1.0 + old.abs().max().item())
+        if ok:
+            p.old.replace_all_uses_with(p.new, delete_user_cb=lambda u, p=p: u not in p.inserted)
+            results.append(diff)
+        else:
+            for node in reversed(p.inserted):
+                if not node.users:
+                    graph.erase_node(node)
+            results.append(error or (f"rewrite did not reproduce the block (max diff {diff:.3g})"
+                                        if diff != float("inf") else "rewrite produced a different shape"))
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return results
