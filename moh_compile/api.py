@@ -75,14 +75,35 @@ class CompiledModel(torch.nn.Module):
         return self.graph_module(*args, **kwargs)
 
     def export(self) -> torch.export.ExportedProgram:
-        """Re-export (the project's ops stay single nodes; importing moh_compile registers them)."""
+        """Re-export (the project's ops stay single nodes; importing moh_compile registers them).
+
+        Outputs are made plain (a ModelOutput becomes a dict) so the saved program loads
+        without the model's library registering its output classes.
+        """
         args, kwargs, dyn = self._example
-        with torch.no_grad():
-            return torch.export.export(self.graph_module, args, kwargs, dynamic_shapes=dyn, strict=False)
+        gm = self.graph_module
+        original = gm._out_spec
+        gm._out_spec = _plain_spec(original)
+        try:
+            with torch.no_grad():
+                return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
+        finally:
+            gm._out_spec = original
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write model.pt2, plan.json, report.md and report.json atomically into out_dir."""
         return write_outputs(self, Path(out_dir), force)
+
+
+def _plain_spec(spec):
+    """The same output tree with dict subclasses (e.g. HF ModelOutput) turned into dicts."""
+    from torch.utils._pytree import TreeSpec
+
+    if spec is None or not spec.children_specs:
+        return spec
+    children = [_plain_spec(c) for c in spec.children_specs]
+    kind = dict if (isinstance(spec.type, type) and issubclass(spec.type, dict)) else spec.type
+    return TreeSpec(kind, spec.context, children)
 
 
 def _pass_for(kind: str, name: str):

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from moh_compile.errors import MohCompileError
+from moh_compile.match.graph import remove_dead_code
 
 
 @dataclass
@@ -38,7 +39,7 @@ def normalize_inputs(example_inputs) -> tuple[tuple, dict]:
     raise MohCompileError(f"example inputs must be a tensor, tuple or dict, not {type(example_inputs).__name__}")
 
 
-def _dynamic_spec(x):
+def dynamic_spec(x):
     """Every dim may vary; export keeps symbolic what the model allows and pins the rest."""
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return None
@@ -58,7 +59,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> Cap
     kwargs = {k: _at_least_batch_two(v) for k, v in kwargs.items()}
     dyn = None
     if dynamic:
-        dyn = {"args": tuple(_dynamic_spec(a) for a in args), "kwargs": {k: _dynamic_spec(v) for k, v in kwargs.items()}}
+        dyn = {"args": tuple(dynamic_spec(a) for a in args), "kwargs": {k: dynamic_spec(v) for k, v in kwargs.items()}}
         dyn = _as_export_spec(model, args, kwargs, dyn)
     was_training = model.training
     model.eval()
@@ -74,8 +75,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> Cap
     finally:
         model.train(was_training)
     gm = program.module()
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    remove_dead_code(gm)
     return Captured(gm, program, args, kwargs, dyn)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from moh_compile.match import graph as g
+from moh_compile.match.graph import remove_dead_code
 from moh_compile.match.attention import AttentionMatch
 from moh_compile.match.ffn import FFNMatch
 
@@ -198,6 +199,5 @@ def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tup
                     graph.erase_node(node)
             results.append(error or (f"rewrite did not reproduce the block (max diff {diff:.3g})"
                                         if diff != float("inf") else "rewrite produced a different shape"))
-    graph.eliminate_dead_code()
-    gm.recompile()
+    remove_dead_code(gm)
     return results

@@ -382,6 +382,15 @@ def _fused_q_rows(q, lin):
             n = g.static_int(g.val(cur.args[0]).shape[cur.args[1]])
             width = lin.out_features // n
             return (cur.args[2] * width, (cur.args[2] + 1) * width)
+        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.unbind.int, aten.chunk.default}):
+            src = cur.args[0]
+            if src.target is aten.unbind.int:
+                dim = src.args[1] if len(src.args) > 1 else 0
+                n = g.static_int(g.val(src.args[0]).shape[dim])
+            else:
+                n = int(src.args[1])
+            width = lin.out_features // n
+            return (cur.args[1] * width, (cur.args[1] + 1) * width)
         if g.is_call(cur, {aten.slice.Tensor}):
             src = g.val(cur.args[0])
             dim = cur.args[1] % src.dim()

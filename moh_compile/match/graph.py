@@ -207,3 +207,17 @@ def layer_index(path: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+_SEEDED_BUT_PURE = {aten.scaled_dot_product_attention.default, aten.dropout.default, aten.native_dropout.default}
+
+
+def remove_dead_code(gm: fx.GraphModule) -> None:
+    """DCE that also drops unused SDPA/dropout nodes (fx keeps "seeded" ops as impure)."""
+    def impure(node: fx.Node) -> bool:
+        if node.op == "call_function" and node.target in _SEEDED_BUT_PURE:
+            return False
+        return node.is_impure()
+
+    gm.graph.eliminate_dead_code(is_impure_node=impure)
+    gm.recompile()

@@ -1,0 +1,161 @@
+"""Tiny models for structure tests: every architecture the matcher must handle, built from
+configs (random weights) so tests are fast. The real pretrained model is used for fidelity."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SDPABlock(nn.Module):
+    """Hand-written attention with F.scaled_dot_product_attention (causal flag) + SwiGLU FFN."""
+
+    def __init__(self, d=64, h=4, causal=True):
+        super().__init__()
+        self.h, self.causal = h, causal
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, 96, bias=False), nn.Linear(d, 96, bias=False), nn.Linear(96, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        y = self.n1(x)
+        q, k, v = (p(y).view(b, s, self.h, d // self.h).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        y = self.n2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class ManualBlock(nn.Module):
+    """Hand-written softmax(QK^T / sqrt(d)) V with a fused qkv Linear (timm style) + GELU MLP."""
+
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        qkv = self.qkv(self.n1(x)).reshape(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.h)
+        out = att.softmax(dim=-1) @ v
+        x = x + self.proj(out.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(self.n2(x))))
+
+
+class MHAModel(nn.Module):
+    """A custom model around nn.MultiheadAttention (need_weights default: the bmm path)."""
+
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, h, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 128), nn.GELU(), nn.Linear(128, d))
+
+    def forward(self, x):
+        return self.mlp(self.attn(x, x, x)[0] + x)
+
+
+def hf(name):
+    import transformers as T
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    if name == "gpt2":
+        m = T.GPT2Model(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "llama":
+        m = T.LlamaModel(T.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128, vocab_size=100))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "llama_mqa":
+        m = T.LlamaModel(T.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=1, intermediate_size=128, vocab_size=100))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "bert":
+        m = T.BertModel(T.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100))
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0  # padding in the second sequence
+        return m, {"input_ids": ids, "attention_mask": mask}
+    if name == "vit":
+        m = T.ViTModel(T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                   intermediate_size=128, image_size=32, patch_size=8))
+        return m, {"pixel_values": torch.randn(2, 3, 32, 32)}
+    raise KeyError(name)
+
+
+def build(name):
+    """(model in eval mode, example inputs, expected (attention, ffn) counts, expected facts)."""
+    torch.manual_seed(0)
+    x_bf = torch.randn(2, 8, 64)
+    if name in ("gpt2", "llama", "llama_mqa", "bert", "vit"):
+        m, inputs = hf(name)
+        layers = 1 if name == "llama_mqa" else 2
+        facts = {"gpt2": dict(heads=4, kv=4, causal=True, rope=False, fused=True, act="gelu_tanh"),
+                 "llama": dict(heads=4, kv=2, causal=True, rope=True, fused=False, act="silu", gated=True),
+                 "llama_mqa": dict(heads=4, kv=1, causal=True, rope=True, fused=False, act="silu", gated=True),
+                 "bert": dict(heads=4, kv=4, causal=False, rope=False, fused=False, act="gelu"),
+                 "vit": dict(heads=4, kv=4, causal=False, rope=False, fused=False, act="gelu")}[name]
+        return m.eval(), inputs, (layers, layers), facts
+    if name.startswith("tel"):
+        bf, nf = "bf" in name, "nf" in name
+        layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=bf, norm_first=nf)
+        m = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        x = x_bf if bf else x_bf.transpose(0, 1).contiguous()
+        return m.eval(), (x,), (2, 2), dict(heads=4, kv=4, causal=False, rope=False, fused=True, act="relu")
+    if name == "tel_layer":
+        return (nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval(), (x_bf,), (1, 1),
+                dict(heads=4, kv=4, causal=False, rope=False, fused=True, act="relu"))
+    if name == "mha":
+        return MHAModel().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
+                                                       act="gelu")
+    if name == "sdpa_block":
+        return SDPABlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=True, rope=False, fused=False,
+                                                         act="silu", gated=True)
+    if name == "manual_block":
+        return ManualBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
+                                                           act="gelu")
+    raise KeyError(name)
+
+
+ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
+       "sdpa_block", "manual_block"]
+
+
+def reshape_inputs(inputs, batch, seq):
+    """The same kind of inputs at another (batch, seq) shape."""
+    gen = torch.Generator().manual_seed(batch * 100 + seq)
+    if isinstance(inputs, dict):
+        out = {}
+        for k, v in inputs.items():
+            if k == "pixel_values":
+                out[k] = torch.randn(batch, *v.shape[1:], generator=gen)
+            elif k == "input_ids":
+                out[k] = torch.randint(0, 100, (batch, seq), generator=gen)
+            elif k == "attention_mask":
+                mask = torch.ones(batch, seq, dtype=v.dtype)
+                mask[-1, -2:] = 0
+                out[k] = mask
+            else:
+                out[k] = v
+        return out
+    (x,) = inputs
+    seq_first = x.shape[1] == 2 and x.shape[0] == 8
+    shape = (seq, batch, x.shape[-1]) if seq_first else (batch, seq, x.shape[-1])
+    return (torch.randn(*shape, generator=gen),)
+
+
+def main_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return out["last_hidden_state"]
+    return out[0]

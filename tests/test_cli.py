@@ -1,0 +1,145 @@
+"""The CLI end to end (real MiniLM) and every bad-input case: one line, non-zero exit, no output left."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moh_compile.cli import main
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "moh_compile.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _one_line_error(capsys, code, needle):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("moh-compile: error:") and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow
+def test_cli_compiles_real_minilm(tmp_path):
+    out = tmp_path / "minilm"
+    code, stdout, stderr = run_cli("example:minilm", "--out", str(out))
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == {"model.pt2", "plan.json", "report.md", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    attn = [b for b in report["blocks"] if b["kind"] == "attention"]
+    assert len(attn) == 6 and all(b["num_heads"] == 12 and b["head_dim"] == 32 for b in attn)
+    assert len(report["actions"]) == 12
+    assert max(a["identity_max_abs_diff"] for a in report["actions"]) <= 1e-5
+    import moh_compile  # noqa: F401  (registers the ops needed to load the program)
+    from moh_compile.loading import minilm_path
+    import transformers
+
+    program = torch.export.load(str(out / "model.pt2"))
+    ref = transformers.AutoModel.from_pretrained(minilm_path()).eval()
+    ids = torch.randint(0, 1000, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = program.module()(input_ids=ids, attention_mask=mask)["last_hidden_state"]
+    assert (got - want).abs().max().item() <= 1e-5
+    # a second run refuses to overwrite without --force
+    code, _, stderr = run_cli("example:minilm", "--out", str(out))
+    assert code == 2 and "--force" in stderr
+
+
+@pytest.mark.slow
+def test_cli_inspect_real_minilm():
+    code, stdout, stderr = run_cli("inspect", "example:minilm", "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert sum(b["kind"] == "ffn" for b in report["blocks"]) == 6
+    assert "Hugging Face directory" in stderr
+
+
+def test_missing_file(capsys, tmp_path):
+    _one_line_error(capsys, main(["inspect", str(tmp_path / "nope.pt")]), "no such file")
+
+
+def test_corrupt_file(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    _one_line_error(capsys, main([str(bad), "--out", str(tmp_path / "o")]), "not a PyTorch file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_pt2(capsys, tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"PK\x03\x04garbage")
+    _one_line_error(capsys, main(["inspect", str(bad)]), "not a readable exported program")
+
+
+def test_pickled_module_needs_trust_pickle(capsys, tmp_path):
+    from tests.models import SDPABlock
+
+    path = tmp_path / "whole.pt"
+    torch.save(SDPABlock(), path)
+    _one_line_error(capsys, main(["inspect", str(path), "--input-shape", "2,8,64"]), "--trust-pickle")
+    assert main(["inspect", str(path), "--input-shape", "2,8,64", "--trust-pickle"]) == 0
+
+
+def test_state_dict_needs_architecture(capsys, tmp_path):
+    from tests.models import SDPABlock
+
+    path = tmp_path / "sd.pt"
+    torch.save(SDPABlock().state_dict(), path)
+    _one_line_error(capsys, main(["inspect", str(path)]), "needs an architecture")
+    assert main(["inspect", str(path), "--factory", "tests.models:SDPABlock", "--input-shape", "2,8,64"]) == 0
+
+
+def test_model_without_attention(capsys, tmp_path):
+    path = tmp_path / "mlp.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)), path)
+    _one_line_error(capsys, main(["inspect", str(path), "--trust-pickle", "--input-shape", "2,8"]),
+                    "no attention blocks")
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow: torch.export cannot capture it
+            return x
+        return -x
+
+
+def data_dependent():
+    return DataDependent()
+
+
+def test_uncapturable_model(capsys):
+    code = main(["inspect", "tests.test_cli:data_dependent", "--input-shape", "2,4"])
+    _one_line_error(capsys, code, "torch.export could not capture")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--input-shape", "2,x"], "bad --input-shape"),
+    (["--input-shape", "2,0"], "positive"),
+    (["--input-shape", "2,3:complex"], "dtype"),
+])
+def test_bad_option_values(capsys, args, needle):
+    _one_line_error(capsys, main(["inspect", "tests.models:SDPABlock", *args]), needle)
+
+
+def test_bad_choice_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tests.models:SDPABlock", "--out", "x", "--attention", "bogus"])
+    assert exc.value.code == 2
+
+
+def test_bad_factory(capsys):
+    _one_line_error(capsys, main(["inspect", "no_such_module_xyz:build"]), "could not import")
+
+
+def test_compile_via_factory_writes_outputs(tmp_path):
+    out = tmp_path / "o"
+    assert main(["tests.models:ManualBlock", "--input-shape", "2,8,64", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert [b["transform"] for b in plan["blocks"]] == ["identity", "identity"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left

@@ -1,0 +1,68 @@
+"""Matching finds every block, by structure, on every supported architecture, and describes it."""
+import pytest
+import torch
+
+import moh_compile
+from tests.models import ALL, build
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_blocks_found_and_described(name):
+    model, inputs, (n_attn, n_ffn), facts = build(name)
+    insp = moh_compile.inspect(model, inputs)
+    attn = [m.block for m in insp.matches.attention]
+    ffn = [m.block for m in insp.matches.ffn]
+    assert len(attn) == n_attn, [s.reason for s in insp.matches.skipped]
+    assert len(ffn) == n_ffn
+    for b in attn:
+        assert b.num_heads == facts["heads"]
+        assert b.num_kv_heads == facts["kv"]
+        assert b.head_dim == 64 // facts["heads"]
+        assert b.d_model == 64 and b.d_out == 64
+        assert b.scale == pytest.approx(1 / (64 // facts["heads"]) ** 0.5)
+        assert b.causal is facts["causal"]
+        assert b.rope is facts["rope"]
+        assert b.q.fused is facts["fused"]
+        assert b.q.weight is not None and b.o.weight is not None
+        assert b.params > 0
+    for b in ffn:
+        assert b.activation == facts["act"]
+        assert b.gated is facts.get("gated", False)
+        assert b.d_model == 64
+
+
+def test_attention_type_labels():
+    _, _, _, _ = build("llama")
+    model, inputs, _, _ = build("llama")
+    types = {m.block.attention_type for m in moh_compile.inspect(model, inputs).matches.attention}
+    assert types == {"GQA"}
+    model, inputs, _, _ = build("llama_mqa")
+    assert {m.block.attention_type for m in moh_compile.inspect(model, inputs).matches.attention} == {"MQA"}
+
+
+def test_padding_mask_recorded_for_bert():
+    model, inputs, _, _ = build("bert")
+    blocks = [m.block for m in moh_compile.inspect(model, inputs).matches.attention]
+    assert all(b.has_mask for b in blocks)
+
+
+def test_block_names_come_from_module_paths():
+    model, inputs, _, _ = build("bert")
+    insp = moh_compile.inspect(model, inputs)
+    names = [m.block.name for m in insp.matches.attention]
+    assert names == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
+    assert [m.block.layer for m in insp.matches.attention] == [0, 1]
+
+
+def test_attention_weights_returned_are_skipped_not_rewritten():
+    class ReturnsWeights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            out, w = self.a(x, x, x)
+            return out, w
+
+    with pytest.raises(moh_compile.MohCompileError, match="no attention blocks"):
+        moh_compile.inspect(ReturnsWeights().eval(), (torch.randn(2, 6, 32),))
