@@ -82,13 +82,18 @@ class CompiledModel(torch.nn.Module):
         """
         args, kwargs, dyn = self._example
         gm = self.graph_module
-        original = gm._out_spec
-        gm._out_spec = _plain_spec(original)
+        codegen = gm.graph._codegen  # ep.module() keeps its output tree here (private torch API)
+        info = getattr(codegen, "pytree_info", None)
+        if info is not None:
+            codegen.pytree_info = info._replace(out_spec=_plain_spec(info.out_spec))
+            gm.recompile()
         try:
             with torch.no_grad():
                 return torch.export.export(gm, args, kwargs, dynamic_shapes=dyn, strict=False)
         finally:
-            gm._out_spec = original
+            if info is not None:
+                codegen.pytree_info = info
+                gm.recompile()
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write model.pt2, plan.json, report.md and report.json atomically into out_dir."""
