@@ -68,7 +68,7 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, sm_scale,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-_routed_attn_tuned = triton.autotune(configs=attn_configs(), key=["HEAD_D", "CAUSAL", "HAS_KPM", "DOT_PREC"])(
+_routed_attn_tuned = triton.autotune(configs=attn_configs(), key=["HEAD_D", "CAUSAL", "HAS_KPM", "DOT_PREC", "S_K"])(
     _routed_attn_fwd)
 
 

@@ -88,7 +88,7 @@ def _sparse_attn_fwd(Q, K, V, O, SPAN, SINK, KPM, sm_scale,
 
 
 _sparse_attn_tuned = triton.autotune(configs=attn_configs(),
-                                     key=["HEAD_D", "CAUSAL", "TWO_SIDED", "HAS_KPM", "DOT_PREC"])(_sparse_attn_fwd)
+                                     key=["HEAD_D", "CAUSAL", "TWO_SIDED", "HAS_KPM", "DOT_PREC", "S_K"])(_sparse_attn_fwd)
 
 
 def kernel_pattern(sink, alpha, beta, two_sided: bool, causal: bool, s_k: int):
