@@ -87,7 +87,8 @@ def routed_rows(args, results):
             results.append(dict(kind="routed_core", seq=s, frac=actual, impl="triton_routed", **_t(t),
                                 baseline_ms=dense["median_ms"], baseline="sdpa_flash",
                                 speedup=dense["median_ms"] / t["median_ms"], ideal=1 / actual, rel_err=err,
-                                routing_ms=r0["median_ms"], target_fraction_of_ideal=0.8))
+                                routing_ms=r0["median_ms"], target_fraction_of_ideal=0.8,
+                                config=_best("routed")))
         del q, ref
         # Whole block: q projection + core + output projection (bias, no rope).
         x = torch.randn(b, s, dm, device="cuda", dtype=dt, generator=g)
@@ -107,7 +108,7 @@ def routed_rows(args, results):
             gates = (torch.rand(b, s, h, device="cuda", generator=g) < frac).to(dt)
             routing = routing_from_gates(gates)
             actual = float(routing[1].sum()) / (b * h * s)
-            for qm, om in (("gather_gemm", "scatter_dense"), ("dense", "scatter_dense")):
+            for qm, om in (("gather_gemm", "fused"), ("dense", "fused")):
                 fn = lambda: routed_attention_block(x, wq, bq, k, v, wo, bo, gates, d ** -0.5, True, None,  # noqa: E731
                                                     q_mode=qm, o_mode=om, routing=routing)
                 t = bench(fn)
@@ -171,7 +172,10 @@ def moepp_rows(args, results):
         sc = wgt.view(-1)[order].float()
         g2 = bench(lambda: grouped_gemm(hid, w_out, None, starts, counts, total_rows=flat.numel(), row_scale=sc))
         flops = 2 * 2 * float(counts.sum()) * d * f_e
+        from moh_compile.kernels.triton.moe_grouped import _grouped_gemm_tuned
+
         results.append(dict(kind="moepp_ffn", tokens=t_tok, frac=frac, impl="triton_grouped", **_t(t),
+                            gemm_configs={str(k): str(v) for k, v in _grouped_gemm_tuned.cache.items()},
                             baseline_ms=dense["median_ms"], baseline="cublas_dense_ffn",
                             speedup=dense["median_ms"] / t["median_ms"], ideal=1 / frac, rel_err=rel_err(out, ref),
                             gemm1_ms=g1["median_ms"], gemm2_ms=g2["median_ms"],
@@ -225,7 +229,7 @@ def sparse_rows(args, results):
                         baseline_ms=dense["median_ms"], baseline="sdpa_flash_causal",
                         speedup=dense["median_ms"] / t["median_ms"], ideal=1 / density, rel_err=err,
                         spans=window_spans(alpha, beta, s), sinks=sink, target_speedup=6.0,
-                        triton_dense_causal_ms=all_dense["median_ms"]))
+                        triton_dense_causal_ms=all_dense["median_ms"], config=_best("sparse")))
 
 
 def _sparse_err(q, k, v, out, sink, spans, rows: int = 256):
@@ -241,6 +245,14 @@ def _sparse_err(q, k, v, out, sink, spans, rows: int = 256):
         ref = torch.softmax(sc.masked_fill(~vis, float("-inf")), -1) @ v[0, hh].float()
         errs.append(rel_err(out[0, hh, picks], ref))
     return max(errs)
+
+
+def _best(which: str) -> str:
+    from moh_compile.kernels.triton.routed_attention import _routed_attn_tuned
+    from moh_compile.kernels.triton.sparse_attention import _sparse_attn_tuned
+
+    tuned = _routed_attn_tuned if which == "routed" else _sparse_attn_tuned
+    return str(getattr(tuned, "best_config", None))
 
 
 def _t(t: dict) -> dict:

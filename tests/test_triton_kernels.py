@@ -104,6 +104,14 @@ def test_gpu_attention_op(mode):
     assert err < 2e-2
 
 
+@pytest.mark.parametrize("q_mode,o_mode", [("dense", "fused"), ("gather_gemm", "fused"), ("gather_gemm", "per_head"),
+                                           ("dense", "scatter_dense")])
+def test_gpu_routed_block(q_mode, o_mode):
+    _gpu_guard()
+    err = checks.check_routed_block("cuda", torch.bfloat16, q_mode, o_mode, b=2, h=8, hkv=4, s=260, d=64, rel=True)
+    assert err < 2e-2
+
+
 @pytest.mark.parametrize("causal,two_sided", [(True, False), (True, True), (False, False), (False, True)])
 def test_gpu_sparse(causal, two_sided):
     _gpu_guard()

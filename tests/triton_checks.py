@@ -99,6 +99,23 @@ def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1,
     return _rel(out.cpu(), ref) if rel else _err(out.cpu(), ref)
 
 
+def check_routed_block(device, dtype, q_mode, o_mode, b=2, h=4, hkv=2, s=32, d=16, seed=5, rel=False):
+    """routed_attention_block in each projection mode vs attention_reference (gates, rope, padding)."""
+    from moh_compile.kernels.triton.register import decompose_mask
+    from moh_compile.kernels.triton.routed_attention import routed_attention_block
+    from moh_compile.ops.attention import attention_reference
+
+    args = _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=0.6)
+    x, wq, bq, k, v, mask, cos, sin, wo, bo, gates, scale = args[:12]
+    causal, kpm = decompose_mask(mask, b, s, s)
+    out = routed_attention_block(x, wq, bq, k, v, wo, bo, gates, scale, causal, kpm, cos, sin,
+                                 q_mode=q_mode, o_mode=o_mode)
+    ref_args = [a.cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else
+                (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args]
+    ref = attention_reference(*ref_args)
+    return _rel(out.cpu(), ref) if rel else _err(out.cpu(), ref)
+
+
 def check_sparse(device, dtype, causal, two_sided, b=1, h=4, hkv=2, s=48, d=16, seed=2, rel=False):
     from moh_compile.kernels.triton.sparse_attention import sparse_attention
     from moh_compile.ops.attention import window_mask
@@ -202,6 +219,9 @@ INTERPRETER_CHECKS = {
     "routed_core": lambda: check_routed_core("cpu", torch.float32),
     "attention_op_routed": lambda: check_attention_op("cpu", torch.float32, "routed"),
     "attention_op_window": lambda: check_attention_op("cpu", torch.float32, "window"),
+    "block_dense_q_fused": lambda: check_routed_block("cpu", torch.float32, "dense", "fused"),
+    "block_gather_per_head": lambda: check_routed_block("cpu", torch.float32, "gather_gemm", "per_head"),
+    "block_dense_scatter": lambda: check_routed_block("cpu", torch.float32, "dense", "scatter_dense"),
     "sparse_causal": lambda: check_sparse("cpu", torch.float32, True, False),
     "sparse_causal_two_sided": lambda: check_sparse("cpu", torch.float32, True, True),
     "sparse_bidir_one_sided": lambda: check_sparse("cpu", torch.float32, False, False),

@@ -47,7 +47,7 @@ def _act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(A, ROWS, W, WG, BIAS, BIASG, OUT, SCALE, STARTS, COUNTS, GW,
-                         N, K, G, M_BOUND, stride_am, stride_wg, stride_wn, stride_bg, stride_om,
+                         N, K, G, M_BOUND, M_BUCKET, stride_am, stride_wg, stride_wn, stride_bg, stride_om,
                          HAS_ROWS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SCALE: tl.constexpr, ACT: tl.constexpr, G_POW2: tl.constexpr,
                          EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -123,14 +123,14 @@ def _grouped_gemm_kernel(A, ROWS, W, WG, BIAS, BIASG, OUT, SCALE, STARTS, COUNTS
 def _gemm_configs():
     if interpreter_mode():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-              (128, 256, 64, 8, 4))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    shapes = ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8),
+              (64, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 32), (128, 128, 128, 8, 3, 8))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": gm}, num_warps=w, num_stages=s)
+            for m, n, k, w, s, gm in shapes]
 
 
 _grouped_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "HAS_ROWS", "GATED", "HAS_SCALE", "ACT", "DOT_PREC"])(_grouped_gemm_kernel)
+    configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "HAS_ROWS", "GATED", "HAS_SCALE", "ACT", "DOT_PREC"])(_grouped_gemm_kernel)
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, starts: torch.Tensor,
@@ -178,7 +178,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, st
     bk_min = 16 if interp else 64
     grid = lambda meta: ((triton.cdiv(total_rows, meta["BLOCK_M"]) + g) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](a, rows_t, w, w_gate if w_gate is not None else w, bias_t, bgate_t, out, scale_t, starts, counts, gw,
-                 n, k, g, total_rows, a.stride(0), w.stride(0), w.stride(1),
+                 n, k, g, total_rows, triton.next_power_of_2(max(total_rows, 1)), a.stride(0), w.stride(0), w.stride(1),
                  bias.stride(0) if bias is not None else 0, out.stride(0),
                  HAS_ROWS=rows is not None, GATED=w_gate is not None, HAS_BIAS=bias is not None,
                  HAS_SCALE=row_scale is not None, ACT=ACT_CODES[activation],

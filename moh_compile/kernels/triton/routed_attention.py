@@ -18,17 +18,20 @@ from moh_compile.ops.attention import rotate_half
 
 
 @triton.jit
-def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, sm_scale,
-                     stride_qb, stride_qh, stride_qc,
+def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, GATES, sm_scale,
+                     stride_qb, stride_qh, stride_qr,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
-                     stride_ob, stride_oh, stride_oc,
+                     stride_ob, stride_oh, stride_or,
                      stride_tb, stride_th, stride_pb,
-                     H, GROUP, S_K,
-                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_D: tl.constexpr,
+                     stride_gb, stride_gs, stride_gh,
+                     H, GROUP, S_K, C,
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, Q_BY_POS: tl.constexpr,
+                     OUT_BY_POS: tl.constexpr, HAS_GATES: tl.constexpr, HEAD_D: tl.constexpr,
                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heavy (late-position) row blocks of every head are launched first: less tail imbalance.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.cdiv(C, BLOCK_M) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     count = tl.load(CNT + pid_bh)
@@ -38,7 +41,11 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, sm_scale,
         offs_d = tl.arange(0, HEAD_D)
         row_ok = offs_m < count
         pos = tl.load(TOK + b * stride_tb + h * stride_th + offs_m, mask=row_ok, other=0)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qc + offs_d[None, :],
+        if Q_BY_POS:
+            q_rows = pos
+        else:
+            q_rows = offs_m
+        q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows.to(tl.int64)[:, None] * stride_qr + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         kvh = h // GROUP
         k_base = K + b * stride_kb + kvh * stride_kh
@@ -64,7 +71,14 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, sm_scale,
                                    True, CAUSAL, False, False, HAS_KPM, BLOCK_N, HEAD_D, DOT_PREC)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
-        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_oc + offs_d[None, :],
+        if HAS_GATES:
+            gate = tl.load(GATES + b * stride_gb + pos * stride_gs + h * stride_gh, mask=row_ok, other=0.0)
+            out = out * gate.to(tl.float32)[:, None]
+        if OUT_BY_POS:
+            o_rows = pos
+        else:
+            o_rows = offs_m
+        tl.store(O + b * stride_ob + h * stride_oh + o_rows.to(tl.int64)[:, None] * stride_or + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -96,40 +110,66 @@ def routed_attention_core(q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     are 0. A row that sees no key at all gets 0 (the dense reference would give NaN).
     """
     b, h, c, d = q_sel.shape
+    out = torch.zeros_like(q_sel)
+    _launch(q_sel, False, k, v, token_idx, counts, causal, key_padding, scale, out, False, None)
+    return out
+
+
+def routed_attention_scatter(q: torch.Tensor, q_by_pos: bool, k: torch.Tensor, v: torch.Tensor,
+                             token_idx: torch.Tensor, counts: torch.Tensor, causal: bool,
+                             key_padding: torch.Tensor | None, scale: float, head_gates: torch.Tensor | None,
+                             seq_len: int) -> torch.Tensor:
+    """Core that writes gate * ctx straight into a zeroed (B, S, H, D) buffer at each row's position.
+
+    q is either q_sel (B, H, C, D) (q_by_pos=False) or the dense queries (B, S, H, D) read at
+    the chosen positions (q_by_pos=True). The result feeds one dense output projection.
+    """
+    b, h = token_idx.shape[:2]
+    d = k.shape[-1]
+    out = torch.zeros(b, seq_len, h, d, device=k.device, dtype=k.dtype)
+    _launch(q, q_by_pos, k, v, token_idx, counts, causal, key_padding, scale, out, True, head_gates)
+    return out
+
+
+def _launch(q, q_by_pos, k, v, token_idx, counts, causal, key_padding, scale, out, out_by_pos, gates):
+    b, h, c = token_idx.shape
+    d = q.shape[-1]
     check_head_dim(d)
     if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[-1] != d:
         raise ValueError(f"k/v must be (B={b}, Hkv, S_k, D={d}), got {tuple(k.shape)} and {tuple(v.shape)}")
     hkv, s_k = k.shape[1], k.shape[2]
     if h % hkv:
         raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
-    if token_idx.shape != (b, h, c) or counts.shape != (b, h):
-        raise ValueError(f"token_idx must be (B, H, C)={(b, h, c)} and counts (B, H), got "
-                         f"{tuple(token_idx.shape)}, {tuple(counts.shape)}")
-    q_sel = q_sel.contiguous()
+    if counts.shape != (b, h):
+        raise ValueError(f"counts must be (B, H)={(b, h)}, got {tuple(counts.shape)}")
+    if not q_by_pos and q.shape[:3] != (b, h, c):
+        raise ValueError(f"q_sel must be (B, H, C, D)={(b, h, c, d)}, got {tuple(q.shape)}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     token_idx = token_idx.to(torch.int32).contiguous()
     counts = counts.to(torch.int32).contiguous()
-    out = torch.zeros_like(q_sel)
     if key_padding is not None:
         if key_padding.shape != (b, s_k):
             raise ValueError(f"key_padding must be (B, S_k)={(b, s_k)}, got {tuple(key_padding.shape)}")
         kpm = key_padding.to(torch.int8).contiguous()
     else:
         kpm = counts  # never read
-    kernel = _routed_attn_fwd if _interp() else _routed_attn_tuned
-    extra = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if _interp() else {}
-    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q_sel, k, v, out, token_idx, counts, kpm, float(scale),
-                 q_sel.stride(0), q_sel.stride(1), q_sel.stride(2),
-                 k.stride(0), k.stride(1), k.stride(2),
-                 v.stride(0), v.stride(1), v.stride(2),
-                 out.stride(0), out.stride(1), out.stride(2),
-                 token_idx.stride(0), token_idx.stride(1), kpm.stride(0) if key_padding is not None else 0,
-                 h, h // hkv, s_k,
-                 CAUSAL=bool(causal), HAS_KPM=key_padding is not None, HEAD_D=d,
-                 DOT_PREC=dot_precision(q_sel.dtype), **extra)
-    return out
+    # (b, h, row) strides: q_sel/ctx are (B, H, C, D); by-position tensors are (B, S, H, D).
+    qs = (q.stride(0), q.stride(2), q.stride(1)) if q_by_pos else (q.stride(0), q.stride(1), q.stride(2))
+    os_ = (out.stride(0), out.stride(2), out.stride(1)) if out_by_pos else (out.stride(0), out.stride(1), out.stride(2))
+    gs = (gates.stride(0), gates.stride(1), gates.stride(2)) if gates is not None else (0, 0, 0)
+    interp = _interp()
+    kernel = _routed_attn_fwd if interp else _routed_attn_tuned
+    extra = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if interp else {}
+    grid = lambda meta: (b * h, triton.cdiv(c, meta["BLOCK_M"]))  # noqa: E731
+    kernel[grid](q, k, v, out, token_idx, counts, kpm, gates if gates is not None else counts, float(scale),
+                 *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
+                 token_idx.stride(0), token_idx.stride(1), kpm.stride(0) if key_padding is not None else 0, *gs,
+                 h, h // hkv, s_k, c,
+                 CAUSAL=bool(causal), HAS_KPM=key_padding is not None, Q_BY_POS=bool(q_by_pos),
+                 OUT_BY_POS=bool(out_by_pos), HAS_GATES=gates is not None, HEAD_D=d,
+                 DOT_PREC=dot_precision(q.dtype), **extra)
 
 
 def _interp() -> bool:
@@ -141,7 +181,7 @@ def _interp() -> bool:
 def _gather_rows(t: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
     """t (B or 1, 1, S, D) broadcast rope table -> (B, H, C, D) rows at token_idx."""
     b, h, c = token_idx.shape
-    t = t.reshape(t.shape[0], t.shape[-2], t.shape[-1]).expand(b, -1, -1)
+    t = t.reshape(-1, t.shape[-2], t.shape[-1]).expand(b, -1, -1)
     idx = token_idx.long().reshape(b, h * c, 1).expand(-1, -1, t.shape[-1])
     return torch.gather(t, 1, idx).view(b, h, c, -1)
 
@@ -213,13 +253,32 @@ def routed_o_projection(ctx_sel, token_idx, counts, head_gates, o_weight, o_bias
 
 def routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale: float,
                            causal: bool = True, key_padding=None, rope_cos=None, rope_sin=None,
-                           q_mode: str = "gather_gemm", o_mode: str = "scatter_dense", routing=None):
-    """The whole routed block: chosen-row Q projection, Triton core, gated output projection.
+                           q_mode: str = "gather_gemm", o_mode: str = "fused", routing=None):
+    """The whole routed block: Q projection, Triton core on chosen rows, gated output projection.
 
-    `routing` = (token_idx, counts) may be passed to reuse a routing across calls.
+    q_mode "gather_gemm" projects chosen rows only; "dense" projects all rows and the core
+    reads the chosen ones. o_mode "fused" has the core write gate * ctx into a zeroed
+    (B, S, H*D) buffer for one dense GEMM; "scatter_dense"/"per_head" go through ctx rows
+    (see routed_o_projection). `routing` = (token_idx, counts) reuses a routing across calls.
     """
+    b, s, _ = x.shape
     d = k.shape[-1]
+    h = q_weight.shape[0] // d
     token_idx, counts = routing if routing is not None else routing_from_gates(head_gates)
+    if o_mode == "fused":
+        if q_mode == "dense":
+            q = F.linear(x, q_weight, q_bias).view(b, s, h, d)
+            if rope_cos is not None:
+                cos = rope_cos.to(q.dtype).reshape(-1, s, 1, d)  # (B|1, S, 1, D)
+                sin = rope_sin.to(q.dtype).reshape(-1, s, 1, d)
+                q = q * cos + rotate_half(q) * sin
+            buf = routed_attention_scatter(q, True, k, v, token_idx, counts, causal, key_padding, scale,
+                                           head_gates, s)
+        else:
+            q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, mode=q_mode)
+            buf = routed_attention_scatter(q_sel, False, k, v, token_idx, counts, causal, key_padding, scale,
+                                           head_gates, s)
+        return F.linear(buf.view(b, s, h * d), o_weight, o_bias)
     q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, mode=q_mode)
     ctx = routed_attention_core(q_sel, k, v, token_idx, counts, causal, key_padding, scale)
-    return routed_o_projection(ctx, token_idx, counts, head_gates, o_weight, o_bias, x.shape[1], mode=o_mode)
+    return routed_o_projection(ctx, token_idx, counts, head_gates, o_weight, o_bias, s, mode=o_mode)
