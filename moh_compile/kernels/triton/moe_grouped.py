@@ -9,6 +9,8 @@ from the per-group counts, so no host sync is needed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +123,8 @@ def _grouped_gemm_kernel(A, ROWS, W, WG, BIAS, BIASG, OUT, SCALE, STARTS, COUNTS
 
 
 def _gemm_configs():
+    if os.environ.get("MOH_TRITON_AUTOTUNE", "1") == "0" and not interpreter_mode():
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)]
     if interpreter_mode():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8),
@@ -234,10 +238,13 @@ def moepp_ffn_triton(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, ex
     flat = idx.view(-1)
     n_const = 0 if const_vectors is None else const_vectors.shape[0]
     # Sort (token, slot) pairs by expert; non-FFN experts (>= N) land after every FFN group.
+    # No host syncs here (bincount would sync): the GPU never idles waiting for the CPU.
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n + n_zero + n_copy + n_const)[:n]
-    starts = torch.cumsum(counts, 0) - counts
-    rows = order // k
+    counts = torch.zeros(n + n_zero + n_copy + n_const, device=x.device, dtype=torch.int32)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts = counts[:n].contiguous()
+    starts = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+    rows = (order // k).to(torch.int32)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     hidden = grouped_gemm(xf, w_in, b_in, starts, counts, rows=rows, total_rows=t * k, w_gate=w_gate,

@@ -29,9 +29,9 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, GATES, sm_scale,
                      CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, Q_BY_POS: tl.constexpr,
                      OUT_BY_POS: tl.constexpr, HAS_GATES: tl.constexpr, HEAD_D: tl.constexpr,
                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Heavy (late-position) row blocks of every head are launched first: less tail imbalance.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.cdiv(C, BLOCK_M) - 1 - tl.program_id(1)
+    # Row blocks of one head run side by side (its K/V stay in L2), heaviest (latest) first.
+    pid_m = tl.cdiv(C, BLOCK_M) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     count = tl.load(CNT + pid_bh)
@@ -162,7 +162,7 @@ def _launch(q, q_by_pos, k, v, token_idx, counts, causal, key_padding, scale, ou
     interp = _interp()
     kernel = _routed_attn_fwd if interp else _routed_attn_tuned
     extra = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if interp else {}
-    grid = lambda meta: (b * h, triton.cdiv(c, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), b * h)  # noqa: E731
     kernel[grid](q, k, v, out, token_idx, counts, kpm, gates if gates is not None else counts, float(scale),
                  *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
                  token_idx.stride(0), token_idx.stride(1), kpm.stride(0) if key_padding is not None else 0, *gs,
