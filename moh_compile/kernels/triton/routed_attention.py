@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moh_compile.kernels.triton._flash import LOG2E, attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
 from moh_compile.ops.attention import rotate_half
 
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from moh_compile.kernels.triton import interpreter_mode
-from moh_compile.kernels.triton._flash import LOG2E, attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
 from moh_compile.ops.attention import window_spans
 
 
