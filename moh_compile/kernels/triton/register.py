@@ -1,0 +1,116 @@
+"""Plug the Triton kernels into the project's ops (GPU only; every hook returns None otherwise).
+
+Why hooks and not new ops: the op contracts (and their references, ONNX lowering and
+backward-by-recompute) stay single-sourced in moh_compile/ops; a hook only computes the
+same result faster when it applies. `register()` is idempotent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moh_compile.kernels.triton import interpreter_mode, triton_available
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_REGISTERED = False
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return (t.is_cuda or interpreter_mode()) and t.dtype in _SUPPORTED and triton_available()
+
+
+def decompose_mask(attn_mask: torch.Tensor | None, b: int, s: int, s_k: int):
+    """Split an op mask into (causal, key_padding (B, S_k) bool or None), or None if it is neither.
+
+    Accepts bool masks and additive masks whose entries are 0 or <= -1e4. One host sync.
+    """
+    if attn_mask is None:
+        return False, None
+    m = attn_mask
+    if m.dtype != torch.bool:
+        if not m.is_floating_point():
+            return None
+        vis = m == 0
+        if not bool((vis | (m <= -1e4)).all()):
+            return None
+        m = vis
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dim() != 4 or m.shape[1] != 1:
+        return None
+    try:
+        m = m.expand(b, 1, s, s_k)[:, 0]
+    except RuntimeError:
+        return None
+    kpm = m.any(dim=1)  # (B, S_k): a key some row may see
+    if s == s_k:
+        tril = torch.ones(s, s_k, dtype=torch.bool, device=m.device).tril()
+        if bool((m == (tril & kpm[:, None, :])).all()):
+            return True, (None if bool(kpm.all()) else kpm)
+    if bool((m == kpm[:, None, :].expand_as(m)).all()):
+        return False, (None if bool(kpm.all()) else kpm)
+    return None
+
+
+def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
+                          scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False):
+    """moh_compile::attention via Triton: routed heads when gated, sparse core when windowed."""
+    if not (_usable(x) and k.device == x.device and x.dim() == 3 and k.dim() == 4):
+        return None
+    if head_gates is None and window_sink is None:
+        return None  # dense: the reference already uses SDPA's flash kernels
+    d = k.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1) or k.dtype != x.dtype or q_weight.dtype != x.dtype:
+        return None
+    b, s, _ = x.shape
+    s_k = k.shape[2]
+    h = q_weight.shape[0] // d
+    parts = decompose_mask(attn_mask, b, s, s_k)
+    if parts is None:
+        return None
+    causal, key_padding = parts
+    from moh_compile.kernels.triton.routed_attention import routed_attention_block
+    from moh_compile.kernels.triton.sparse_attention import sparse_attention
+    from moh_compile.ops.attention import rotate_half
+
+    if window_sink is not None:
+        if causal and s != s_k:
+            return None
+        q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
+        if rope_cos is not None:
+            q = q * rope_cos + rotate_half(q) * rope_sin
+        ctx = sparse_attention(q, k, v, window_sink, window_alpha, window_beta, window_two_sided, causal,
+                               key_padding, scale)
+        if head_gates is not None:
+            ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
+        return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
+    if causal and s != s_k:
+        return None
+    return routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale, causal,
+                                  key_padding, rope_cos, rope_sin)
+
+
+def moepp_fast_kernel(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
+                      const_vectors, const_gate_weight, n_zero, n_copy, activation):
+    """moh_compile::moepp_ffn via Triton, or None off-GPU (for the op's dispatch to try first)."""
+    if not (_usable(x) and w_in.dtype == x.dtype and w_out.dtype == x.dtype):
+        return None
+    from moh_compile.kernels.triton.moe_grouped import ACT_CODES, moepp_ffn_triton
+
+    if activation not in ACT_CODES:
+        return None
+    return moepp_ffn_triton(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
+                            const_vectors, const_gate_weight, n_zero, n_copy, activation)
+
+
+def register() -> bool:
+    """Register the attention hook once; returns True when triton is installed."""
+    global _REGISTERED
+    if not triton_available():
+        return False
+    if not _REGISTERED:
+        from moh_compile.ops.attention import register_fast_kernel
+
+        register_fast_kernel(attention_fast_kernel)
+        _REGISTERED = True
+    return True

@@ -1,0 +1,143 @@
+"""Triton kernels vs torch references: interpreter on CPU (fp32, 1e-4) and real GPU (halves, 2e-2).
+
+The interpreter checks run in one subprocess with TRITON_INTERPRET=1, so the setting never
+reaches triton in this pytest process. Everything skips cleanly without triton / CUDA.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_checks as checks  # noqa: E402
+
+sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_checks.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(checks.INTERPRETER_CHECKS))
+def test_interpreter_fp32_matches_reference(interpreter_results, name):
+    assert interpreter_results[name] < 1e-4, (name, interpreter_results[name])
+
+
+def test_triton_available_reports_install():
+    from moh_compile.kernels.triton import triton_available
+
+    assert triton_available() == HAS_TRITON
+
+
+def test_hooks_decline_cpu_tensors_outside_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode accepts CPU tensors by design")
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from moh_compile.kernels.triton.register import attention_fast_kernel
+
+    args = checks._attention_args("cpu", torch.float32, 1, 4, 2, 16, 16, 0, gates_frac=0.5)
+    assert attention_fast_kernel(*args) is None
+
+
+@needs_triton
+def test_decompose_mask_recognises_causal_and_padding():
+    from moh_compile.kernels.triton.register import decompose_mask
+
+    s = 6
+    kpm = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    tril = torch.ones(s, s, dtype=torch.bool).tril()
+    causal, pad = decompose_mask(tril & kpm[:, None, None, :], 2, s, s)
+    assert causal and torch.equal(pad, kpm)
+    assert decompose_mask(tril, 2, s, s) == (True, None)
+    additive = torch.zeros(2, 1, 1, s).masked_fill(~kpm[:, None, None, :], float("-inf"))
+    causal, pad = decompose_mask(additive, 2, s, s)
+    assert not causal and torch.equal(pad, kpm)
+    banded = tril & ~torch.ones(s, s, dtype=torch.bool).tril(-3)
+    assert decompose_mask(banded, 2, s, s) is None
+
+
+def test_pattern_density_matches_window_mask():
+    from moh_compile.ops.attention import window_mask
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from moh_compile.kernels.triton.sparse_attention import pattern_density
+
+    s, sink, alpha, beta = 50, [3, 0, 1], [4, -1, 2], [0.1, 0.0, 0.2]
+    pat = window_mask(s, s, sink, alpha, beta, False) & torch.ones(s, s, dtype=torch.bool).tril()
+    expect = float(pat.sum()) / (len(sink) * s * (s + 1) / 2)
+    assert abs(pattern_density(sink, alpha, beta, s) - expect) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("frac", [0.25, 0.75])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_routed_core(dtype, frac, d):
+    _gpu_guard()
+    err = checks.check_routed_core("cuda", dtype, b=2, h=8, hkv=4, s=300, d=d, frac=frac, rel=True)
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["routed", "window"])
+def test_gpu_attention_op(mode):
+    _gpu_guard()
+    err = checks.check_attention_op("cuda", torch.bfloat16, mode, b=2, h=8, hkv=2, s=257, d=64, rel=True)
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("q_mode,o_mode", [("dense", "fused"), ("gather_gemm", "fused"), ("gather_gemm", "per_head"),
+                                           ("dense", "scatter_dense")])
+def test_gpu_routed_block(q_mode, o_mode):
+    _gpu_guard()
+    err = checks.check_routed_block("cuda", torch.bfloat16, q_mode, o_mode, b=2, h=8, hkv=4, s=260, d=64, rel=True)
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("causal,two_sided", [(True, False), (True, True), (False, False), (False, True)])
+def test_gpu_sparse(causal, two_sided):
+    _gpu_guard()
+    err = checks.check_sparse("cuda", torch.bfloat16, causal, two_sided, b=2, h=8, hkv=4, s=700, d=128, rel=True)
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu"), (False, "relu"), (True, "gelu_tanh")])
+def test_gpu_moepp(gated, act):
+    _gpu_guard()
+    err = checks.check_moepp("cuda", torch.bfloat16, gated, act, t=200, d=256, n=6, f_e=192, k=4, rel=True)
+    assert err < 2e-2
+
+
+def test_gpu_grouped_gemm_fp32_exact_enough():
+    _gpu_guard()
+    assert checks.check_grouped_gemm("cuda", torch.float32) < 1e-4
+
+
+def _gpu_guard():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+for _name, _obj in list(globals().items()):
+    if _name.startswith("test_gpu_"):
+        globals()[_name] = pytest.mark.gpu(_obj)
