@@ -170,3 +170,13 @@ def test_llama_style_decoder_long(s):
     # and the pattern really changed the result (sparse != dense)
     dense = _decoder(x, layers, ([0, 0], [-1, -1], [0.0, 0.0], False), attention_reference, cos, sin, causal)
     assert (dense - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_causal_flag_equals_tril_mask(two_sided):
+    s = 200
+    q, k, v = _qkv(1, 4, 2, s, 16)
+    sink, alpha, beta = [3, 0, 64, 1], [-1, 9, 4, 20], [0.0, 0.1, 0.0, 0.0]
+    out = sparse_attention_core(q, k, v, None, sink, alpha, beta, two_sided, 0.25, block=32, causal=True)
+    ref = _ref(q, k, v, torch.ones(s, s, dtype=torch.bool).tril(), sink, alpha, beta, two_sided, 0.25)
+    assert (out - ref).abs().max().item() < 1e-5
