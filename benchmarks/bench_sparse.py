@@ -1,0 +1,133 @@
+"""Per-head sink + window attention core vs dense causal SDPA on CPU (float32, batch 1, 8x64 heads).
+
+Timing: both run side by side in this process, interleaved, median of --repeats.
+Peak memory: one subprocess per (case, method); it builds the inputs, resets the kernel's peak-RSS
+counter (echo 5 > /proc/self/clear_refs), runs the method once and reports VmHWM - VmRSS before:
+the extra resident peak of the method (tracemalloc does not see torch's allocator, RSS does).
+Spans: half the heads get span a, half 3a (64 sink tokens), a solved so that the mean pattern
+density (visible pairs / causal pairs, see calibrate.sparse_profile.pattern_density) hits the target.
+
+    PYTHONPATH=$PWD python benchmarks/bench_sparse.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moh_compile.calibrate.sparse_profile import pattern_density
+from moh_compile.kernels.block_sparse import sparse_attention_core
+
+HEADS, DIM, SINK = 8, 64, 64
+
+
+def spans_for(n: int, density: float) -> list[int]:
+    """Half the heads span a, half 3a; bisect a for the target mean causal density."""
+    def mean_density(a):
+        return (pattern_density(n, SINK, a, 0.0, False, True) + pattern_density(n, SINK, 3 * a, 0.0, False, True)) / 2
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mean_density(mid) < density else (lo, mid)
+    return [lo] * (HEADS // 2) + [3 * lo] * (HEADS - HEADS // 2)
+
+
+def inputs(n: int):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, HEADS, n, DIM, generator=g) for _ in range(3)]
+
+
+def run(method: str, q, k, v, spans):
+    if method == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return sparse_attention_core(q, k, v, None, [SINK] * HEADS, spans, [0.0] * HEADS, False, DIM ** -0.5,
+                                 causal=True)
+
+
+def child(method: str, n: int, density: float) -> None:
+    torch.set_num_threads(2)
+    small = inputs(256)
+    run(method, *small, spans_for(256, density))  # first call pages in library code: not the method's memory
+    del small
+    q, k, v = inputs(n)
+    spans = spans_for(n, density)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    run(method, q, k, v, spans)
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_mb(method: str, n: int, density: float) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(density)],
+                         capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N=2048 only, 2 repeats")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), float(args.child[2]))
+        return
+    torch.set_num_threads(2)
+    sizes = [2048] if args.quick else [2048, 8192, 16384]
+    repeats = 2 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, batch 1, "
+          f"{HEADS} heads x {DIM}, {SINK} sinks, causal")
+    head = (f"{'N':>6} {'density':>8} {'spans':>11} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8} "
+            f"{'ideal':>6} {'of ideal':>9} {'dense MB':>9} {'sparse MB':>10} {'max err':>8}")
+    print(head)
+    for n in sizes:
+        q, k, v = inputs(n)
+        for density in (0.25, 0.10):
+            spans = spans_for(n, density)
+            real = sum(pattern_density(n, SINK, s, 0.0, False, True) for s in spans) / HEADS
+            dense_out, sparse_out = run("dense", q, k, v, spans), run("sparse", q, k, v, spans)  # warm-up
+            err = check_error(q, k, v, spans, sparse_out) if n <= 2048 else float("nan")
+            del dense_out, sparse_out
+            td, ts = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run("dense", q, k, v, spans)
+                td.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                run("sparse", q, k, v, spans)
+                ts.append(time.perf_counter() - t0)
+            d_ms, s_ms = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
+            speed, ideal = d_ms / s_ms, 1 / real
+            print(f"{n:>6} {real:>8.3f} {f'{spans[0]}/{spans[-1]}':>11} {d_ms:>9.1f} {s_ms:>10.1f} "
+                  f"{speed:>7.2f}x {ideal:>5.1f}x {speed / ideal:>8.0%} {peak_mb('dense', n, density):>9.1f} "
+                  f"{peak_mb('sparse', n, density):>10.1f} {err:>8.1e}", flush=True)
+
+
+def check_error(q, k, v, spans, out) -> float:
+    """Max abs difference to the masked dense reference (small N only: it builds S x S masks)."""
+    from moh_compile.ops.attention import merge_masks, window_mask
+    n = q.shape[2]
+    pat = window_mask(n, n, [SINK] * HEADS, spans, [0.0] * HEADS, False)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=merge_masks(torch.ones(n, n, dtype=torch.bool).tril(),
+                                                                         pat), scale=DIM ** -0.5)
+    return (out - ref).abs().max().item()
+
+
+if __name__ == "__main__":
+    main()

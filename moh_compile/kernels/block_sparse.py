@@ -1,0 +1,300 @@
+"""Per-head sink + local-window attention that never touches key blocks outside a head's pattern.
+
+Why blocks of queries: for a block of rows [q0, q1) the visible keys are the sink keys plus
+one contiguous band around the block, so each block is one small SDPA call on a slice of K/V
+(a view when no sink keys must be prepended). Compute and memory then scale with
+rows x (sink + span + block), not rows x S_k. Heads sharing a (sink, span) pattern are
+batched into one call per block; dense heads (alpha < 0) go to one SDPA call. The exact
+pattern at the band edges is a small (block x band) bool mask, ANDed with the model's mask.
+
+Semantics are those of `moh_compile.ops.attention.window_mask` (the definition).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moh_compile.ops.attention import register_fast_kernel, rotate_half, window_spans
+
+DEFAULT_BLOCK = 128
+
+
+def _mask4(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """View the model mask as 4-D (broadcast dims kept at size 1) so it can be sliced per block."""
+    if attn_mask is None:
+        return None
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
+def _mask_slice(m: torch.Tensor | None, heads: torch.Tensor, rows: slice, keys) -> torch.Tensor | None:
+    """Rows/keys/heads of a 4-D broadcastable mask; `keys` is a slice or an index tensor."""
+    if m is None:
+        return None
+    if m.shape[1] != 1:
+        m = m.index_select(1, heads)
+    if m.shape[2] != 1:
+        m = m[:, :, rows]
+    if m.shape[3] != 1:
+        m = m[..., keys] if isinstance(keys, slice) else m.index_select(3, keys)
+    return m
+
+
+def _merge(model: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
+    """AND a bool pattern into the model mask (bool or additive), as `merge_masks` does."""
+    if pattern is None:
+        return model
+    if model is None:
+        return pattern
+    if model.dtype == torch.bool:
+        return model & pattern
+    return model.masked_fill(~pattern, float("-inf"))
+
+
+def _group_heads(spans: list[int], sinks: list[int]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, (span, sink) in enumerate(zip(spans, sinks)):
+        key = (-1, 0) if span < 0 else (span, sink)
+        groups.setdefault(key, []).append(h)
+    return groups
+
+
+def _band(q0: int, q1: int, span: int, two_sided: bool, s_k: int) -> tuple[int, int]:
+    """Keys [lo, hi) of the local windows of rows [q0, q1)."""
+    if two_sided:
+        r = span // 2
+        lo, hi = q0 - r, q1 + r
+    else:
+        lo, hi = q0 - span + 1, q1
+    return max(0, lo), min(s_k, hi)
+
+
+def _flash(q, k, v, mask, scale):
+    """Attention over one key set plus its log-sum-exp; rows with no visible key get lse -inf.
+
+    The lse lets the sink keys and the local band be attended separately (no K/V copies) and
+    merged exactly afterwards.
+    """
+    if k.shape[2] == 0:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"))
+    valid = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            valid = mask.any(-1)
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        else:
+            mask = mask.to(q.dtype)
+            valid = (mask > float("-inf")).any(-1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                           scale=scale)
+    if valid is not None:
+        lse = lse.masked_fill(~valid.expand(lse.shape), float("-inf"))
+    return out, lse
+
+
+def _merge_parts(o1, l1, o2, l2):
+    """Combine two softmax-normalised partial attentions by their log-sum-exps (exact)."""
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).nan_to_num_(0.0).unsqueeze(-1)
+    w2 = torch.exp(l2 - lse).nan_to_num_(0.0).unsqueeze(-1)
+    return o2.mul_(w2).addcmul_(o1, w1)  # in place: o2 is a scratch buffer of the caller
+
+
+def _band_pattern(q0, q1, lo, hi, span, two_sided, causal, device):
+    i = torch.arange(q0, q1, device=device).unsqueeze(1)
+    j = torch.arange(lo, hi, device=device)
+    if two_sided:
+        pat = (i - j).abs() <= span // 2
+        return pat & (j <= i) if causal else pat
+    return (j <= i) & (j > i - span)
+
+
+def _additive(pat: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(pat.shape, dtype=dtype, device=pat.device).masked_fill_(~pat, float("-inf"))
+
+
+def _diagonal_blocks(t: torch.Tensor, first_row: int, first_col: int, n: int, rows: int, cols: int, step: int):
+    """View (..., n, rows, cols) of the blocks t[..., r0 + b*step : +rows, c0 + b*step : +cols] of a
+    4-D tensor (size-1 dims broadcast), without copying: the band of every query block at once."""
+    s0, s1, s2, s3 = t.stride()
+    s2 = 0 if t.shape[2] == 1 else s2
+    s3 = 0 if t.shape[3] == 1 else s3
+    return t.as_strided((t.shape[0], t.shape[1], n, rows, cols), (s0, s1, step * (s2 + s3), s2, s3),
+                        t.storage_offset() + first_row * s2 + first_col * s3)
+
+
+_MASK_CHUNK_ELEMS = 1 << 24  # bound on the float mask materialised per call (64 MB in float32)
+
+
+def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, scale, block, count):
+    """Attention of rows [n_global, S) over their local band (sink keys excluded), with lse.
+
+    Interior blocks (full block, band inside [n_sink, S_k)) share one relative pattern, so they
+    run as ONE flash call on an overlapping strided view of K/V (blocks folded into the head
+    dim): few large parallel calls instead of a Python loop of small ones. The rest loop.
+    """
+    b, hg, s_q, d = qg.shape
+    s_k = kg.shape[2]
+    o_band = qg.new_empty(b, hg, s_q - n_global, d)
+    l_band = qg.new_empty(b, hg, s_q - n_global)
+    starts = list(range(n_global, s_q, block))
+    off_lo, off_hi = (-(span // 2), block + span // 2) if two_sided else (1 - span, block)
+    interior = [q0 for q0 in starts if q0 + off_lo >= n_sink and q0 + off_hi <= s_k and q0 + block <= s_q]
+    edge = [q0 for q0 in starts if q0 not in set(interior)]
+    if len(interior) >= 2:
+        first, nb, width = interior[0], len(interior), off_hi - off_lo
+        pat = _band_pattern(first, first + block, first + off_lo, first + off_hi, span, two_sided, causal,
+                            qg.device)
+        kc, vc = kg.contiguous(), vg.contiguous()
+        shape = (b * hg, nb, width, d)
+        strides = (s_k * d, block * d, d, 1)
+        kb = kc.as_strided(shape, strides, kc.storage_offset() + (first + off_lo) * d)
+        vb = vc.as_strided(shape, strides, vc.storage_offset() + (first + off_lo) * d)
+        qb = qg[:, :, first:first + nb * block].reshape(b * hg, nb, block, d)
+        r0 = first - n_global
+        if mask_g is None:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qb, kb, vb, 0.0, False, attn_mask=_additive(pat, qg.dtype), scale=scale)[:2]
+            if not pat.any(-1).all():
+                lse = lse.masked_fill(~pat.any(-1), float("-inf"))
+            o_band[:, :, r0:r0 + nb * block] = o.reshape(b, hg, nb * block, d)
+            l_band[:, :, r0:r0 + nb * block] = lse.reshape(b, hg, nb * block)
+        else:
+            mview = _diagonal_blocks(mask_g, first, first + off_lo, nb, block, width, block)
+            per = max(1, _MASK_CHUNK_ELEMS // (b * hg * block * width))
+            for c0 in range(0, nb, per):
+                c1 = min(nb, c0 + per)
+                m = _merge(mview[:, :, c0:c1], pat).expand(b, hg, c1 - c0, block, width)
+                o, lse = _flash(qb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
+                                kb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
+                                vb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
+                                m.reshape(b * hg, c1 - c0, block, width), scale)
+                rs = slice(r0 + c0 * block, r0 + c1 * block)
+                o_band[:, :, rs] = o.reshape(b, hg, -1, d)
+                l_band[:, :, rs] = lse.reshape(b, hg, -1)
+        count(nb * block * width)
+    else:
+        edge = starts
+    for q0 in edge:
+        q1 = min(s_q, q0 + block)
+        lo, hi = _band(q0, q1, span, two_sided, s_k)
+        lo = max(lo, n_sink)
+        hi = max(hi, lo)
+        pat = _band_pattern(q0, q1, lo, hi, span, two_sided, causal, qg.device)
+        model = None
+        if mask_g is not None:
+            model = mask_g[:, :, q0:q1] if mask_g.shape[2] > 1 else mask_g
+            model = model[..., lo:hi] if model.shape[3] > 1 else model
+        r = slice(q0 - n_global, q1 - n_global)
+        o_band[:, :, r], l_band[:, :, r] = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi],
+                                                  _merge(model, pat), scale)
+        count((q1 - q0) * (hi - lo))
+    return o_band, l_band
+
+
+def sparse_attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    window_sink: list[int],
+    window_alpha: list[int],
+    window_beta: list[float],
+    two_sided: bool,
+    scale: float,
+    block: int = DEFAULT_BLOCK,
+    stats: dict | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v over each head's visible keys only; q (B,H,S,D), k/v (B,Hkv,S_k,D).
+
+    causal=True ANDs j <= i into the pattern without a mask tensor (same as passing a tril mask).
+    `stats`, if given, gets `stats["pairs"][h]` += (query, key) pairs scored for head h, so tests
+    can check that work follows the pattern.
+    """
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    if not (len(window_sink) == len(window_alpha) == len(window_beta) == h):
+        raise ValueError(f"window attributes need one entry per head ({h}), got "
+                         f"{len(window_sink)}/{len(window_alpha)}/{len(window_beta)}")
+    if h % h_kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv})")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    rep = h // h_kv
+    spans = window_spans(window_alpha, window_beta, s_k)
+    mask = _mask4(attn_mask)
+    out = q.new_empty(b, h, s_q, d)
+    pairs = stats.setdefault("pairs", [0] * h) if stats is not None else None
+
+    for (span, sink), heads in _group_heads(spans, list(window_sink)).items():
+        def count(n, heads=heads):
+            if pairs is not None:
+                for x in heads:
+                    pairs[x] += n
+
+        hidx = torch.tensor(heads, device=q.device)
+        contiguous = heads == list(range(heads[0], heads[-1] + 1))
+        hs = slice(heads[0], heads[-1] + 1)
+        qg = q[:, hs] if contiguous else q.index_select(1, hidx)  # a view when the heads are adjacent
+        # one K/V head per query head of the group (a copy of S_k x D per head, never S x S)
+        kv_of_head = [x // rep for x in heads]
+        if kv_of_head == list(range(kv_of_head[0], kv_of_head[0] + len(heads))):
+            kg, vg = k[:, kv_of_head[0]:kv_of_head[0] + len(heads)], v[:, kv_of_head[0]:kv_of_head[0] + len(heads)]
+        else:
+            kvi = torch.tensor(kv_of_head, device=q.device)
+            kg, vg = k.index_select(1, kvi), v.index_select(1, kvi)
+        mask_g = _mask_slice(mask, hidx, slice(None), slice(None))
+        if span < 0:  # dense heads: one SDPA call, the model mask only
+            if causal and mask_g is None:
+                mask_g = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+            elif causal:
+                mask_g = _merge(mask_g, torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril())
+            out[:, hidx] = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g, scale=scale)
+            count(s_q * s_k)
+            continue
+        og = out[:, hs] if contiguous else q.new_empty(b, len(heads), s_q, d)
+        n_global = min(sink, s_q)
+        if n_global > 0:  # sink queries are global: they see every (causally allowed) key
+            rows = slice(0, n_global)
+            n_keys = min(s_k, n_global) if causal else s_k
+            m = _mask_slice(mask, hidx, rows, slice(0, n_keys))
+            if causal:
+                m = _merge(m, torch.ones(n_global, n_keys, dtype=torch.bool, device=q.device).tril())
+            og[:, :, rows] = F.scaled_dot_product_attention(qg[:, :, rows], kg[:, :, :n_keys], vg[:, :, :n_keys],
+                                                            attn_mask=m, scale=scale)
+            count(n_global * n_keys)
+        if n_global < s_q:
+            n_sink = min(sink, s_k)
+            rows = slice(n_global, s_q)
+            # the sink keys, visible to every remaining row (i >= sink > j): one call for all rows
+            m = _mask_slice(mask, hidx, rows, slice(0, n_sink))
+            o_sink, l_sink = _flash(qg[:, :, rows], kg[:, :, :n_sink], vg[:, :, :n_sink], m, scale)
+            count((s_q - n_global) * n_sink)
+            o_band, l_band = _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, scale,
+                                        block, count)
+            og[:, :, rows] = o_band if n_sink == 0 else _merge_parts(o_sink, l_sink, o_band, l_band)
+        if not contiguous:
+            out[:, hidx] = og
+    return out
+
+
+def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
+                            head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
+                            window_two_sided=False):
+    """Fast path of `moh_compile::attention` for window attributes without head gates; else None."""
+    if window_sink is None or head_gates is not None:
+        return None
+    b, s, _ = x.shape
+    d = k.shape[-1]
+    h = q_weight.shape[0] // d
+    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
+    if rope_cos is not None:
+        q = q * rope_cos + rotate_half(q) * rope_sin
+    ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
+                                window_two_sided, scale)
+    return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
+
+
+register_fast_kernel(sparse_attention_kernel)
