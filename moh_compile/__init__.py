@@ -4,7 +4,7 @@
     report = moh_compile.inspect(model, example_inputs).report
     compiled = moh_compile.compile(model, example_inputs, moh_compile.CompileConfig())
 """
-from moh_compile import ops  # noqa: F401  (registers the custom ops)
+from moh_compile import kernels, ops  # noqa: F401  (registers the custom ops and their kernels)
 from moh_compile.api import CompiledModel, compile, inspect
 from moh_compile.capture import capture
 from moh_compile.config import CompileConfig
