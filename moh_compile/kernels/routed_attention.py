@@ -112,6 +112,10 @@ def routed_attention_cpu(
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if head_gates is None or x.device.type != "cpu":
         return None
+    heads = q_weight.shape[0] // k.shape[-1]
+    if head_gates.shape != (x.shape[0], x.shape[1], heads):
+        raise ValueError(f"head_gates must have shape (B, S, H) = {(x.shape[0], x.shape[1], heads)}, "
+                         f"got {tuple(head_gates.shape)}")
     if rope_cos is not None and _as_4d(rope_cos).shape[1] != 1:
         return None
     return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
