@@ -71,21 +71,23 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _routing_plan(gates: torch.Tensor):
-    """Slot layout (H, B, C): which token each padded slot holds, and per-token bags of slots."""
+    """Slot layout (H, B, C): which token each padded slot holds, and per-token bags of slots.
+
+    Slots of head h, batch b are h*B*C + b*C + [0, count(b, h)); the rest is padding that
+    computes on token 0 and is never read back.
+    """
     b, s, h = gates.shape
+    dev = gates.device
     active = gates != 0
-    counts = active.sum(1)                                   # (B, H)
+    counts = active.sum(1)                                                # (B, H)
     cap = int(counts.max()) if counts.numel() else 0
-    nz = active.nonzero()                                    # (N, 3) token-major: b, s, head
-    bi, si, hi = nz.unbind(1)
-    pos = (active.cumsum(1) - 1)[bi, si, hi]                 # rank of the token within (b, head)
-    slot = (hi * b + bi) * cap + pos                         # flat slot id in (H, B, C)
-    tok = torch.zeros(h * b * cap, dtype=torch.long, device=gates.device)
-    tok[slot] = si
-    per_token = active.sum(-1).flatten()                     # (B*S,)
-    offsets = torch.zeros(b * s, dtype=torch.long, device=gates.device)
-    offsets[1:] = per_token.cumsum(0)[:-1]
-    return cap, tok.view(h, b, cap), slot, offsets, gates[bi, si, hi], nz.shape[0]
+    base = (torch.arange(h, device=dev).view(1, 1, h) * b + torch.arange(b, device=dev).view(b, 1, 1)) * cap
+    slot = (active.cumsum(1) - 1 + base)[active]                          # token-major, heads ascending
+    tok = torch.zeros(h * b * cap, dtype=torch.long, device=dev)
+    tok[slot] = torch.arange(s, device=dev).view(1, s, 1).expand(b, s, h)[active]
+    offsets = active.sum(-1).flatten().cumsum(0)
+    offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])             # bag start per token
+    return cap, tok.view(h, b, cap), slot, offsets, gates[active], slot.numel()
 
 
 def _mask_rows(mask: torch.Tensor, tok: torch.Tensor, h0: int, h1: int, s: int, s_k: int) -> torch.Tensor:
@@ -183,7 +185,7 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     out = F.embedding_bag(slot, contrib.view(n_slots, e_out), offsets, mode="sum",
                           per_sample_weights=weights.to(contrib.dtype))
     if o_bias is not None:
-        out = out + o_bias
+        out.add_(o_bias)
     return out.view(b, s, e_out)
 
 
