@@ -234,3 +234,21 @@ def test_work_skipped_rows_and_flops():
     counts = (args[10] != 0).sum(1)
     assert ra.STATS.active_pairs == int(counts.sum())
     assert ra.STATS.query_rows == b * h * int(counts.max()) < b * h * s
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 13 * 13 * 3])
+@pytest.mark.parametrize("mask", ["causal", "per_head", "additive"])
+def test_mask_gathered_in_head_chunks(monkeypatch, chunk_bytes, mask):
+    """Large masks are gathered a few heads at a time; chunks may split a GQA group."""
+    monkeypatch.setattr(ra, "MASK_CHUNK_BYTES", chunk_bytes)
+    args = make_args(b=3, s=13, h=8, hkv=2, mask=mask, gates="random", rope=True, seed=11)
+    assert max_diff(args) <= 1e-5
+
+
+def test_release_workspace_then_reuse():
+    args = make_args(b=2, s=17, h=4, gates="topk")
+    first = ra.routed_attention_cpu(*args)
+    ra.release_workspace()
+    assert ra._WS.buf is None
+    assert torch.equal(ra.routed_attention_cpu(*args), first)
+    assert ra._WS.buf is not None
