@@ -10,6 +10,7 @@ in moh_compile.flops does; "ideal" is the FLOP ratio, "of ideal" = speedup / ide
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
+    load_before = os.getloadavg()[0]
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([128, 512] if args.quick else [128, 512, 2048])
     gen = torch.Generator().manual_seed(0)
     columns = ["seq", "active", "dense ms", "moh ms", "speedup", "ideal", "of ideal"]
@@ -86,6 +88,7 @@ def main(argv=None) -> list[list]:
     title = (f"Attention block, dense vs MoH (CPU float32, batch {args.batch}, {HEADS}x{HEAD_DIM} heads, "
              f"{threads} threads{', causal' if args.causal else ''}; median ms)")
     print_table(title, columns, rows, plain=args.plain)
+    print(f"1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (machine has {os.cpu_count()} CPUs)")
     print("max |moh - masked dense reference|: " + ", ".join(f"seq {s} k={k}: {d:.2e}" for s, k, d in checks))
     if not args.no_save:
         name = "bench_moh" + ("_quick" if args.quick else "") + ("_causal" if args.causal else "")

@@ -252,3 +252,13 @@ def test_release_workspace_then_reuse():
     assert ra._WS.buf is None
     assert torch.equal(ra.routed_attention_cpu(*args), first)
     assert ra._WS.buf is not None
+
+
+def test_non_contiguous_inputs():
+    args = make_args(b=2, s=10, h=4, hkv=2, rope=True, mask="causal", gates="fractional", seed=4)
+    args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)          # x (B, S, E) with S-major storage
+    args[1] = args[1].t().contiguous().t()                                  # W_q stored transposed
+    args[8] = args[8].t().contiguous().t()                                  # W_o stored transposed
+    args[10] = args[10].permute(2, 0, 1).contiguous().permute(1, 2, 0)      # gates head-major
+    assert not (args[0].is_contiguous() or args[1].is_contiguous() or args[10].is_contiguous())
+    assert max_diff(args) <= 1e-5

@@ -81,13 +81,14 @@ def _routing_plan(gates: torch.Tensor):
     active = gates != 0
     counts = active.sum(1)                                                # (B, H)
     cap = int(counts.max()) if counts.numel() else 0
-    base = (torch.arange(h, device=dev).view(1, 1, h) * b + torch.arange(b, device=dev).view(b, 1, 1)) * cap
-    slot = (active.cumsum(1) - 1 + base)[active]                          # token-major, heads ascending
+    nz = active.reshape(-1).nonzero().squeeze(1)                             # token-major, heads ascending
+    base = (torch.arange(h, device=dev).view(1, 1, h) * b + torch.arange(b, device=dev).view(b, 1, 1)) * cap - 1
+    slot = active.cumsum(1).add_(base).reshape(-1).index_select(0, nz)       # flat slot id in (H, B, C)
     tok = torch.zeros(h * b * cap, dtype=torch.long, device=dev)
-    tok[slot] = torch.arange(s, device=dev).view(1, s, 1).expand(b, s, h)[active]
-    offsets = active.sum(-1).flatten().cumsum(0)
+    tok.index_copy_(0, slot, nz.div(h, rounding_mode="floor").remainder_(s))
+    offsets = active.sum(-1).reshape(-1).cumsum(0)
     offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])             # bag start per token
-    return cap, tok.view(h, b, cap), slot, offsets, gates[active], slot.numel()
+    return cap, tok.view(h, b, cap), slot, offsets, gates.reshape(-1).index_select(0, nz), nz.numel()
 
 
 def _mask_rows(mask: torch.Tensor, tok: torch.Tensor, h0: int, h1: int, s: int, s_k: int) -> torch.Tensor:
@@ -145,8 +146,8 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     ws = _WS.take(n_slots * max(e, e_out), x.dtype, x.device)
     xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n_slots * e].view(n_slots, e))
     xg = xg.view(h, b * cap, e)
-    w_q = q_weight.view(h, d, e).transpose(1, 2)                                   # (H, E, D)
-    q = torch.baddbmm(q_bias.view(h, 1, d), xg, w_q) if q_bias is not None else torch.bmm(xg, w_q)
+    w_q = q_weight.reshape(h, d, e).transpose(1, 2)                                   # (H, E, D)
+    q = torch.baddbmm(q_bias.reshape(h, 1, d), xg, w_q) if q_bias is not None else torch.bmm(xg, w_q)
     if rope_cos is not None:
         cos = _as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows).view(h, b * cap, d)
         sin = _as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows).view(h, b * cap, d)
@@ -180,7 +181,7 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     ctx = ctx.transpose(0, 1).reshape(h, b * cap, d)
 
     # Output projection per head (columns h*D:(h+1)*D of W_o), then a gate-weighted sum per token.
-    w_o = o_weight.view(e_out, h, d).permute(1, 2, 0)                               # (H, D, E_out)
+    w_o = o_weight.reshape(e_out, h, d).permute(1, 2, 0)                               # (H, D, E_out)
     contrib = torch.bmm(ctx, w_o, out=ws[: n_slots * e_out].view(h, b * cap, e_out))
     out = F.embedding_bag(slot, contrib.view(n_slots, e_out), offsets, mode="sum",
                           per_sample_weights=weights.to(contrib.dtype))
