@@ -67,7 +67,7 @@ def main(argv=None) -> list[list]:
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([128, 512] if args.quick else [128, 512, 2048])
     gen = torch.Generator().manual_seed(0)
     columns = ["seq", "active", "dense ms", "moh ms", "speedup", "ideal", "of ideal"]
-    rows, checks = [], []
+    rows, checks, minima = [], [], []
     for seq in seqs:
         block = make_block(args.batch, seq, gen, args.causal)
         reps = args.reps or (3 if args.quick else (5 if seq >= 2048 else 9))
@@ -83,6 +83,8 @@ def main(argv=None) -> list[list]:
             ideal = dense_flops / attention_flops(args.batch, seq, EMBED, HEADS, HEADS, HEAD_DIM,
                                                   active_heads=k / HEADS)["total"]
             speed = t["dense"].median_ms / t[f"moh{k}"].median_ms
+            minima.append({"seq": seq, "active": k, "dense_min_ms": round(t["dense"].min_ms, 1),
+                           "moh_min_ms": round(t[f"moh{k}"].min_ms, 1), "reps": reps})
             rows.append([seq, f"{k}/{HEADS}", round(t["dense"].median_ms, 1), round(t[f"moh{k}"].median_ms, 1),
                          round(speed, 2), round(ideal, 2), round(speed / ideal, 2)])
     title = (f"Attention block, dense vs MoH (CPU float32, batch {args.batch}, {HEADS}x{HEAD_DIM} heads, "
@@ -92,7 +94,8 @@ def main(argv=None) -> list[list]:
     print("max |moh - masked dense reference|: " + ", ".join(f"seq {s} k={k}: {d:.2e}" for s, k, d in checks))
     if not args.no_save:
         name = "bench_moh" + ("_quick" if args.quick else "") + ("_causal" if args.causal else "")
-        paths = save_results(name, title, columns, rows, {"batch": args.batch, "seqs": seqs,
+        paths = save_results(name, title, columns, rows, {"batch": args.batch, "seqs": seqs, "minima": minima,
+                                                          "load_avg_before": load_before,
                                                           "command": " ".join(sys.argv)})
         print("saved " + ", ".join(str(p) for p in paths))
     return rows
