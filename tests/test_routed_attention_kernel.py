@@ -1,0 +1,264 @@
+"""The routed (MoH) CPU kernel against the dense masked reference of `moh_compile::attention`."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils.flop_counter as flop_counter
+
+import moh_compile  # noqa: F401
+from moh_compile.flops import attention_flops
+from moh_compile.kernels import routed_attention as ra
+from moh_compile.ops.attention import attention_reference
+
+OP = torch.ops.moh_compile.attention
+
+
+def make_gates(kind: str, b: int, s: int, h: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "topk":
+        idx = torch.rand(b, s, h, generator=gen).topk(max(1, h // 3), -1).indices
+        return torch.zeros(b, s, h).scatter_(-1, idx, 1.0)
+    if kind == "random":
+        return (torch.rand(b, s, h, generator=gen) < 0.4).float()
+    if kind == "fractional":
+        keep = torch.rand(b, s, h, generator=gen) < 0.6
+        return torch.rand(b, s, h, generator=gen) * keep
+    if kind == "all_on":
+        return torch.ones(b, s, h)
+    if kind == "all_off":
+        return torch.zeros(b, s, h)
+    if kind == "one_head":
+        g = torch.zeros(b, s, h)
+        g[..., h // 2] = 1.0
+        return g
+    raise AssertionError(kind)
+
+
+def make_mask(kind: str, b: int, h: int, s: int, gen: torch.Generator):
+    if kind == "none":
+        return None
+    if kind == "causal":
+        return torch.ones(s, s, dtype=torch.bool).tril()
+    if kind == "padding":      # (B, 1, 1, S_k), key 0 always visible so no row is fully masked
+        m = torch.rand(b, 1, 1, s, generator=gen) < 0.7
+        m[..., 0] = True
+        return m
+    if kind == "additive":     # (B, 1, S, S_k) float
+        return torch.randn(b, 1, s, s, generator=gen)
+    if kind == "per_head":     # (B, H, S, S_k) bool, diagonal kept
+        m = torch.rand(b, h, s, s, generator=gen) < 0.5
+        return m | torch.eye(s, dtype=torch.bool)
+    raise AssertionError(kind)
+
+
+def make_args(b=2, s=9, h=4, hkv=4, d=8, e=20, e_out=None, bias=True, rope=False, mask="none", gates="topk",
+              seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    e_out = e if e_out is None else e_out
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    x, wq, k, v, wo = r(b, s, e), r(h * d, e) * 0.3, r(b, hkv, s, d), r(b, hkv, s, d), r(e_out, h * d) * 0.3
+    bq, bo = (r(h * d), r(e_out)) if bias else (None, None)
+    cos = sin = None
+    if rope:
+        ang = torch.arange(s).view(s, 1) * torch.linspace(0.05, 1.0, d // 2).repeat(2).view(1, d)
+        cos, sin = ang.cos().view(1, 1, s, d), ang.sin().view(1, 1, s, d)
+    m = make_mask(mask, b, h, s, gen)
+    g = make_gates(gates, b, s, h, gen)
+    args = [x, wq, bq, k, v, m, cos, sin, wo, bo, g, d ** -0.5]
+    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def max_diff(args, **window):
+    ref = attention_reference(*args, **window)
+    out = ra.routed_attention_cpu(*args, **window)
+    assert out is not None and out.shape == ref.shape and out.dtype == ref.dtype
+    return (out.float() - ref.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("gates", ["topk", "random", "fractional", "all_on", "all_off", "one_head"])
+@pytest.mark.parametrize("mask", ["none", "causal", "padding", "additive", "per_head"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+def test_matches_reference_masks_gates_gqa(gates, mask, heads):
+    args = make_args(b=3, s=13, h=heads[0], hkv=heads[1], mask=mask, gates=gates, seed=len(gates) + len(mask))
+    assert max_diff(args) <= 1e-5
+
+
+@pytest.mark.parametrize("s", [1, 2, 7, 33, 70])
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("bias,rope", [(True, True), (False, True), (False, False)])
+def test_matches_reference_shapes_bias_rope(s, b, bias, rope):
+    args = make_args(b=b, s=s, h=8, hkv=2, d=16, e=40, e_out=24, bias=bias, rope=rope, mask="causal",
+                     gates="random", seed=s * 10 + b)
+    assert max_diff(args) <= 1e-5
+
+
+def test_rope_per_batch_cos_sin():
+    args = make_args(b=3, s=11, rope=True, gates="fractional")
+    gen = torch.Generator().manual_seed(5)
+    args[6] = torch.rand(3, 1, 11, 8, generator=gen)
+    args[7] = torch.rand(3, 1, 11, 8, generator=gen)
+    assert max_diff(args) <= 1e-5
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_window_attributes_with_gates(two_sided):
+    args = make_args(b=2, s=24, h=4, hkv=2, mask="padding", gates="random")
+    window = dict(window_sink=[0, 2, 1, 0], window_alpha=[-1, 3, 2, 4], window_beta=[0.0, 0.1, 0.0, 0.2],
+                  window_two_sided=two_sided)
+    assert max_diff(args, **window) <= 1e-5
+
+
+def test_tokens_without_heads_give_output_bias():
+    args = make_args(b=2, s=6, gates="random")
+    args[10][1, 2] = 0.0
+    args[10][0, :] = 0.0
+    out = ra.routed_attention_cpu(*args)
+    assert torch.equal(out[1, 2], args[9])
+    assert torch.equal(out[0], args[9].expand(6, -1))
+    args[9] = None
+    assert torch.equal(ra.routed_attention_cpu(*args)[0], torch.zeros(6, 20))
+
+
+def test_bfloat16_error_is_within_reference_rounding():
+    args = make_args(b=2, s=40, h=8, hkv=2, d=16, e=64, rope=True, mask="causal", gates="fractional",
+                     dtype=torch.bfloat16)
+    exact = attention_reference(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                  for a in args])
+    ref_err = (attention_reference(*args).float() - exact).abs().max().item()
+    out = ra.routed_attention_cpu(*args)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - exact).abs().max().item()
+    assert 0 < ref_err and err <= 2 * ref_err
+
+
+def test_not_applicable_returns_none():
+    args = make_args()
+    args[10] = None
+    assert ra.routed_attention_cpu(*args) is None
+
+
+def test_bad_gate_shape_raises():
+    args = make_args(b=2, s=5, h=4)
+    args[10] = torch.ones(2, 5, 3)
+    with pytest.raises(ValueError, match="head_gates"):
+        ra.routed_attention_cpu(*args)
+
+
+def test_op_dispatches_to_kernel():
+    args = make_args(b=2, s=10, h=8, hkv=2, d=8, rope=True, mask="causal", gates="topk")
+    ra.STATS.reset()
+    out = OP(*args)
+    assert ra.STATS.calls == 1
+    assert torch.equal(out, ra.routed_attention_cpu(*args))
+    assert (out - attention_reference(*args)).abs().max().item() <= 1e-5
+    args[10] = None
+    ra.STATS.reset()
+    OP(*args)
+    assert ra.STATS.calls == 0      # head_gates=None falls back to the reference
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, e=16, h=4, d=4):
+        super().__init__()
+        self.h, self.d = h, d
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(e, h * d) for _ in range(4))
+        self.router = torch.nn.Linear(e, h)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        k = self.k(x).view(b, s, self.h, self.d).transpose(1, 2)
+        v = self.v(x).view(b, s, self.h, self.d).transpose(1, 2)
+        scores = self.router(x)
+        gates = (scores >= scores.topk(2, -1).values[..., -1:]).to(x.dtype)
+        return OP(x, self.q.weight, self.q.bias, k, v, None, None, None, self.o.weight, self.o.bias, gates,
+                  self.d ** -0.5)
+
+
+def test_torch_export_still_works():
+    torch.manual_seed(0)
+    m, x = _Tiny().eval(), torch.randn(2, 7, 16)
+    ep = torch.export.export(m, (x,))
+    assert any(n.target is OP.default for n in ep.graph.nodes)
+    ra.STATS.reset()
+    out = ep.module()(x)
+    assert ra.STATS.calls == 1
+    assert torch.allclose(out, m(x), atol=1e-6, rtol=0)
+
+
+def test_gradients_match_reference_autograd():
+    args = make_args(b=2, s=9, h=4, hkv=2, rope=True, mask="additive", gates="fractional", seed=3)
+    tensors = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()}
+    grads = []
+    for fn in (OP, attention_reference):
+        leaves = {i: t.detach().clone().requires_grad_(True) for i, t in tensors.items()}
+        call = [leaves.get(i, a) for i, a in enumerate(args)]
+        out = fn(*call)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append({i: t.grad for i, t in leaves.items()})
+    for i in tensors:
+        assert grads[0][i] is not None, i
+        assert (grads[0][i] - grads[1][i]).abs().max().item() <= 1e-5, i
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """torch counts FLOPs of the CUDA SDPA kernels only; the CPU one has the same formula."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn, *args) -> int:
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def test_work_skipped_rows_and_flops():
+    b, s, h, d, e, k = 2, 24, 6, 8, 48, 2
+    args = make_args(b=b, s=s, h=h, hkv=h, d=d, e=e, gates="all_off")
+    gates = torch.zeros(b, s, h)
+    for t in range(s):                      # token t uses heads t, t+1 (mod H): every head gets S*k/H tokens
+        gates[:, t, [t % h, (t + 1) % h]] = 1.0
+    args[10] = gates
+    ra.STATS.reset()
+    flops = count_flops(ra.routed_attention_cpu, *args)
+    assert ra.STATS.active_pairs == b * s * k
+    assert ra.STATS.query_rows == b * s * k             # balanced: capacity padding is zero
+    model = attention_flops(b, s, e, h, h, d, active_heads=k / h)
+    assert flops == model["total"] - model["kv_proj"]
+    dense = attention_flops(b, s, e, h, h, d)
+    args[10] = None
+    assert count_flops(attention_reference, *args) == dense["total"] - dense["kv_proj"]
+
+    args[10] = make_gates("random", b, s, h, torch.Generator().manual_seed(1))   # unbalanced: padded
+    ra.STATS.reset()
+    ra.routed_attention_cpu(*args)
+    counts = (args[10] != 0).sum(1)
+    assert ra.STATS.active_pairs == int(counts.sum())
+    assert ra.STATS.query_rows == b * h * int(counts.max()) < b * h * s
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 13 * 13 * 3])
+@pytest.mark.parametrize("mask", ["causal", "per_head", "additive"])
+def test_mask_gathered_in_head_chunks(monkeypatch, chunk_bytes, mask):
+    """Large masks are gathered a few heads at a time; chunks may split a GQA group."""
+    monkeypatch.setattr(ra, "MASK_CHUNK_BYTES", chunk_bytes)
+    args = make_args(b=3, s=13, h=8, hkv=2, mask=mask, gates="random", rope=True, seed=11)
+    assert max_diff(args) <= 1e-5
+
+
+def test_release_workspace_then_reuse():
+    args = make_args(b=2, s=17, h=4, gates="topk")
+    first = ra.routed_attention_cpu(*args)
+    ra.release_workspace()
+    assert ra._WS.buf is None
+    assert torch.equal(ra.routed_attention_cpu(*args), first)
+    assert ra._WS.buf is not None
+
+
+def test_non_contiguous_inputs():
+    args = make_args(b=2, s=10, h=4, hkv=2, rope=True, mask="causal", gates="fractional", seed=4)
+    args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)          # x (B, S, E) with S-major storage
+    args[1] = args[1].t().contiguous().t()                                  # W_q stored transposed
+    args[8] = args[8].t().contiguous().t()                                  # W_o stored transposed
+    args[10] = args[10].permute(2, 0, 1).contiguous().permute(1, 2, 0)      # gates head-major
+    assert not (args[0].is_contiguous() or args[1].is_contiguous() or args[10].is_contiguous())
+    assert max_diff(args) <= 1e-5
