@@ -23,16 +23,21 @@ from moh_compile.ops.moepp import moepp_ffn, split_ffn_into_experts
 N_FFN, N_ZERO, N_COPY, N_CONST = 16, 1, 1, 2
 
 
-def time_ms(fn, min_time: float = 0.4, max_reps: int = 50) -> float:
-    """Median wall time of `fn()` in ms after one warm-up call."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
+def time_interleaved(fns: dict, min_time: float = 1.0, min_reps: int = 5, max_reps: int = 60) -> dict:
+    """Median wall time (ms) of each callable, timed in alternating rounds after a warm-up,
+    so that machine noise hits every column alike."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        reps = len(times[next(iter(fns))])
+        if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > min_time):
+            return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_routing(tokens: int, keep: float, gen: torch.Generator):
@@ -57,14 +62,14 @@ def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.G
     cg = torch.randn(N_CONST, 2, d_model, generator=gen) / d_model**0.5
     idx, weight = make_routing(tokens, keep, gen)
     args = (x, ex["w_in"], ex["b_in"], None, None, ex["w_out"], b_out, idx, weight, cv, cg, N_ZERO, N_COPY, "gelu")
+    fns = {"dense": lambda: ffn_reference(x, w_in, b_in, w_out, b_out, None, None, "gelu")}
+    for layout in layouts:
+        if layout == "op":
+            fns[layout] = lambda: moepp_ffn(*args)
+        else:
+            fns[layout] = lambda layout=layout: moepp_dispatch(*args, layout=layout)
     with torch.inference_mode():
-        dense = time_ms(lambda: ffn_reference(x, w_in, b_in, w_out, b_out, None, None, "gelu"))
-        row = {"dense": dense}
-        for layout in layouts:
-            if layout == "op":
-                row[layout] = time_ms(lambda: moepp_ffn(*args))
-            else:
-                row[layout] = time_ms(lambda: moepp_dispatch(*args, layout=layout))
+        row = time_interleaved(fns)
     ideal = ffn_flops(tokens, d_model, hidden)["total"] / ffn_flops(tokens, d_model, hidden, keep=keep)["total"]
     row["ideal"] = ideal
     return row
@@ -73,7 +78,8 @@ def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.G
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--layouts", default="op", help="comma list of: op (the custom op), sorted, capacity")
+    p.add_argument("--layouts", default="op,capacity",
+                   help="comma list of: op (the custom op = sorted kernel), sorted, capacity")
     p.add_argument("--d-models", default="384,1024")
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")

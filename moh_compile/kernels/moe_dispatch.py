@@ -7,12 +7,14 @@ and are folded into the combine as two vectorised terms (a per-token multiple of
 (T, n_const) @ (n_const, d) product).
 
 Two layouts for the FFN part (`moepp_dispatch(..., layout=...)`):
-  "sorted"   (default) one gather of the routed rows in expert order, one matmul chain per
-             expert on its contiguous slice, written straight into one output buffer, then a
-             single weighted index_add back to the tokens.
+  "sorted"   (default) per expert: gather its rows, run its matmul chain, index_add the
+             weighted result back to the tokens (chunks of at most 4096 rows).
   "capacity" pad every expert to the largest expert's token count and run batched bmm.
-benchmarks/bench_moepp.py measures both; "sorted" was faster on every shape measured
-(padding waste plus the pad/unpad copies outweigh the fewer kernel launches).
+benchmarks/bench_moepp.py measures both side by side; "sorted" was faster on every shape
+measured (padding waste, the pad/unpad copies and poorer bmm efficiency on CPU outweigh the
+fewer op launches). An earlier "sorted" variant that gathered all routed rows into one
+(pairs, d) buffer was 10-40% slower: buffers that large are freshly mapped by the allocator
+on every call and page-faulted in, while per-expert buffers get reused.
 """
 from __future__ import annotations
 
@@ -46,24 +48,25 @@ def _expert_hidden(xe, e, w_in, b_in, w_gate, b_gate, activation):
     return apply_activation(activation, h)
 
 
-def _ffn_sorted(xf, out, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation):
-    n = w_in.shape[0]
-    n_pairs = sum(counts_list[:n])
-    if n_pairs == 0:
-        return
-    tok = tokens[:n_pairs]
-    xs = xf.index_select(0, tok)
-    ys = xf.new_empty((n_pairs, w_out.shape[1]))
+def _ffn_sorted(xf, out, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation,
+                max_rows: int = 4096):
+    """Per expert: gather its rows, run its matmul chain, index_add back.
+
+    Buffers stay per expert (and per `max_rows` chunk) rather than one (pairs, d) buffer, so
+    they are small enough to be reused by the allocator instead of being freshly mapped
+    (page-faulted) on every call. The routing weight scales the hidden activations (F_e wide)
+    instead of the output rows (d_out wide).
+    """
     start = 0
-    for e in range(n):
+    for e in range(w_in.shape[0]):
         c = counts_list[e]
-        if c == 0:
-            continue
-        h = _expert_hidden(xs[start:start + c], e, w_in, b_in, w_gate, b_gate, activation)
-        torch.mm(h, w_out[e].t(), out=ys[start:start + c])
+        for lo in range(start, start + c, max_rows):
+            hi = min(lo + max_rows, start + c)
+            tok = tokens[lo:hi]
+            h = _expert_hidden(xf.index_select(0, tok), e, w_in, b_in, w_gate, b_gate, activation)
+            h.mul_(weights[lo:hi].unsqueeze(1))
+            out.index_add_(0, tok, torch.mm(h, w_out[e].t()))
         start += c
-    ys.mul_(weights[:n_pairs].unsqueeze(1))
-    out.index_add_(0, tok, ys)
 
 
 def _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation):
