@@ -23,18 +23,22 @@ from moh_compile.ops.moepp import moepp_ffn, split_ffn_into_experts
 N_FFN, N_ZERO, N_COPY, N_CONST = 16, 1, 1, 2
 
 
+CLOCK = time.perf_counter
+
+
 def time_interleaved(fns: dict, min_time: float = 1.0, min_reps: int = 5, max_reps: int = 60) -> dict:
-    """Median wall time (ms) of each callable, timed in alternating rounds after a warm-up,
-    so that machine noise hits every column alike."""
+    """Median time (ms) of each callable, timed in alternating rounds after a warm-up, so
+    that machine noise hits every column alike. CLOCK is wall time, or process CPU time
+    (--clock cpu: a fairer proxy on a shared, oversubscribed machine with --threads 1)."""
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
     start = time.perf_counter()
     while True:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((CLOCK() - t0) * 1e3)
         reps = len(times[next(iter(fns))])
         if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > min_time):
             return {name: statistics.median(ts) for name, ts in times.items()}
@@ -83,11 +87,14 @@ def main() -> None:
     p.add_argument("--d-models", default="384,1024")
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     a = p.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(a.threads)
     layouts = a.layouts.split(",")
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
           f"{N_FFN} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
     head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
     for layout in layouts:

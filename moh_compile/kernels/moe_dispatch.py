@@ -112,9 +112,10 @@ def _zero_compute(xf, out, expert_idx, expert_weight, n_ffn, n_zero, n_copy, con
         if pair.shape[0]:
             tok, slot = pair[:, 0], pair[:, 1]
             c = expert_idx[tok, slot] - const_lo
-            xt = xf.index_select(0, tok)
-            logits = torch.einsum("pd,pjd->pj", xt, const_gate_weight.index_select(0, c))
-            a = torch.softmax(logits, dim=-1) * w[tok, slot].unsqueeze(1)
+            # gate logits of every constant expert for every token: one thin (T, 2 n_const) matmul,
+            # O(d) per token, cheaper than gathering a (2, d) gate matrix per pair
+            logits = (xf @ const_gate_weight.reshape(2 * n_const, -1).t()).view(-1, n_const, 2)
+            a = torch.softmax(logits[tok, c], dim=-1) * w[tok, slot].unsqueeze(1)
             cx = xf.new_zeros(xf.shape[0]).index_add_(0, tok, a[:, 0])
             coef_x = cx if coef_x is None else coef_x + cx
             cv = xf.new_zeros((xf.shape[0], n_const))
