@@ -1,0 +1,117 @@
+"""Dense FFN vs the MoE++ op at the same total size, CPU float32, measured side by side.
+
+16 FFN experts (the dense hidden layer split evenly) + 4 zero-computation experts (1 zero,
+1 copy, 2 constant). Each token picks `keep * 16` distinct FFN experts uniformly at random
+plus one zero-computation expert, so the fraction of FFN neurons computed per token is
+exactly `keep`. Ideal speedup = dense FFN FLOPs / routed FFN FLOPs (moh_compile.flops).
+
+    PYTHONPATH=. python benchmarks/bench_moepp.py [--threads 2] [--layouts sorted,capacity]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from moh_compile.flops import ffn_flops
+from moh_compile.kernels.moe_dispatch import moepp_dispatch
+from moh_compile.ops.ffn import ffn_reference
+from moh_compile.ops.moepp import moepp_ffn, split_ffn_into_experts
+
+N_FFN, N_ZERO, N_COPY, N_CONST = 16, 1, 1, 2
+
+
+CLOCK = time.perf_counter
+
+
+def time_interleaved(fns: dict, min_time: float = 1.0, min_reps: int = 5, max_reps: int = 60) -> dict:
+    """Median time (ms) of each callable, timed in alternating rounds after a warm-up, so
+    that machine noise hits every column alike. CLOCK is wall time, or process CPU time
+    (--clock cpu: a fairer proxy on a shared, oversubscribed machine with --threads 1)."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            t0 = CLOCK()
+            fn()
+            times[name].append((CLOCK() - t0) * 1e3)
+        reps = len(times[next(iter(fns))])
+        if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > min_time):
+            return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def make_routing(tokens: int, keep: float, gen: torch.Generator):
+    k_ffn = round(keep * N_FFN)
+    ffn_choice = torch.rand(tokens, N_FFN, generator=gen).argsort(dim=1)[:, :k_ffn]
+    zc = N_FFN + torch.randint(0, N_ZERO + N_COPY + N_CONST, (tokens, 1), generator=gen)
+    idx = torch.cat([ffn_choice, zc], dim=1)
+    weight = torch.softmax(torch.randn(tokens, k_ffn + 1, generator=gen), dim=1)
+    return idx, weight
+
+
+def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator) -> dict:
+    hidden = 4 * d_model
+    x = torch.randn(tokens, d_model, generator=gen)
+    w_in = torch.randn(hidden, d_model, generator=gen) / d_model**0.5
+    b_in = torch.randn(hidden, generator=gen) * 0.1
+    w_out = torch.randn(d_model, hidden, generator=gen) / hidden**0.5
+    b_out = torch.randn(d_model, generator=gen) * 0.1
+    groups = torch.arange(hidden).view(N_FFN, -1)
+    ex = split_ffn_into_experts(w_in, b_in, w_out, groups=groups)
+    cv = torch.randn(N_CONST, d_model, generator=gen)
+    cg = torch.randn(N_CONST, 2, d_model, generator=gen) / d_model**0.5
+    idx, weight = make_routing(tokens, keep, gen)
+    args = (x, ex["w_in"], ex["b_in"], None, None, ex["w_out"], b_out, idx, weight, cv, cg, N_ZERO, N_COPY, "gelu")
+    fns = {"dense": lambda: ffn_reference(x, w_in, b_in, w_out, b_out, None, None, "gelu")}
+    for layout in layouts:
+        if layout == "op":
+            fns[layout] = lambda: moepp_ffn(*args)
+        else:
+            fns[layout] = lambda layout=layout: moepp_dispatch(*args, layout=layout)
+    with torch.inference_mode():
+        row = time_interleaved(fns)
+    ideal = ffn_flops(tokens, d_model, hidden)["total"] / ffn_flops(tokens, d_model, hidden, keep=keep)["total"]
+    row["ideal"] = ideal
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layouts", default="op,capacity",
+                   help="comma list of: op (the custom op = sorted kernel), sorted, capacity")
+    p.add_argument("--d-models", default="384,1024")
+    p.add_argument("--tokens", default="512,2048,8192")
+    p.add_argument("--keeps", default="0.5,0.25")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    a = p.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if a.clock == "wall" else time.process_time
+    torch.set_num_threads(a.threads)
+    layouts = a.layouts.split(",")
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
+          f"{N_FFN} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
+    head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
+    for layout in layouts:
+        head += f" {layout + ' ms':>12} {'speedup':>8}"
+    head += f" {'ideal':>6} {'frac ideal':>10}"
+    print(head)
+    for d_model in map(int, a.d_models.split(",")):
+        for tokens in map(int, a.tokens.split(",")):
+            for keep in map(float, a.keeps.split(",")):
+                r = run(d_model, tokens, keep, layouts, gen)
+                line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f}"
+                for layout in layouts:
+                    line += f" {r[layout]:>12.2f} {r['dense'] / r[layout]:>8.2f}"
+                best = min(r[layout] for layout in layouts)
+                line += f" {r['ideal']:>6.2f} {r['dense'] / best / r['ideal']:>10.2f}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
