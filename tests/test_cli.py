@@ -119,7 +119,7 @@ def test_uncapturable_model(capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--input-shape", "2,x"], "bad --input-shape"),
+    (["--input-shape", "2,y"], "bad --input-shape"),
     (["--input-shape", "2,0"], "positive"),
     (["--input-shape", "2,3:complex"], "dtype"),
 ])
