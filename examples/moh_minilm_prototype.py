@@ -21,6 +21,10 @@ from moh_compile.calibrate.eval_text import embed, fidelity, load_sentences
 from moh_compile.passes.moh_router import HeadRouter
 
 
+class _Recorded(Exception):
+    pass
+
+
 class MoHBertAttention(nn.Module):
     """Drop-in for transformers' BertAttention (self-attention, encoder) using the custom op."""
 
@@ -66,6 +70,7 @@ class MoHBertAttention(nn.Module):
                 tw = 1.0 / dense_out.std(-1, unbiased=False)
                 m = self.valid
                 self.record.append((x[m].detach(), c[m], tw[m]))
+            raise _Recorded  # later layers are not needed while recording
         return self.norm(out + x), None
 
 
@@ -84,7 +89,10 @@ def record_block(model, tok, block, sentences, batch_size=64):
         enc = tok(sentences[i:i + batch_size], padding=True, return_tensors="pt")
         for blk in all_blocks(model):
             blk.valid = enc["attention_mask"].bool()
-        model(**enc)
+        try:
+            model(**enc)
+        except _Recorded:
+            pass
     rec, block.record = block.record, None
     return tuple(torch.cat(parts) for parts in zip(*rec))
 
@@ -126,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--active", type=int, nargs="+", default=[9, 6])
     ap.add_argument("--shared", type=int, nargs="*", default=None, help="shared heads per setting")
-    ap.add_argument("--comp-rank", type=int, default=0)
+    ap.add_argument("--comp-rank", type=int, nargs="+", default=[0])
     ap.add_argument("--distill-s", type=float, default=0.0, help="seconds of router distillation (0 = none)")
     ap.add_argument("--distill-train", default="router")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -164,9 +172,10 @@ def main() -> None:
             t0 = time.time()
             calibrate(model, tok, calib, active, 0, sequential=False, compensate=False, ln_metric=False, iters=1)
             report("ridge-once (0 shared, no comp, norm target)", active, time.time() - t0)
-        variants = [("fit seq+comp+LN", dict(num_shared=shared, comp_rank=args.comp_rank))]
+        variants = [(f"fit seq+comp(r{r})+LN, {shared} shared", dict(num_shared=shared, comp_rank=r))
+                    for r in args.comp_rank]
         if args.ablate:
-            variants = [
+            variants += [
                 ("fit seq, no comp, no LN", dict(num_shared=shared, compensate=False, ln_metric=False)),
                 ("fit seq+comp(mean), no LN", dict(num_shared=shared, ln_metric=False)),
                 ("fit seq+comp(mean)+LN", dict(num_shared=shared)),
