@@ -233,9 +233,9 @@ def test_minilm_calibration_75_percent():
     ref = embed(teacher, tok, evals)
     model = copy.deepcopy(teacher)
     proto.install(model)
-    proto.calibrate(model, tok, calib, num_active=9, num_shared=6)
+    proto.calibrate(model, tok, calib, num_active=9, num_shared=0)
     got = fidelity(ref, embed(model, tok, evals))
-    assert got["cosine"] > SLOW_FLOOR_75
+    assert got["cosine"] > SLOW_FLOOR_75, got
 
 
-SLOW_FLOOR_75 = 0.97   # measured value minus margin; see report
+SLOW_FLOOR_75 = 0.975   # measured 0.9864 (150 calib / 120 eval sentences, 9 of 12 heads), minus a margin

@@ -111,7 +111,8 @@ def fit_compensation(x: torch.Tensor, contrib: torch.Tensor, dropped: torch.Tens
         b_full, _ = ridge(xs, ys, lam)
         xc = xs - xs.mean(0)
         fitted = (xc @ b_full) * w
-        v = torch.linalg.svd(fitted, full_matrices=False).Vh[:rank].T           # (E_out, r) weighted space
+        evals, evecs = torch.linalg.eigh((fitted.T @ fitted).double())        # top right singular vectors
+        v = evecs[:, -rank:].flip(-1).float()                                    # (E_out, r) weighted space
         a = b_full @ (w.unsqueeze(-1) * v)                                         # (E, r)
         u = v.T / w                                                                # (r, E_out)
         comp_in[i], comp_out[i] = a, u
