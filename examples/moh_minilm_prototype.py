@@ -193,9 +193,11 @@ def main() -> None:
         if args.distill_s > 0:
             from moh_compile.calibrate.distill import distill, sentence_batches
             t0 = time.time()
-            distill(model, teacher, sentence_batches(tok, calib, batch_size=32, seed=0), steps=100000,
-                    lr=args.lr, train=args.distill_train, time_budget_s=args.distill_s)
-            report(f"  + distill {args.distill_train} {args.distill_s:.0f}s", active, time.time() - t0)
+            hist = distill(model, teacher, sentence_batches(tok, calib, batch_size=32, seed=0), steps=100000,
+                           lr=args.lr, train=args.distill_train, time_budget_s=args.distill_s, progress=False)
+            print(f"distill: {hist}")
+            report(f"  + distill {args.distill_train} lr {args.lr:g}, {hist['steps']} steps", active,
+                   time.time() - t0)
     print("\n| method | active | mean cos | min cos | top-10 overlap | fit s |\n|---|---|---|---|---|---|")
     for name, active, cos, cmin, knn, sec in rows:
         print(f"| {name} | {active}/12 | {cos:.4f} | {cmin:.4f} | {knn:.3f} | {sec:.1f} |")
