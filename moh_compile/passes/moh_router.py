@@ -77,7 +77,7 @@ class HeadRouter(nn.Module):
         nr, ns = len(routed), len(shared)
         self.register_buffer("routed_index", torch.tensor(routed, dtype=torch.long), persistent=False)
         self.register_buffer("shared_index", torch.tensor(shared, dtype=torch.long), persistent=False)
-        # learned routed scores (also used for P_i of the load-balance loss with other kinds? no: learned only)
+        # routed-head scores of kind "learned" (unused by the other kinds)
         self.weight = nn.Parameter(torch.zeros(nr, embed_dim))
         self.bias = nn.Parameter(torch.zeros(nr))
         if gate_style == "weighted":
@@ -145,11 +145,11 @@ class HeadRouter(nn.Module):
         lead = x.shape[:-1]
         gates = x.new_ones(*lead, self.num_heads)
         active = x.new_ones(*lead, self.num_heads)
+        mix = 2.0 * torch.softmax(F.linear(x, self.mix_weight), dim=-1) if self.gate_style == "weighted" else None
         if self.routed:
             s = self.scores(x)
             g_r, hard = self._routed_gates(s)
-            if self.gate_style == "weighted":
-                mix = 2.0 * torch.softmax(F.linear(x, self.mix_weight), dim=-1)
+            if mix is not None:
                 g_r = g_r * mix[..., 1:2]
             idx = self.routed_index.expand(*lead, -1)
             gates = gates.scatter(-1, idx, g_r)
@@ -158,8 +158,7 @@ class HeadRouter(nn.Module):
                 p = torch.softmax(s, dim=-1).reshape(-1, s.shape[-1]).mean(0)
                 f = hard.detach().reshape(-1, s.shape[-1]).mean(0)
                 self.last_load_balance_loss = (p * f).sum()
-        if self.gate_style == "weighted" and self.shared:
-            mix = 2.0 * torch.softmax(F.linear(x, self.mix_weight), dim=-1)
+        if mix is not None and self.shared:
             g_s = mix[..., :1] * len(self.shared) * torch.softmax(F.linear(x, self.shared_weight), dim=-1)
             gates = gates.scatter(-1, self.shared_index.expand(*lead, -1), g_s)
         self.last_active = active.detach()
