@@ -70,13 +70,13 @@ def _cycle(batches: Iterable):
 class _Progress:
     """rich progress bar when available and wanted, else a plain line every ~10%."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
+    def __init__(self, total: int, enabled: bool, budget_s: float | None = None):
+        self.total, self.enabled, self.bar, self.budget_s, self.last = total, enabled, None, budget_s, 0.0
         if enabled:
             try:
                 from rich.progress import Progress
                 self.bar = Progress()
-                self.task = self.bar.add_task("distill", total=total)
+                self.task = self.bar.add_task("distill", total=1.0)
                 self.bar.start()
             except ImportError:
                 self.bar = None
@@ -84,10 +84,14 @@ class _Progress:
     def update(self, step: int, loss: float, elapsed: float) -> None:
         if not self.enabled:
             return
+        done = step / self.total
+        if self.budget_s:
+            done = max(done, min(1.0, elapsed / self.budget_s))
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=f"distill loss {loss:.5f}")
-        elif step % max(1, self.total // 10) == 0:
-            print(f"distill step {step}/{self.total} loss {loss:.5f} {elapsed:.0f}s", flush=True)
+            self.bar.update(self.task, completed=done, description=f"distill step {step} loss {loss:.5f}")
+        elif step == 1 or int(10 * done) > int(10 * self.last):
+            print(f"distill step {step} loss {loss:.5f} {elapsed:.0f}s", flush=True)
+        self.last = done
 
     def close(self) -> None:
         if self.bar is not None:
@@ -129,7 +133,7 @@ def distill(
     teacher.eval()
     for r in routers:
         r.track_load_balance = True
-    bar = _Progress(steps, progress)
+    bar = _Progress(steps, progress, time_budget_s)
     start, step, losses = time.time(), 0, []
     try:
         for batch in _cycle(batches):
