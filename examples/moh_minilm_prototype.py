@@ -160,6 +160,9 @@ def main() -> None:
               f"knn10 {r['knn10']:.3f}  ({seconds:.1f}s)", flush=True)
 
     for j, active in enumerate(args.active):
+        if j:   # fresh copy: distillation with --distill-train all changes the base weights
+            model = copy.deepcopy(teacher)
+            install(model)
         shared = args.shared[j] if args.shared else max(0, 2 * active - 12)
         if args.baselines:
             for kind in ("random", "query_norm", "oracle"):
