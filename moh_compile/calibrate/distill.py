@@ -1,0 +1,165 @@
+"""Short output-matching distillation of a converted model (student) against the original (teacher).
+
+Why: training-free calibration fits each block in isolation; a few minutes of end-to-end
+gradient steps on the routers (and their compensation) fix the errors that compound across
+blocks. Binary gates pass gradients through their straight-through estimator (see HeadRouter).
+Generic: any pair of nn.Modules whose forward returns a tensor or an HF-style output.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from moh_compile.calibrate.eval_text import last_hidden
+from moh_compile.passes.moh_router import HeadRouter, find_routers
+
+TRAIN_MODES = ("router", "all")
+
+
+def default_loss(student_out, teacher_out, batch) -> torch.Tensor:
+    """Per-token (1 - cosine) + MSE / mean teacher energy on the last hidden state, over real tokens."""
+    s, t = last_hidden(student_out), last_hidden(teacher_out)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    mask = torch.ones(s.shape[:-1], dtype=s.dtype) if mask is None else mask.to(s.dtype)
+    cos = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    mse = (s - t).pow(2).mean(-1) / t.pow(2).mean().clamp_min(1e-12)
+    return ((cos + mse) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class SentenceBatches:
+    """Re-iterable, reshuffled each epoch: tokenised batches of sentences (dicts of tensors)."""
+
+    def __init__(self, tokenizer, sentences: list[str], batch_size: int = 32, seed: int = 0, max_length: int = 128):
+        self.tok, self.sentences, self.batch_size, self.max_length = tokenizer, list(sentences), batch_size, max_length
+        self.rng = random.Random(seed)
+
+    def __iter__(self):
+        order = self.sentences[:]
+        self.rng.shuffle(order)
+        for i in range(0, len(order), self.batch_size):
+            yield dict(self.tok(order[i:i + self.batch_size], padding=True, truncation=True,
+                                max_length=self.max_length, return_tensors="pt"))
+
+
+def sentence_batches(tokenizer, sentences, batch_size=32, seed=0, max_length=128) -> SentenceBatches:
+    return SentenceBatches(tokenizer, sentences, batch_size, seed, max_length)
+
+
+def _call(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _cycle(batches: Iterable):
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            return
+
+
+class _Progress:
+    """rich progress bar when available and wanted, else a plain line every ~10%."""
+
+    def __init__(self, total: int, enabled: bool, budget_s: float | None = None):
+        self.total, self.enabled, self.bar, self.budget_s, self.last = total, enabled, None, budget_s, 0.0
+        if enabled:
+            try:
+                from rich.progress import Progress
+                self.bar = Progress()
+                self.task = self.bar.add_task("distill", total=1.0)
+                self.bar.start()
+            except ImportError:
+                self.bar = None
+
+    def update(self, step: int, loss: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        done = step / self.total
+        if self.budget_s:
+            done = max(done, min(1.0, elapsed / self.budget_s))
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=f"distill step {step} loss {loss:.5f}")
+        elif step == 1 or int(10 * done) > int(10 * self.last):
+            print(f"distill step {step} loss {loss:.5f} {elapsed:.0f}s", flush=True)
+        self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    train: str = "router",
+    load_balance_beta: float = 0.01,
+    time_budget_s: float | None = None,
+    progress: bool = True,
+    loss_fn: Callable | None = None,
+) -> dict:
+    """Adam on the student's routers (train="router") or all its parameters (train="all") to match
+    the teacher's outputs. Stops after `steps` or `time_budget_s`. Returns a small history dict."""
+    if train not in TRAIN_MODES:
+        raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    loss_fn = loss_fn or default_loss
+    routers = find_routers(student)
+    if train == "router":
+        params = [p for r in routers for p in r.parameters()]
+    else:
+        params = [p for p in student.parameters()]
+    if not params:
+        raise ValueError("no trainable parameters (train='router' but the student has no HeadRouter)")
+    trainable = {id(p) for p in params}
+    saved = {p: p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = torch.optim.Adam(params, lr=lr)
+    student.eval()      # no dropout: match the deterministic teacher
+    teacher.eval()
+    for r in routers:
+        r.track_load_balance = True
+    bar = _Progress(steps, progress, time_budget_s)
+    start, step, losses = time.time(), 0, []
+    try:
+        for batch in _cycle(batches):
+            if step >= steps or (time_budget_s is not None and time.time() - start >= time_budget_s):
+                break
+            with torch.no_grad():
+                t_out = _call(teacher, batch)
+            loss = loss_fn(_call(student, batch), t_out, batch)
+            lb = sum((r.last_load_balance_loss for r in routers if r.last_load_balance_loss is not None),
+                     torch.zeros(()))
+            total = loss + load_balance_beta * lb
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(step, losses[-1], time.time() - start)
+    finally:
+        bar.close()
+        for r in routers:
+            r.track_load_balance = False
+            r.last_load_balance_loss = None
+        for p, g in saved.items():
+            p.requires_grad_(g)
+    return {"steps": step, "seconds": time.time() - start, "first_loss": losses[0] if losses else None,
+            "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
+
+
+__all__ = ["distill", "default_loss", "sentence_batches", "SentenceBatches", "HeadRouter"]
