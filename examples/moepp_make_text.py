@@ -53,7 +53,20 @@ OPINIONS = ["was absolutely worth the money", "broke after two weeks", "exceeded
             "is the best I have ever used", "felt overpriced for what it offers", "works exactly as described",
             "was noisy and uncomfortable"]
 
+ACTS = ["reading a newspaper", "cutting an onion", "playing the piano", "walking a dog", "climbing a wall",
+        "feeding the ducks", "riding a horse", "washing a car", "typing on a laptop", "kicking a football",
+        "pouring a drink", "slicing bread", "swimming in a lake", "waiting for a bus", "singing on a stage",
+        "carrying a ladder", "drawing a picture", "talking on the phone"]
+FIELDS = ["the economy", "unemployment", "crime", "exports", "housing prices", "the birth rate", "air quality",
+          "traffic accidents", "tourism", "energy use", "school results", "rainfall"]
+CHANGES = ["rose by three percent", "fell sharply", "remained stable", "doubled in five years",
+           "reached a record high", "dropped to its lowest level in a decade", "grew faster than expected"]
+
 TEMPLATES = [
+    lambda r: f"A {r.choice(['man', 'woman', 'boy', 'girl', 'person', 'dog', 'group of people'])} is {r.choice(ACTS)} {r.choice(PLACES)}.",
+    lambda r: f"According to the latest figures, {r.choice(FIELDS)} {r.choice(CHANGES)} {r.choice(TIMES)}.",
+    lambda r: f"{r.choice(PEOPLE).capitalize()} was {r.choice(ACTS)} when the news about {r.choice(TOPICS)} arrived.",
+    lambda r: f"Nobody expected that {r.choice(FIELDS)} {r.choice(CHANGES)}, {r.choice(REASONS)}.",
     lambda r: f"{r.choice(PEOPLE).capitalize()} {r.choice(VERBS_T)} {r.choice(THINGS)} {r.choice(PLACES)} {r.choice(TIMES)}.",
     lambda r: f"{r.choice(TIMES).capitalize()}, {r.choice(PEOPLE)} {r.choice(VERBS_T)} {r.choice(THINGS)} {r.choice(REASONS)}.",
     lambda r: f"The article about {r.choice(TOPICS)} was {r.choice(ADJ)} and {r.choice(ADJ)}.",

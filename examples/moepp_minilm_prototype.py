@@ -127,7 +127,8 @@ def dense_ffn(layer):
 
 # ----------------------------------------------------------------------------- conversion
 def convert(model, calib, keep: float, *, grouping="coact", compensation=True, kmax_factor=1.5,
-            scale=True, layerwise=True, router_kind="ridge", n_ffn=16, seed=0, orig=None, log=print):
+            scale=True, layerwise=True, router_kind="ridge", n_ffn=16, seed=0, orig=None, relative=0.0,
+            log=print):
     """Return a converted deep copy of `model`. router_kind: ridge | oracle | random | normridge.
 
     'normridge' + grouping='weights' + compensation=False + kmax_factor=1 is the issue's baseline.
@@ -164,7 +165,7 @@ def convert(model, calib, keep: float, *, grouping="coact", compensation=True, k
                 router.proj.bias[:n_ffn] = b
             info = {"r2": float("nan"), "mean_groups": cfg.top_k}
         else:
-            info = fit_router(router, x, gout, keep, scale=s)
+            info = fit_router(router, x, gout, keep, scale=s, relative=relative)
         ffn = MoEPPFFN(experts, b_out, router, "gelu")
         if router_kind in ("oracle", "random"):
             ffn.selector = _make_selector(router_kind, ffn, keep, cfg, x, gout, s, seed + li)
@@ -313,6 +314,8 @@ VARIANTS = {
     "base_oracle": ("oracle", dict(grouping="weights", compensation=False, kmax_factor=1.0, scale=False, layerwise=False)),
     "comp_fixedk": ("ridge", dict(grouping="coact", compensation=True, kmax_factor=1.0, scale=True, layerwise=True)),
     "full": ("ridge", dict(grouping="coact", compensation=True, kmax_factor=1.5, scale=True, layerwise=True)),
+    "full_rel05": ("ridge", dict(grouping="coact", compensation=True, kmax_factor=1.5, scale=True, layerwise=True, relative=0.5)),
+    "full_rel1": ("ridge", dict(grouping="coact", compensation=True, kmax_factor=1.5, scale=True, layerwise=True, relative=1.0)),
     "full_k2": ("ridge", dict(grouping="coact", compensation=True, kmax_factor=2.0, scale=True, layerwise=True)),
     "full_oracle": ("oracle", dict(grouping="coact", compensation=True, kmax_factor=1.5, scale=True, layerwise=True)),
 }

@@ -197,9 +197,13 @@ def skip_means(gout: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_keep: float,
                scale: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None,
-               lam: float = 1e-3, rounds: int = 2) -> dict:
+               lam: float = 1e-3, rounds: int = 2, relative: float = 0.0) -> dict:
     """Fit a converted router in place on recorded FFN inputs x (T, d) and group outputs (T, n, d_out).
 
+    relative: the zero expert's logit is threshold + relative * mean(FFN logits), so a group is
+    computed when its score beats the token's own mean score by the threshold; relative > 0 makes
+    the spent budget less sensitive to a shift of the whole score scale between calibration and
+    deployment text (still a linear router: the zero expert's row is the mean of the FFN rows).
     Returns fit statistics (ridge R^2 and the mean group count on the calibration tokens).
     """
     cfg = router.config
@@ -212,11 +216,12 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
         tgt = contribution_targets(gout, comp if cfg.compensation else torch.zeros_like(comp), scale)
         W, b = ridge_fit(feats, tgt, lam)
         scores = feats @ W.T + b
+        rel_scores = scores - relative * scores.mean(-1, keepdim=True)
         if cfg.n_zero:
-            thr = calibrate_zero_bias(scores, cfg.top_k, min(target_count, cfg.top_k))
+            thr = calibrate_zero_bias(rel_scores, cfg.top_k, min(target_count, cfg.top_k))
         else:
             thr = float("-inf")
-        sel = select_mask(scores, thr, cfg.top_k)
+        sel = select_mask(rel_scores, thr, cfg.top_k)
         if cfg.compensation:
             comp = skip_means(gout, sel)
     resid = tgt - scores
@@ -228,8 +233,10 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
         if router.residual is not None and W.shape[1] > d:
             router.residual.weight[:cfg.n_ffn] = W[:, d:]
         if cfg.n_zero:
-            router.proj.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = 0
-            router.proj.bias[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = thr
+            router.proj.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, :d].mean(0)
+            router.proj.bias[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = thr + relative * float(b.mean())
+            if router.residual is not None and W.shape[1] > d:
+                router.residual.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, d:].mean(0)
         if cfg.compensation:
             router.comp_table.copy_(comp)
     return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
