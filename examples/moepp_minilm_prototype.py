@@ -298,7 +298,7 @@ def distill(conv, teacher, train_sentences, tok, keep, calib, minutes=10.0, lr=1
         opt.step()
         step += 1
         if step % 50 == 0:
-            log(f"    step {step} loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
+            log(f"    step {step} loss {float(loss.detach()):.4f} ({time.time() - t0:.0f}s)")
     conv.eval()
     for p in conv.parameters():
         p.requires_grad_(False)
