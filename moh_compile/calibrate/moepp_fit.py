@@ -1,0 +1,247 @@
+"""Training-free conversion of a dense FFN into MoE++ experts, fitted on recorded tensors.
+
+A dense FFN is a sum over neurons, so partitioning neurons into groups gives FFN experts whose
+sum is exactly the dense FFN (MoEfication). What we fit, per layer, from the FFN's recorded
+inputs x (tokens, d):
+- groups: balanced k-means on each neuron's activation pattern over calibration tokens
+  (neurons that fire together share an expert, so a skipped expert is mostly silent);
+- router: ridge regression from x to each group's *contribution* ||y_g(x) - m_g|| / scale(x),
+  i.e. the error made by skipping g with compensation m_g, relative to the token's residual
+  scale (the FFN output feeds a LayerNorm, so the same error matters less on a large stream);
+- zero-expert bias: a global threshold on that prediction so that the mean number of groups
+  per token is ffn_keep * n_ffn (variable k per token under an average budget);
+- compensation m_g: the mean of y_g over the tokens that skip g (conditional on being skipped,
+  which is better than the global mean since skipped tokens are the quiet ones).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moh_compile.ops.activations import apply_activation
+from moh_compile.passes.moepp_router import ExpertRouter
+
+
+# --------------------------------------------------------------------------- op dispatch
+def _moepp_ffn_local(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
+                     const_vectors, const_gate_weight, n_zero: int, n_copy: int, activation: str):
+    """Dense pure-torch reference of moh_compile::moepp_ffn (computes every group, then weights)."""
+    n, _, d = w_in.shape
+    n_const = 0 if const_vectors is None else const_vectors.shape[0]
+    e_total = n + n_zero + n_copy + n_const
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, d)
+    k = expert_idx.shape[-1]
+    dense_w = torch.zeros(xf.shape[0], e_total, dtype=x.dtype, device=x.device)
+    dense_w = dense_w.scatter_add(1, expert_idx.reshape(-1, k), expert_weight.reshape(-1, k).to(x.dtype))
+    h = torch.einsum("td,nfd->tnf", xf, w_in)
+    if b_in is not None:
+        h = h + b_in
+    if w_gate is not None:
+        g = torch.einsum("td,nfd->tnf", xf, w_gate)
+        if b_gate is not None:
+            g = g + b_gate
+        h = apply_activation(activation, g) * h
+    else:
+        h = apply_activation(activation, h)
+    out = torch.einsum("tnf,nof->to", h * dense_w[:, :n, None], w_out)
+    if n_copy:
+        out = out + dense_w[:, n + n_zero:n + n_zero + n_copy].sum(-1, keepdim=True) * xf
+    if n_const:
+        ab = torch.softmax(torch.einsum("td,cjd->tcj", xf, const_gate_weight), dim=-1)
+        wc = dense_w[:, n + n_zero + n_copy:]
+        out = out + torch.einsum("tc,tc,td->td", wc, ab[..., 0], xf) + torch.einsum("tc,tc,cd->td", wc, ab[..., 1], const_vectors)
+    if b_out is not None:
+        out = out + b_out
+    return out.reshape(*lead, out.shape[-1])
+
+
+def moepp_ffn_forward(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
+                      const_vectors=None, const_gate_weight=None, n_zero: int = 1, n_copy: int = 0,
+                      activation: str = "gelu"):
+    """Call moh_compile::moepp_ffn when that op is registered, else the local reference."""
+    try:
+        import moh_compile.ops.moepp  # noqa: F401  (registers the op once the moepp branch lands)
+        op = torch.ops.moh_compile.moepp_ffn
+    except (ImportError, AttributeError):
+        op = None
+    args = (x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
+            const_vectors, const_gate_weight, n_zero, n_copy, activation)
+    return op(*args) if op is not None else _moepp_ffn_local(*args)
+
+
+# --------------------------------------------------------------------------- grouping
+def _balanced_kmeans_local(points: torch.Tensor, n_clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
+    """Equal-size k-means: Lloyd steps whose assignment step is an exact balanced assignment
+    (Hungarian algorithm on clusters repeated n/n_clusters times)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = points.shape[0]
+    if n % n_clusters:
+        raise ValueError(f"{n} points do not split into {n_clusters} equal clusters")
+    cap = n // n_clusters
+    gen = torch.Generator().manual_seed(seed)
+    centers = points[torch.randperm(n, generator=gen)[:n_clusters]].clone()
+    labels = None
+    for _ in range(iters):
+        cost = torch.cdist(points.double(), centers.double()).pow(2).repeat_interleave(cap, dim=1)
+        _, slot = linear_sum_assignment(cost.numpy())
+        new_labels = torch.as_tensor(slot // cap, dtype=torch.long)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        centers = torch.stack([points[labels == c].mean(0) for c in range(n_clusters)])
+    return labels
+
+
+def balanced_kmeans(points: torch.Tensor, n_clusters: int, seed: int = 0) -> torch.Tensor:
+    """Labels (n,) with n/n_clusters points each; uses calibrate/grouping.py when present."""
+    try:
+        from moh_compile.calibrate.grouping import balanced_kmeans as shared
+    except ImportError:
+        return _balanced_kmeans_local(points.float(), n_clusters, seed=seed)
+    return torch.as_tensor(shared(points, n_clusters, seed=seed), dtype=torch.long)
+
+
+def group_neurons(w_in: torch.Tensor, n_groups: int, activations: torch.Tensor | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """Neuron index table (n_groups, F/n_groups): by co-activation if activations (T, F) given,
+    else by the rows of W_in (MoEfication's parameter clustering)."""
+    if activations is None:
+        feats = F.normalize(w_in.float(), dim=-1)
+    else:
+        a = activations.float()
+        a = a - a.mean(0)
+        if a.shape[0] > 256:  # random projection of token dimension keeps k-means cheap
+            gen = torch.Generator().manual_seed(seed)
+            proj = torch.randn(a.shape[0], 256, generator=gen) / 16.0
+            a = proj.T @ a
+        feats = F.normalize(a.T, dim=-1)
+    labels = balanced_kmeans(feats, n_groups, seed=seed)
+    return torch.stack([torch.nonzero(labels == g).squeeze(-1) for g in range(n_groups)])
+
+
+def split_ffn(w_in, b_in, w_out, groups, w_gate=None, b_gate=None) -> dict:
+    """Stack a dense FFN's weights into per-group expert tensors for moepp_ffn."""
+    out = {"w_in": w_in[groups].contiguous(),
+           "b_in": None if b_in is None else b_in[groups].contiguous(),
+           "w_out": w_out[:, groups].permute(1, 0, 2).contiguous(),
+           "w_gate": None if w_gate is None else w_gate[groups].contiguous(),
+           "b_gate": None if (w_gate is None or b_gate is None) else b_gate[groups].contiguous()}
+    return out
+
+
+def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tensor:
+    """Each group's output y_g(x) without b_out: (T, d) -> (T, n_groups, d_out)."""
+    h = torch.einsum("td,nfd->tnf", x, experts["w_in"])
+    if experts["b_in"] is not None:
+        h = h + experts["b_in"]
+    if experts.get("w_gate") is not None:
+        g = torch.einsum("td,nfd->tnf", x, experts["w_gate"])
+        if experts.get("b_gate") is not None:
+            g = g + experts["b_gate"]
+        h = apply_activation(activation, g) * h
+    else:
+        h = apply_activation(activation, h)
+    return torch.einsum("tnf,nof->tno", h, experts["w_out"])
+
+
+# --------------------------------------------------------------------------- router fitting
+def ridge_fit(X: torch.Tensor, Y: torch.Tensor, lam: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares Y ~ X W^T + b with an L2 penalty lam * trace(cov X) / dim (scale-free)."""
+    X64, Y64 = X.double(), Y.double()
+    mx, my = X64.mean(0), Y64.mean(0)
+    Xc, Yc = X64 - mx, Y64 - my
+    cov = Xc.T @ Xc / X.shape[0]
+    reg = lam * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    W = torch.linalg.solve(cov + reg, Xc.T @ Yc / X.shape[0]).T
+    b = my - mx @ W.T
+    return W.float(), b.float()
+
+
+def contribution_targets(gout: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token and group: ||y_g - m_g|| (/ scale): the error skipping g would make."""
+    t = (gout - comp).norm(dim=-1)
+    return t if scale is None else t / scale.unsqueeze(-1)
+
+
+def select_mask(scores: torch.Tensor, threshold: float, top_k: int) -> torch.Tensor:
+    """Groups a token computes: its top_k scores that are above the threshold."""
+    val, idx = scores.topk(top_k, dim=-1)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter(1, idx, val > threshold)
+
+
+def calibrate_zero_bias(scores: torch.Tensor, top_k: int, target_count: float, iters: int = 60) -> float:
+    """Threshold so that the mean of min(#{scores > t}, top_k) over tokens equals target_count."""
+    if not 0 < target_count <= top_k:
+        raise ValueError(f"target_count must be in (0, top_k={top_k}], got {target_count}")
+    topv = scores.topk(top_k, dim=-1).values
+    lo, hi = float(topv.min()) - 1.0, float(topv.max()) + 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((topv > mid).sum(-1).float().mean()) > target_count:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def skip_means(gout: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Mean of y_g over tokens that skip g (global mean where no token skips g): (n, d_out)."""
+    skip = (~selected).float()
+    cnt = skip.sum(0)
+    cond = torch.einsum("tn,tnd->nd", skip, gout) / cnt.clamp_min(1).unsqueeze(-1)
+    return torch.where((cnt > 0).unsqueeze(-1), cond, gout.mean(0))
+
+
+def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_keep: float,
+               scale: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None,
+               lam: float = 1e-3, rounds: int = 2, relative: float = 0.0) -> dict:
+    """Fit a converted router in place on recorded FFN inputs x (T, d) and group outputs (T, n, d_out).
+
+    relative: the zero expert's logit is threshold + relative * mean(FFN logits), so a group is
+    computed when its score beats the token's own mean score by the threshold; relative > 0 makes
+    the spent budget less sensitive to a shift of the whole score scale between calibration and
+    deployment text (still a linear router: the zero expert's row is the mean of the FFN rows).
+    Returns fit statistics (ridge R^2 and the mean group count on the calibration tokens).
+    """
+    cfg = router.config
+    if cfg.n_zero < 1 and ffn_keep < cfg.top_k / cfg.n_ffn:
+        raise ValueError("a budget below top_k/n_ffn needs at least one zero expert")
+    feats = x if prev_logits is None or router.residual is None else torch.cat([x, prev_logits], -1)
+    comp = gout.mean(0)
+    target_count = ffn_keep * cfg.n_ffn
+    for _ in range(rounds):
+        tgt = contribution_targets(gout, comp if cfg.compensation else torch.zeros_like(comp), scale)
+        W, b = ridge_fit(feats, tgt, lam)
+        scores = feats @ W.T + b
+        rel_scores = scores - relative * scores.mean(-1, keepdim=True)
+        if cfg.n_zero:
+            thr = calibrate_zero_bias(rel_scores, cfg.top_k, min(target_count, cfg.top_k))
+        else:
+            thr = float("-inf")
+        sel = select_mask(rel_scores, thr, cfg.top_k)
+        if cfg.compensation:
+            comp = skip_means(gout, sel)
+    resid = tgt - scores
+    r2 = 1 - float(resid.pow(2).sum() / (tgt - tgt.mean(0)).pow(2).sum())
+    d = x.shape[-1]
+    with torch.no_grad():
+        router.proj.weight[:cfg.n_ffn] = W[:, :d]
+        router.proj.bias[:cfg.n_ffn] = b
+        if router.residual is not None and W.shape[1] > d:
+            router.residual.weight[:cfg.n_ffn] = W[:, d:]
+        if cfg.n_zero:
+            router.proj.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, :d].mean(0)
+            router.proj.bias[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = thr + relative * float(b.mean())
+            if router.residual is not None and W.shape[1] > d:
+                router.residual.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, d:].mean(0)
+        if cfg.compensation:
+            router.comp_table.copy_(comp)
+    return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
+
+
+__all__ = ["moepp_ffn_forward", "balanced_kmeans", "group_neurons", "split_ffn", "group_outputs",
+           "ridge_fit", "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
+           "fit_router"]
