@@ -41,8 +41,8 @@ _A = defs.OpSchema.AttrType
 _PLUGIN_ATTRS = [("plugin_version", _A.STRING, False), ("plugin_namespace", _A.STRING, False)]
 
 
-def _output_like(ports: list[Port], weight: str):
-    """Type/shape inference: y has x's dtype and shape with the last dim = rows of `weight`."""
+def _output_like(ports: list[Port], weight: str, axis: int):
+    """Type/shape inference: y has x's dtype and shape with the last dim = `weight`.shape[axis]."""
     xi, wi = [p.name for p in ports].index("x"), [p.name for p in ports].index(weight)
 
     def infer(ctx) -> None:
@@ -52,7 +52,7 @@ def _output_like(ports: list[Port], weight: str):
         out = onnx.TypeProto()
         out.tensor_type.elem_type = x.tensor_type.elem_type
         if x.tensor_type.HasField("shape") and w is not None and w.tensor_type.HasField("shape"):
-            for dim in list(x.tensor_type.shape.dim)[:-1] + [w.tensor_type.shape.dim[0]]:
+            for dim in list(x.tensor_type.shape.dim)[:-1] + [w.tensor_type.shape.dim[axis]]:
                 out.tensor_type.shape.dim.add().CopyFrom(dim)
         ctx.set_output_type(0, out)
 
@@ -60,7 +60,8 @@ def _output_like(ports: list[Port], weight: str):
 
 
 def make_schema(op_type: str, ports: list[Port], attrs: list[tuple[str, object, bool]], doc: str,
-                out_weight: str, masks: bool = False) -> defs.OpSchema:
+                out_weight: str, out_weight_axis: int = 0, masks: bool = False, int_index: bool = False
+                ) -> defs.OpSchema:
     """OpSchema for one custom op; attrs are (name, AttrType, required); out_weight sizes y's last dim."""
     param = defs.OpSchema.FormalParameter
     opt = defs.OpSchema.FormalParameterOption
@@ -68,12 +69,14 @@ def make_schema(op_type: str, ports: list[Port], attrs: list[tuple[str, object, 
     constraints = [("T", _FLOATS, "floating tensors")]
     if masks:
         constraints.append(("M", _MASKS, "bool (True = visible) or additive float mask"))
+    if int_index:
+        constraints.append(("I", ["tensor(int64)"], "indices"))
     schema = defs.OpSchema(
         op_type, DOMAIN, DOMAIN_VERSION, doc=doc, inputs=inputs, outputs=[param("y", "T")],
         type_constraints=constraints,
         attributes=[defs.OpSchema.Attribute(n, t, "", required=r) for n, t, r in attrs + _PLUGIN_ATTRS],
     )
-    schema.set_type_and_shape_inference_function(_output_like(ports, out_weight))
+    schema.set_type_and_shape_inference_function(_output_like(ports, out_weight, out_weight_axis))
     return schema
 
 

@@ -8,7 +8,6 @@ Both forms start from one torch.export ExportedProgram (dynamic batch/sequence d
 """
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 
@@ -16,15 +15,13 @@ import onnx
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moh_compile.backends import onnx_portable as portable
 from moh_compile.backends.onnx_custom import DOMAIN
-from moh_compile.backends.onnx_registry import custom_translation_table, portable_decompositions
-from moh_compile.ops.attention import attention_reference
+from moh_compile.backends.onnx_registry import (
+    LOWERINGS, bind_op_args, custom_translation_table, portable_decompositions,
+)
 
 FORMS = ("custom", "portable")
 DEFAULT_OPSET = 23  # opset 23: SDPA exports as the standard Attention op, which ORT >= 1.23 runs
-_ATTENTION = torch.ops.moh_compile.attention.default
-_ATTENTION_SIG = inspect.signature(attention_reference)
 
 
 def export_onnx(
@@ -55,9 +52,7 @@ def export_onnx(
                                     custom_translation_table=custom_translation_table())
     else:
         attach_capacity_plans(ep, example_inputs, capacity, active_fraction)
-        table = portable_decompositions()
-        table[torch.ops.moh_compile_onnx.attention_capacity.default] = portable.portable_attention
-        program = torch.onnx.export(ep.run_decompositions(table), dynamo=True, opset_version=opset, optimize=True)
+        program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True, opset_version=opset, optimize=True)
     model = program.model_proto
     if model.functions:
         raise RuntimeError("export produced ONNX local functions; TensorRT and this backend expect none")
@@ -68,37 +63,39 @@ def export_onnx(
     return model
 
 
-class _RecordAttention(TorchDispatchMode):
-    """Collects the head_gates of every moh_compile::attention call, in call order."""
+class _RecordCalls(TorchDispatchMode):
+    """Collects the arguments of every call to the given ops, in call order."""
 
-    def __init__(self):
+    def __init__(self, ops):
         super().__init__()
-        self.gates: list[torch.Tensor | None] = []
+        self.ops = set(ops)
+        self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _ATTENTION:
-            self.gates.append(_ATTENTION_SIG.bind(*args, **kwargs).arguments.get("head_gates"))
+        if func in self.ops:
+            self.calls.append((func, bind_op_args(func, args, kwargs)))
         return func(*args, **kwargs)
 
 
 def attach_capacity_plans(ep, example_inputs: tuple, capacity, active_fraction) -> int:
-    """Point each routed attention node at moh_compile_onnx::attention_capacity with its plan; returns count."""
-    recorder = _RecordAttention()
+    """Point each routed op node at its lowering's capacity op with the site's plan; returns count."""
+    routed = {lw.torch_op: lw for lw in LOWERINGS.values() if lw.capacity_op is not None}
+    recorder = _RecordCalls(routed)
     with torch.no_grad(), recorder:
         ep.module()(*example_inputs)
-    nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target is _ATTENTION]
-    if len(nodes) != len(recorder.gates):
-        raise RuntimeError(f"found {len(nodes)} attention nodes but observed {len(recorder.gates)} calls")
+    nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target in routed]
+    if [n.target for n in nodes] != [f for f, _ in recorder.calls]:
+        raise RuntimeError(f"graph has {len(nodes)} routed op nodes but {len(recorder.calls)} calls were observed")
     changed = 0
-    for node, gates in zip(nodes, recorder.gates):
-        if gates is None:
+    for node, (op, observed) in zip(nodes, recorder.calls):
+        lowering = routed[op]
+        plan = lowering.capacity_plan(observed, capacity, active_fraction)
+        if plan is None:
             continue
-        bound = _ATTENTION_SIG.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        plan = portable.capacity_plan(gates, capacity, active_fraction)
-        node.target = torch.ops.moh_compile_onnx.attention_capacity.default
-        node.args, node.kwargs = tuple(bound.arguments.values()) + tuple(plan), {}
+        bound = bind_op_args(op, node.args, node.kwargs)
+        node.target = lowering.capacity_op
+        node.args, node.kwargs = tuple(bound.values()) + tuple(plan), {}
         changed += 1
     ep.graph_module.recompile()
     return changed

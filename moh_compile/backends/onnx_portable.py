@@ -62,6 +62,13 @@ def _window_visible(q_pos: torch.Tensor, s_k: int, heads: list[int], sink, alpha
     return local | (j < sinks) | (i < sinks) | dense
 
 
+def _full_rows(mask: torch.Tensor | None, s_q) -> torch.Tensor | None:
+    """ORT's Attention op wants the mask's query dim spelled out (it does not broadcast a 1 there)."""
+    if mask is None or mask.shape[-2] != 1:
+        return mask
+    return mask.expand(*mask.shape[:-2], s_q, mask.shape[-1])
+
+
 def _combine(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
     if visible is None:
         return mask
@@ -111,7 +118,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
     if window is not None:
         visible = _window_visible(torch.arange(s, device=x.device), k.shape[2], heads, *window, x.device)
         mask = _combine(mask, visible.unsqueeze(0))
-    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=scale)
+    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
     if gates is not None:
         g = gates.index_select(-1, _const(heads, torch.int64, x.device)) if len(heads) != num_heads else gates
         ctx = ctx * g.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -161,7 +168,7 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
                 mask = _gather_rows(mask.reshape(b * hr * s, s_k), idx + head_base)
     if window is not None:
         mask = _combine(mask, _window_visible(idx, s_k, heads, *window, x.device))
-    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=mask, scale=scale)  # (B, Hr, C, D)
+    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
     y = torch.matmul(ctx, wo)  # (B, Hr, C, E_out)
     w = vals.unsqueeze(-1).to(y.dtype)
     y = torch.where(w != 0, y * w, torch.zeros_like(y))  # padding slots (gate 0) add exactly 0, even if NaN

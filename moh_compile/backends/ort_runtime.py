@@ -44,9 +44,10 @@ def _extensions():
 
 def _pyop_dtype(ext, elem_type: int) -> int:
     table = {onnx.TensorProto.FLOAT: "dt_float", onnx.TensorProto.BOOL: "dt_bool",
-             onnx.TensorProto.FLOAT16: "dt_float16", onnx.TensorProto.DOUBLE: "dt_double"}
+             onnx.TensorProto.FLOAT16: "dt_float16", onnx.TensorProto.DOUBLE: "dt_double",
+             onnx.TensorProto.INT64: "dt_int64"}
     if elem_type not in table:
-        raise ValueError(f"custom-form ORT kernels support float32/float16/float64/bool, got elem_type {elem_type}")
+        raise ValueError(f"custom-form ORT kernels support float32/float16/float64/bool/int64, got elem_type {elem_type}")
     return getattr(ext.PyCustomOpDef, table[elem_type])
 
 
