@@ -11,6 +11,7 @@ Pass a dict feed to `bench()` from Python for real inputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -48,26 +49,35 @@ def random_feed(session, batch: int, seq: int, seed: int = 0) -> dict:
     return feed
 
 
-def median_time(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_times(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call; candidates run round-robin so load changes hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def session_runners(models: dict[str, str], feed: dict | None = None, batch: int = 1, seq: int = 128,
+                    threads: int = 2) -> dict:
+    """{name: zero-arg callable running that ONNX file once}; one feed shared when given."""
+    runners = {}
+    for name, path in models.items():
+        session = make_session(path, detect_form(path), intra_op_threads=threads)
+        f = feed if feed is not None else random_feed(session, batch, seq)
+        runners[name] = functools.partial(session.run, None, f)
+    return runners
 
 
 def bench(models: dict[str, str], feed: dict | None = None, batch: int = 1, seq: int = 128, repeats: int = 20,
           threads: int = 2) -> dict[str, float]:
-    """Median seconds per run for each {name: onnx path}; one feed shared when given."""
-    results = {}
-    for name, path in models.items():
-        session = make_session(path, detect_form(path), intra_op_threads=threads)
-        f = feed if feed is not None else random_feed(session, batch, seq)
-        results[name] = median_time(lambda: session.run(None, f), repeats)
-    return results
+    """Median seconds per run for each {name: onnx path}."""
+    return median_times(session_runners(models, feed, batch, seq, threads), repeats)
 
 
 def print_table(results: dict[str, float], baseline: str | None = None, title: str = "") -> None:
@@ -125,9 +135,12 @@ def demo(batch: int, seq: int, repeats: int, threads: int) -> None:
                     continue
                 paths[name] = os.path.join(tmp, f"{routed}_{len(paths)}.onnx")
                 export_onnx(m, ex, paths[name], form=form, dynamic_shapes=ds, capacity=cap or 1.25)
-            with torch.no_grad():
-                results = {"pytorch eager (same ops)": median_time(lambda: m(*feed_t), repeats)}
-            results.update(bench(paths, feed, repeats=repeats, threads=threads))
+            def eager(m=m):
+                with torch.no_grad():
+                    m(*feed_t)
+
+            runners = {"pytorch eager (same ops)": eager, **session_runners(paths, feed, threads=threads)}
+            results = median_times(runners, repeats)
             print_table(results, title=f"\n{'routed 6/12 heads' if routed else 'dense (identity)'} block, "
                                        f"batch={batch} seq={seq} threads={threads}")
 

@@ -4,15 +4,16 @@ Why onnxruntime-extensions: ORT's wheel ships no C headers (no native custom-op 
 be built here) and plain ORT refuses unknown nodes. onnxruntime-extensions' PyOp calls a
 Python function per node, which calls the same torch op as PyTorch (numbers agree).
 
-Two limits of PyOp shape how a session is made: it has a fixed input list (no optional
-inputs) and reads only scalar attributes. So `make_session` works on an in-memory copy:
-each custom node becomes a variant op type with only its present inputs, and its attributes
-are also packed into one JSON string attribute `moh_plan`. The file on disk is untouched.
+Limits of PyOp shape how a session is made: fixed input lists (no optional inputs), scalar
+attributes only, and ops must all be registered before the first session. So a fixed set of
+variant op types (per float/mask dtype) is registered once, and `make_session` works on an
+in-memory copy: each custom node points at its variant, absent optional inputs get an empty
+placeholder, and its attributes (plus which inputs are present) are packed into one JSON
+string attribute `moh_plan`. The file on disk is untouched.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 
@@ -66,43 +67,86 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _register_variant(ext, op_type: str, names: list[str], dtypes: list[int]) -> str:
-    """A PyOp for one (op type, present inputs, dtypes) combination; returns its op type."""
-    key = json.dumps([op_type, names, dtypes])
-    variant = f"{op_type}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    if variant in _VARIANTS:
-        return variant
-    lowering = LOWERINGS[op_type]
+_KERNEL_DTYPES = {"float": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+                  "double": onnx.TensorProto.DOUBLE}
+
+
+def _variant_name(op_type: str, t: int, m: int) -> str:
+    return f"{op_type}_{onnx.helper.tensor_dtype_to_np_dtype(t).name}_{onnx.helper.tensor_dtype_to_np_dtype(m).name}"
+
+
+def _register_all_variants(ext) -> None:
+    """Register one PyOp per (op type, float dtype T, mask dtype) before any session exists.
+
+    onnxruntime-extensions keeps PyOps in a process-wide list that sessions point into;
+    adding ops after a session was created crashed ORT (segfault) here, so the set is fixed
+    once, up front, and every input is always present (absent ones get an empty placeholder).
+    """
+    if _VARIANTS:
+        return
+    for op_type, lowering in LOWERINGS.items():
+        for t in _KERNEL_DTYPES.values():
+            for m in sorted({t, onnx.TensorProto.BOOL}):
+                variant = _variant_name(op_type, t, m)
+                types = [m if p.type_var == "M" else onnx.TensorProto.INT64 if p.type_var == "I" else t
+                         for p in lowering.ports]
+                _VARIANTS[variant] = ext.onnx_op(
+                    op_type=f"{DOMAIN}::{variant}", inputs=[_pyop_dtype(ext, x) for x in types],
+                    outputs=[_pyop_dtype(ext, t)], attrs={PLAN_ATTR: ext.PyCustomOpDef.dt_string},
+                )(_kernel_body(lowering))
+
+
+def _kernel_body(lowering):
+    names = [p.name for p in lowering.ports]
 
     def body(*arrays, **attrs):
-        inputs = {n: torch.from_numpy(np.array(a, copy=False)) for n, a in zip(names, arrays)}
+        plan = _decode_plan(attrs[PLAN_ATTR])
+        present = set(plan["present"])
+        inputs = {n: torch.from_numpy(np.array(a)) for n, a in zip(names, arrays) if n in present}
         with torch.no_grad():
-            y = lowering.ort_kernel(inputs, _decode_plan(attrs[PLAN_ATTR]))
+            y = lowering.ort_kernel(inputs, plan)
         return y.numpy()
 
-    out_dtype = dtypes[names.index("x")]
-    _VARIANTS[variant] = ext.onnx_op(
-        op_type=f"{DOMAIN}::{variant}", inputs=[_pyop_dtype(ext, t) for t in dtypes],
-        outputs=[_pyop_dtype(ext, out_dtype)], attrs={PLAN_ATTR: ext.PyCustomOpDef.dt_string},
-    )(body)
-    return variant
+    return body
 
 
 def prepare_custom_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of `model` whose custom nodes are rewritten for PyOp (see module docstring)."""
     ext = _extensions()
+    _register_all_variants(ext)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     types = _value_types(model)
+    placeholders: dict[int, str] = {}
     for node in custom_nodes(model):
         if node.op_type not in LOWERINGS:
             raise ValueError(f"no ONNX lowering registered for {DOMAIN}::{node.op_type}")
-        ports = [p.name for p in LOWERINGS[node.op_type].ports]
-        present = [(ports[i], name) for i, name in enumerate(node.input) if name]
-        dtypes = [types.get(name, onnx.TensorProto.FLOAT) for _, name in present]
+        ports = LOWERINGS[node.op_type].ports
+        given = list(node.input) + [""] * (len(ports) - len(node.input))
+        t = types.get(given[0], onnx.TensorProto.FLOAT)
+        mask_port = next((i for i, p in enumerate(ports) if p.type_var == "M"), None)
+        m = types.get(given[mask_port], onnx.TensorProto.BOOL) if mask_port is not None and given[mask_port] else \
+            onnx.TensorProto.BOOL
+        if t not in _KERNEL_DTYPES.values():
+            raise ValueError(f"custom-form ORT kernels support float32/float16/float64 tensors, got elem_type {t}")
+        inputs = []
+        for port, name in zip(ports, given):
+            if not name:
+                dtype = m if port.type_var == "M" else onnx.TensorProto.INT64 if port.type_var == "I" else t
+                if dtype not in placeholders:
+                    placeholders[dtype] = f"moh_absent_{dtype}"
+                    model.graph.initializer.append(
+                        helper.make_tensor(placeholders[dtype], dtype, [0], []))
+                name = placeholders[dtype]
+            inputs.append(name)
         plan = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
-        node.op_type = _register_variant(ext, node.op_type, [p for p, _ in present], dtypes)
+        plan["present"] = [p.name for p, n in zip(ports, given) if n]
+        variant = _variant_name(node.op_type, t, m)
+        if variant not in _VARIANTS:
+            raise ValueError(f"{node.op_type} was registered after the first custom-form session; "
+                             "register lowerings before making sessions")
+        node.op_type = variant
         del node.input[:]
-        node.input.extend(name for _, name in present)
+        node.input.extend(inputs)
         node.attribute.append(helper.make_attribute(PLAN_ATTR, json.dumps(plan, sort_keys=True)))
     return model
 
