@@ -1,0 +1,168 @@
+"""Time ONNX Runtime sessions on exported models and print a ratio table (one run, side by side).
+
+    python benchmarks/bench_onnx.py base=model.onnx moh=moh_custom.onnx port=moh_portable.onnx \
+        --batch 1 --seq 128 --repeats 30
+    python benchmarks/bench_onnx.py --demo     # builds a MiniLM-sized attention+FFN block itself
+
+Inputs are random: float inputs randn, bool inputs all True, integer inputs in [0, 100);
+the first symbolic dim of each input is the batch, the others the sequence.
+Pass a dict feed to `bench()` from Python for real inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moh_compile.backends.ort_runtime import detect_form, make_session  # noqa: E402
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(bool)": np.bool_, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def random_feed(session, batch: int, seq: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        shape, first = [], True
+        for d in inp.shape:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                shape.append(batch if first else seq)
+                first = False
+        dtype = _NP[inp.type]
+        if dtype == np.bool_:
+            feed[inp.name] = np.ones(shape, dtype=bool)
+        elif np.issubdtype(dtype, np.integer):
+            feed[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def median_times(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call; candidates run round-robin so load changes hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def session_runners(models: dict[str, str], feed: dict | None = None, batch: int = 1, seq: int = 128,
+                    threads: int = 2) -> dict:
+    """{name: zero-arg callable running that ONNX file once}; one feed shared when given."""
+    runners = {}
+    for name, path in models.items():
+        session = make_session(path, detect_form(path), intra_op_threads=threads)
+        f = feed if feed is not None else random_feed(session, batch, seq)
+        runners[name] = functools.partial(session.run, None, f)
+    return runners
+
+
+def bench(models: dict[str, str], feed: dict | None = None, batch: int = 1, seq: int = 128, repeats: int = 20,
+          threads: int = 2) -> dict[str, float]:
+    """Median seconds per run for each {name: onnx path}."""
+    return median_times(session_runners(models, feed, batch, seq, threads), repeats)
+
+
+def print_table(results: dict[str, float], baseline: str | None = None, title: str = "") -> None:
+    baseline = baseline or next(iter(results))
+    if title:
+        print(title)
+    print(f"{'model':<28}{'median ms':>12}{'vs ' + baseline:>18}")
+    for name, t in results.items():
+        print(f"{name:<28}{t * 1e3:>12.3f}{t / results[baseline]:>17.2f}x")
+
+
+def demo(batch: int, seq: int, repeats: int, threads: int) -> None:
+    """MiniLM-sized block (E=384, 12 heads, FFN 1536) in both forms vs. the PyTorch module."""
+    import torch
+
+    import moh_compile  # noqa: F401
+    from moh_compile.backends.onnx_export import export_onnx
+
+    torch.set_num_threads(threads)
+
+    class Demo(torch.nn.Module):
+        def __init__(self, routed: bool, e=384, h=12, d=32, top_k=6):
+            super().__init__()
+            self.h, self.d, self.routed, self.top_k = h, d, routed, top_k
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(e, e) for _ in range(4))
+            self.r, self.up, self.down = torch.nn.Linear(e, h), torch.nn.Linear(e, 4 * e), torch.nn.Linear(4 * e, e)
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            k = self.k(x).view(b, s, self.h, self.d).transpose(1, 2)
+            v = self.v(x).view(b, s, self.h, self.d).transpose(1, 2)
+            gates = None
+            if self.routed:
+                top = self.r(x).topk(self.top_k, dim=-1)
+                gates = torch.zeros(b, s, self.h).scatter(-1, top.indices, top.values.softmax(-1))
+            a = torch.ops.moh_compile.attention(x, self.q.weight, self.q.bias, k, v, mask, None, None, self.o.weight,
+                                                self.o.bias, gates, self.d ** -0.5)
+            y = x + a
+            return y + torch.ops.moh_compile.ffn(y, self.up.weight, self.up.bias, self.down.weight, self.down.bias,
+                                                 None, None, "gelu")
+
+    bd, sd = torch.export.Dim("batch"), torch.export.Dim("seq")
+    ds = ({0: bd, 1: sd}, {0: bd, 3: sd})
+    ex = (torch.randn(2, 16, 384), torch.ones(2, 1, 1, 16, dtype=torch.bool))
+    feed_t = (torch.randn(batch, seq, 384), torch.ones(batch, 1, 1, seq, dtype=torch.bool))
+    feed = {"x": feed_t[0].numpy(), "mask": feed_t[1].numpy()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for routed in (False, True):
+            torch.manual_seed(0)
+            m = Demo(routed).eval()
+            paths = {}
+            for form, cap in (("custom", None), ("portable", 1.25), ("portable", "exact")):
+                name = f"{form}" + ("" if cap is None or not routed else f"(capacity={cap})")
+                if not routed and cap == "exact":
+                    continue
+                paths[name] = os.path.join(tmp, f"{routed}_{len(paths)}.onnx")
+                export_onnx(m, ex, paths[name], form=form, dynamic_shapes=ds, capacity=cap or 1.25)
+            def eager(m=m):
+                with torch.no_grad():
+                    m(*feed_t)
+
+            runners = {"pytorch eager (same ops)": eager, **session_runners(paths, feed, threads=threads)}
+            results = median_times(runners, repeats)
+            print_table(results, title=f"\n{'routed 6/12 heads' if routed else 'dense (identity)'} block, "
+                                       f"batch={batch} seq={seq} threads={threads}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", help="name=path.onnx (first one is the baseline)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--demo", action="store_true", help="build and time a MiniLM-sized demo block")
+    a = p.parse_args(argv)
+    if a.demo:
+        demo(a.batch, a.seq, a.repeats, a.threads)
+        return
+    if not a.models:
+        p.error("give name=path.onnx models or --demo")
+    models = dict(m.split("=", 1) for m in a.models)
+    print_table(bench(models, batch=a.batch, seq=a.seq, repeats=a.repeats, threads=a.threads),
+                title=f"batch={a.batch} seq={a.seq} threads={a.threads}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""ONNX lowering of moh_compile ops in both forms, run in ONNX Runtime against PyTorch."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import moh_compile  # noqa: F401  (registers the ops)
+from moh_compile.backends import onnx_portable
+from moh_compile.backends.onnx_custom import DOMAIN
+from moh_compile.backends.onnx_export import export_onnx
+from moh_compile.backends.ort_runtime import OnnxMismatchError, make_session, run_onnx, verify_onnx
+from moh_compile.ops.attention import attention_reference
+
+HAS_EXT = True
+try:
+    import onnxruntime_extensions  # noqa: F401
+except ImportError:
+    HAS_EXT = False
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="onnxruntime-extensions not installed (custom form)")
+
+
+def rope_tables(s: int, d: int):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos()[None, None], emb.sin()[None, None]
+
+
+class Block(nn.Module):
+    """Attention (k/v by nn.Linear, q/o inside the op) + residual + FFN, both as project ops."""
+
+    def __init__(self, e=32, h=4, hkv=2, d=8, rope=True, routed=True, shared=0, top_k=2, window=None,
+                 gated=True, act="silu"):
+        super().__init__()
+        self.h, self.hkv, self.d, self.rope, self.routed, self.shared, self.top_k = h, hkv, d, rope, routed, shared, top_k
+        self.window = window or {}
+        self.q, self.k, self.v, self.o = nn.Linear(e, h * d), nn.Linear(e, hkv * d), nn.Linear(e, hkv * d), nn.Linear(h * d, e)
+        self.router = nn.Linear(e, h - shared)
+        self.up, self.down = nn.Linear(e, 48), nn.Linear(48, e)
+        self.gate = nn.Linear(e, 48, bias=False) if gated else None
+        self.act = act
+
+    def head_gates(self, x):
+        logits = self.router(x)
+        top = logits.topk(self.top_k, dim=-1)
+        routed = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        return torch.cat([torch.ones_like(x[..., : self.shared]), routed], dim=-1) if self.shared else routed
+
+    def forward(self, x, mask=None):
+        b, s, _ = x.shape
+        k = self.k(x).view(b, s, self.hkv, self.d).transpose(1, 2)
+        v = self.v(x).view(b, s, self.hkv, self.d).transpose(1, 2)
+        cos, sin = rope_tables(s, self.d) if self.rope else (None, None)
+        gates = self.head_gates(x) if self.routed else None
+        a = torch.ops.moh_compile.attention(x, self.q.weight, self.q.bias, k, v, mask, cos, sin, self.o.weight,
+                                            self.o.bias, gates, self.d ** -0.5, **self.window)
+        y = x + a
+        w_gate = None if self.gate is None else self.gate.weight
+        return y + torch.ops.moh_compile.ffn(y, self.up.weight, self.up.bias, self.down.weight, self.down.bias,
+                                             w_gate, None, self.act)
+
+
+WINDOW = dict(window_sink=[1, 0, 1, 0], window_alpha=[2, -1, 3, 1], window_beta=[0.0, 0.0, 0.25, 0.1],
+              window_two_sided=False)
+WINDOW_2S = dict(WINDOW, window_two_sided=True)
+
+
+def make_mask(kind: str, b: int, s: int, h: int):
+    g = torch.Generator().manual_seed(b * 100 + s)
+    if kind == "none":
+        return None
+    if kind == "bool":  # per-query rows, shared by heads
+        m = torch.rand(b, 1, s, s, generator=g) > 0.3
+    elif kind == "bool_heads":  # per-head rows
+        m = torch.rand(b, h, s, s, generator=g) > 0.3
+    else:  # additive key-padding mask, one row for all queries
+        m = torch.zeros(b, 1, 1, s)
+        m[-1, ..., -2:] = float("-inf")
+        return m
+    m[..., 0] = True  # every query sees key 0, so no row is fully masked
+    return m
+
+
+CONFIGS = {
+    # name: (Block kwargs, mask kind, tolerance)
+    "routed_rope_gqa_window_bool": (dict(rope=True, hkv=2, routed=True, window=WINDOW), "bool", 1e-4),
+    "routed_twosided_perheadmask": (dict(rope=False, hkv=4, routed=True, window=WINDOW_2S, gated=False,
+                                         act="gelu"), "bool_heads", 1e-4),
+    "identity_rope_gqa_additive_mask": (dict(rope=True, hkv=2, routed=False, gated=False, act="gelu"), "float", 1e-5),
+}
+SHAPES = [(2, 7), (3, 12)]
+
+
+def inputs_for(block, mask_kind, b, s, seed=0):
+    x = torch.randn(b, s, 32, generator=torch.Generator().manual_seed(seed + b * 7 + s))
+    mask = make_mask(mask_kind, b, s, block.h)
+    return (x,) if mask is None else (x, mask)
+
+
+def dynamic_shapes_for(mask_kind):
+    b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
+    x = {0: b, 1: s}
+    if mask_kind == "none":
+        return (x,)
+    if mask_kind == "float":
+        return (x, {0: b, 3: s})
+    return (x, {0: b, 2: s, 3: s})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every config exported once in both forms: {(config, form): (block, path, model)}."""
+    out = {}
+    root = tmp_path_factory.mktemp("onnx")
+    for name, (kwargs, mask_kind, _) in CONFIGS.items():
+        torch.manual_seed(0)
+        block = Block(**kwargs).eval()
+        example = inputs_for(block, mask_kind, 2, 9)
+        for form in ("custom", "portable"):
+            path = root / f"{name}_{form}.onnx"
+            model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for(mask_kind),
+                                capacity="exact")
+            out[name, form] = (block, path, model)
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("name", CONFIGS)
+def test_custom_form_matches_pytorch(exported, name):
+    block, path, _ = exported[name, "custom"]
+    _, mask_kind, tol = CONFIGS[name]
+    for b, s in SHAPES:
+        assert verify_onnx(block, inputs_for(block, mask_kind, b, s), path, atol=tol) <= tol
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_portable_form_matches_pytorch(exported, name):
+    """capacity='exact' (C = S): the routed portable form reproduces exact routing."""
+    block, path, _ = exported[name, "portable"]
+    _, mask_kind, tol = CONFIGS[name]
+    for b, s in SHAPES:
+        assert verify_onnx(block, inputs_for(block, mask_kind, b, s), path, atol=tol, form="portable") <= tol
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_node_counts(exported, name):
+    kwargs = CONFIGS[name][0]
+    custom = exported[name, "custom"][2]
+    ours = [n for n in custom.graph.node if n.domain == DOMAIN]
+    assert sorted(n.op_type for n in ours) == ["MohFFN", "MohRoutedAttention"]
+    portable = exported[name, "portable"][2]
+    assert not [n for n in portable.graph.node if n.domain not in ("", "ai.onnx")]
+    assert not custom.functions and not portable.functions
+    topk = [n for n in portable.graph.node if n.op_type == "TopK"]
+    # the module's own router has one TopK; routed dispatch adds one per routed attention call
+    assert len(topk) == (2 if kwargs["routed"] else 0)
+
+
+def test_custom_node_attributes(exported):
+    model = exported["routed_rope_gqa_window_bool", "custom"][2]
+    node = next(n for n in model.graph.node if n.op_type == "MohRoutedAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"moh_compile"
+    assert (attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"], attrs["routed"]) == (4, 2, 8, 1)
+    assert list(attrs["window_alpha"]) == WINDOW["window_alpha"] and list(attrs["window_sink"]) == WINDOW["window_sink"]
+    assert attrs["scale"] == pytest.approx(8 ** -0.5)
+    ffn = next(n for n in model.graph.node if n.op_type == "MohFFN")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in ffn.attribute}["activation"] == b"silu"
+
+
+@pytest.mark.parametrize("form", ["custom", "portable"])
+def test_checker_shape_inference_and_dynamic_dims(exported, form):
+    _, path, _ = exported["routed_rope_gqa_window_bool", form]
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    out = inferred.graph.output[0].type.tensor_type
+    assert out.elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in out.shape.dim]
+    assert isinstance(dims[0], str) and dims[0] and isinstance(dims[1], str) and dims[1] and dims[2] == 32
+    x_dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim[:2]]
+    assert all(x_dims)
+
+
+def test_capacity_drops_lowest_gates_per_head(tmp_path):
+    """With a capacity factor, each routed head keeps its top-C tokens; a shared head keeps all."""
+    torch.manual_seed(1)
+    block = Block(rope=True, hkv=2, routed=True, shared=1, top_k=2, window=WINDOW).eval()
+    example = inputs_for(block, "bool", 2, 16)
+    path = tmp_path / "cap.onnx"
+    export_onnx(block, example, path, form="portable", dynamic_shapes=dynamic_shapes_for("bool"), capacity=1.0)
+
+    for b, s in [(2, 16), (3, 24)]:
+        x, mask = inputs_for(block, "bool", b, s, seed=5)
+        with torch.no_grad():
+            gates = block.head_gates(x)
+            frac = (block.head_gates(example[0])[..., 1:] != 0).float().mean().item()  # 2 of 3 routed heads
+            cap = min(s, math.ceil(s * math.ceil(frac * 1024) / 1024))
+            kept = torch.zeros_like(gates)
+            kept[..., 0] = gates[..., 0]  # shared head: never capacity-limited
+            top = gates[..., 1:].topk(cap, dim=1)  # per (batch, head): top-C tokens
+            kept[..., 1:] = torch.zeros_like(gates[..., 1:]).scatter(1, top.indices, top.values)
+            assert (kept != gates).any(), "test setup must overflow some head"
+            a_drop, a_exact = (_attention_of(block, x, mask, g) for g in (kept, gates))
+        got = run_onnx(path, (x, mask))[0]
+        y = x + a_drop
+        want = y + torch.ops.moh_compile.ffn(y, block.up.weight, block.up.bias, block.down.weight, block.down.bias,
+                                             block.gate.weight, None, "silu")
+        assert np.abs(got - want.detach().numpy()).max() < 1e-4
+        assert np.abs(got - block(x, mask).detach().numpy()).max() > 1e-3  # dropping really changed the output
+        assert (a_drop - a_exact).abs().max() > 1e-3
+
+
+def _attention_of(block, x, mask, gates):
+    b, s, _ = x.shape
+    k = block.k(x).view(b, s, block.hkv, block.d).transpose(1, 2)
+    v = block.v(x).view(b, s, block.hkv, block.d).transpose(1, 2)
+    cos, sin = rope_tables(s, block.d)
+    return attention_reference(x, block.q.weight, block.q.bias, k, v, mask, cos, sin, block.o.weight, block.o.bias,
+                               gates, block.d ** -0.5, **block.window)
+
+
+def test_capacity_plan_splits_shared_heads():
+    gates = torch.zeros(2, 10, 4)
+    gates[..., 0] = 0.5  # shared
+    gates[:, :3, 1] = 1.0  # 30% active
+    gates[:, :5, 2] = 1.0  # 50% active
+    dense, routed, num, den = onnx_portable.capacity_plan(gates, 1.0, None)
+    assert dense == [0] and routed == [1, 2, 3]
+    assert num / den == pytest.approx((0.3 + 0.5 + 0.0) / 3, abs=1 / den)
+    assert onnx_portable.capacity_plan(gates, "exact", None)[2:] == (1, 1)
+    with pytest.raises(ValueError, match="capacity"):
+        onnx_portable.capacity_plan(gates, -1.0, None)
+
+
+def test_verify_raises_on_mismatch(exported):
+    block, path, _ = exported["identity_rope_gqa_additive_mask", "portable"]
+    other = Block(rope=True, hkv=2, routed=False, gated=False, act="gelu").eval()  # different weights
+    with pytest.raises(OnnxMismatchError, match="differs"):
+        verify_onnx(other, inputs_for(block, "float", 2, 7), path, atol=1e-4)
+
+
+def test_invalid_settings_and_atomic_write(tmp_path, exported):
+    block = Block(routed=False).eval()
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="form"):
+        export_onnx(block, (x,), tmp_path / "a.onnx", form="tensorrt")
+    with pytest.raises(ValueError, match="tuple"):
+        export_onnx(block, x, tmp_path / "a.onnx")
+    export_onnx(block, (x,), tmp_path / "a.onnx", form="portable", dynamic_shapes=dynamic_shapes_for("none"))
+    assert sorted(os.listdir(tmp_path)) == ["a.onnx"]  # no temp file left behind
+    assert verify_onnx(block, (torch.randn(3, 6, 32),), tmp_path / "a.onnx", atol=1e-5) <= 1e-5  # mask=None
+    custom = exported["identity_rope_gqa_additive_mask", "custom"][1]
+    with pytest.raises(ValueError, match="form='custom'"):
+        make_session(custom, form="portable")
+
+
+def test_missing_extensions_message(exported, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # makes `import` raise ImportError
+    with pytest.raises(ImportError, match="onnxruntime-extensions"):
+        make_session(exported["identity_rope_gqa_additive_mask", "custom"][1], form="custom")
+
+
+class MoEppBlock(nn.Module):
+    """Router top-k over 4 FFN experts + zero, copy and constant experts -> moh_compile::moepp_ffn."""
+
+    def __init__(self, e=32, n=4, f_e=8, k=2):
+        super().__init__()
+        self.k, self.n = k, n
+        self.router = nn.Linear(e, n + 3)
+        self.w_in, self.w_gate = nn.Parameter(torch.randn(n, f_e, e) / 6), nn.Parameter(torch.randn(n, f_e, e) / 6)
+        self.b_in, self.w_out = nn.Parameter(torch.randn(n, f_e) / 6), nn.Parameter(torch.randn(n, e, f_e) / 3)
+        self.b_out = nn.Parameter(torch.randn(e) / 6)
+        self.const_vectors, self.const_gate = nn.Parameter(torch.randn(1, e)), nn.Parameter(torch.randn(1, 2, e) / 6)
+
+    def forward(self, x):
+        top = self.router(x).topk(self.k, dim=-1)
+        return torch.ops.moh_compile.moepp_ffn(x, self.w_in, self.b_in, self.w_gate, None, self.w_out, self.b_out,
+                                               top.indices, top.values.softmax(-1), self.const_vectors,
+                                               self.const_gate, 1, 1, "silu")
+
+
+def test_moepp_both_forms(tmp_path):
+    pytest.importorskip("moh_compile.ops.moepp")
+    torch.manual_seed(3)
+    block = MoEppBlock().eval()
+    ds = dynamic_shapes_for("none")
+    example = (torch.randn(2, 9, 32),)
+    forms = ["portable", "custom"] if HAS_EXT else ["portable"]
+    for form in forms:
+        path = tmp_path / f"moepp_{form}.onnx"
+        model = export_onnx(block, example, path, form=form, dynamic_shapes=ds, capacity="exact")
+        ours = [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+        assert ours == (["MohMoEppFFN"] if form == "custom" else [])
+        for b, s in SHAPES:
+            assert verify_onnx(block, (torch.randn(b, s, 32),), path, atol=1e-4) <= 1e-4
