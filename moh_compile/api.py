@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 
 from moh_compile import passes
+from moh_compile.calibrate.data import as_calibration
+from moh_compile.calibrate.metrics import embeddings, fidelity
 from moh_compile.capture import Captured, capture
 from moh_compile.config import CompileConfig
 from moh_compile.errors import MohCompileError
@@ -104,9 +106,10 @@ def _plain_spec(spec):
     """The same output tree with dict subclasses (e.g. HF ModelOutput) turned into dicts."""
     from torch.utils._pytree import TreeSpec
 
-    if spec is None or not spec.children_specs:
+    kids = None if spec is None else (list(spec.children()) if hasattr(spec, "children") else spec.children_specs)
+    if not kids:
         return spec
-    children = [_plain_spec(c) for c in spec.children_specs]
+    children = [_plain_spec(c) for c in kids]
     kind = dict if (isinstance(spec.type, type) and issubclass(spec.type, dict)) else spec.type
     return TreeSpec(kind, spec.context, children)
 
@@ -119,11 +122,16 @@ def _pass_for(kind: str, name: str):
 
 
 def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None = None,
-            plan: Plan | None = None, calibration=None) -> CompiledModel:  # noqa: A001 (the tool's verb)
+            plan: Plan | None = None, calibration=None, tokenizer=None) -> CompiledModel:  # noqa: A001
     """Rewrite the model's blocks as `config` asks (or as a saved `plan` says).
 
-    calibration: data for passes that fit routers (see each pass); None keeps identity routers.
+    calibration: data for passes that fit routers, in any form `calibrate.data.as_calibration`
+    accepts ("example", a .txt/.pt path, tensors, an iterable of batches, a forward loop, or a
+    Calibration); text needs `tokenizer`. When it has held-out batches, the report gets the
+    fidelity of the compiled model against the original on them.
     """
+    if calibration is not None:
+        calibration = as_calibration(calibration, tokenizer).match_inputs(example_inputs)
     config = (config or CompileConfig()).validate(
         tuple(passes.ATTENTION_PASSES) + ("keep",), tuple(passes.FFN_PASSES) + ("keep",))
     insp = inspect(model, example_inputs)
@@ -161,7 +169,18 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
         if extra:
             insp.report.sections[f"{p.kind}:{p.name}"] = extra
     gm.recompile()
+    if calibration is not None and calibration.eval_batches and done:
+        insp.report.sections["fidelity"] = measure_fidelity(model, gm, calibration.eval_batches)
     return CompiledModel(gm, new_plan, insp.report, insp.captured)
+
+
+def measure_fidelity(original: torch.nn.Module, compiled: torch.nn.Module, batches: list) -> dict:
+    """Cosine and top-10 neighbour overlap of mean-pooled outputs, compiled vs original."""
+    result = fidelity(embeddings(original, batches), embeddings(compiled, batches))
+    result["markdown"] = (f"Held-out examples: {result['n']}. Mean cosine of mean-pooled outputs vs the original: "
+                          f"{result['cosine']:.4f} (worst {result['cosine_min']:.4f})"
+                          + (f"; top-10 neighbour overlap {result['knn10']:.3f}." if "knn10" in result else "."))
+    return result
 
 
 def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool) -> Path:

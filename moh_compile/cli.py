@@ -47,8 +47,25 @@ def build_compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", default="identity", choices=list(passes.FFN_PASSES) + ["keep"],
                    help="what to do with FFN blocks (default: identity)")
     p.add_argument("--plan", help="re-apply a plan.json written by an earlier run")
-    for add_options in getattr(passes, "CLI_OPTIONS", []):
-        add_options(p)
+    c = p.add_argument_group("calibration (training-free fitting of routers)")
+    c.add_argument("--calib", metavar="DATA",
+                   help="'example' (bundled English sentences), a .txt file (one example per line; needs an HF "
+                        "model directory for its tokenizer) or a .pt tensor file of inputs")
+    c.add_argument("--calib-samples", type=int, default=512, metavar="N",
+                   help="use at most N lines (text) or N batches (tensor files) (default: 512)")
+    c.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default: 16)")
+    c.add_argument("--max-length", type=int, default=128, help="token limit per text example (default: 128)")
+    c.add_argument("--eval", metavar="DATA",
+                   help="held-out data for the report's fidelity figures, same forms as --calib "
+                        "(default with --calib example: the bundled held-out sentences)")
+    f = p.add_argument_group("fine-tuning (optional distillation against the original model)")
+    f.add_argument("--finetune-minutes", type=float, default=0.0, metavar="M",
+                   help="distil for M minutes of wall time after calibration (default: 0, off)")
+    f.add_argument("--finetune-train", choices=["router", "all"], default="router",
+                   help="train the routers only, or every parameter (default: router)")
+    f.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    for pass_ in passes.all_passes():
+        pass_.add_arguments(p)
     return p
 
 
@@ -88,9 +105,18 @@ def run_compile(argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise MohCompileError(f"{out} exists; pass --force to replace it")
+    for name in ("calib_samples", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise MohCompileError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.finetune_minutes < 0:
+        raise MohCompileError("--finetune-minutes must not be negative")
+    if args.finetune_minutes and not args.calib:
+        raise MohCompileError("--finetune-minutes needs --calib data to train on")
     options = {}
-    for collect in getattr(passes, "CLI_COLLECT", []):
-        options.update(collect(args))
+    for pass_ in passes.all_passes():
+        opts = pass_.options_from_args(args)
+        if opts:
+            options[pass_.name] = opts
     config = CompileConfig(attention=args.attention, ffn=args.ffn, options=options)
     plan = None
     if args.plan:
@@ -102,9 +128,24 @@ def run_compile(argv: list[str]) -> int:
     loaded = _load(args)
     print(f"loaded: {loaded.source}", file=sys.stderr)
     calibration = None
-    for make in getattr(passes, "CLI_CALIBRATION", []):
-        calibration = make(args, loaded) or calibration
+    if args.calib:
+        from moh_compile.calibrate.data import as_calibration
+
+        eval_source = args.eval or ("example-eval" if args.calib == "example" else None)
+        calibration = as_calibration(args.calib, loaded, eval_source=eval_source, batch_size=args.batch_size,
+                                     max_length=args.max_length, limit=args.calib_samples)
+        print(f"calibration: {calibration.source} ({calibration.num_examples} examples)", file=sys.stderr)
     compiled = compile_model(loaded.model, loaded.example_inputs, config, plan=plan, calibration=calibration)
+    if args.finetune_minutes:
+        from moh_compile.finetune import finetune
+
+        result = finetune(compiled, loaded.model, calibration, train=args.finetune_train,
+                          minutes=args.finetune_minutes, lr=args.finetune_lr)
+        print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s", file=sys.stderr)
+    fid = compiled.report.sections.get("finetune", {}).get("fidelity") or compiled.report.sections.get("fidelity")
+    if fid:
+        print(f"fidelity on {fid['n']} held-out examples: mean cosine {fid['cosine']:.4f}"
+              + (f", top-10 overlap {fid['knn10']:.3f}" if "knn10" in fid else ""), file=sys.stderr)
     compiled.save(out, force=args.force)
     n_done = len(compiled.report.actions)
     print(f"rewrote {n_done} blocks, skipped {len(compiled.report.skipped)}; wrote {out}/model.pt2, plan.json, "

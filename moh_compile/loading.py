@@ -106,7 +106,8 @@ def load_hf_dir(path: Path) -> LoadedModel:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     model.eval()
-    return LoadedModel(model, hf_example_inputs(config), f"Hugging Face directory ({type(model).__name__})", config)
+    return LoadedModel(model, hf_example_inputs(config), f"Hugging Face directory ({type(model).__name__})", config,
+                       extra={"hf_dir": str(path)})
 
 
 def hf_model_from_config(config_path: Path, state_dict: dict | None = None) -> tuple[torch.nn.Module, object]:

@@ -20,11 +20,11 @@ from moh_compile.match.ffn import FFNMatch
 
 aten = torch.ops.aten
 
-_PROBES: dict[str, torch.Tensor] = {}
+_PROBES: dict[str, list] = {}
 
 
 def _probe(key: str, t: torch.Tensor) -> None:
-    _PROBES[key] = t.detach()
+    _PROBES.setdefault(key, []).append(t.detach())
 
 
 torch.fx.wrap("_probe")
@@ -150,8 +150,9 @@ def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict],
     return PendingRewrite(m.block.name, "ffn", m.fc_out.node, out, b.nodes)
 
 
-def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwargs: dict) -> dict:
-    """Values of chosen nodes on the example inputs (one forward with probe nodes, removed after)."""
+def record_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], run: Callable[[], None]) -> dict[str, list]:
+    """Every value the chosen nodes take while `run()` runs the module (e.g. over calibration
+    batches): {key: [tensor per call]}. Probe nodes are inserted, then removed again."""
     graph = gm.graph
     probes = []
     for key, node in nodes.items():
@@ -161,7 +162,7 @@ def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwa
     _PROBES.clear()
     try:
         with torch.no_grad():
-            gm(*args, **kwargs)
+            run()
     finally:
         for node in probes:
             graph.erase_node(node)
@@ -169,6 +170,12 @@ def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwa
     values = dict(_PROBES)
     _PROBES.clear()
     return values
+
+
+def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwargs: dict) -> dict:
+    """Values of chosen nodes in one forward on the given inputs."""
+    values = record_values(gm, nodes, lambda: gm(*args, **kwargs))
+    return {k: v[-1] for k, v in values.items()}
 
 
 def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tuple, kwargs: dict,

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moh_compile.calibrate.ridge import ridge
 from moh_compile.calibrate.moepp_fit import (_moepp_ffn_local, calibrate_zero_bias, fit_router, group_neurons,
-                                              group_outputs, moepp_ffn_forward, ridge_fit, select_mask,
+                                              group_outputs, moepp_ffn_forward, select_mask,
                                               skip_means, split_ffn)
-from moh_compile.calibrate.text_metrics import mean_cosine, mean_pooled_embeddings, topk_neighbour_overlap
+from moh_compile.calibrate.metrics import mean_cosine, mean_pooled_embeddings, topk_neighbour_overlap
 from moh_compile.ops.ffn import ffn_reference
 from moh_compile.passes.moepp_router import ExpertRouter, MoEPPConfig, config_for_keep, mean_ffn_count
 
@@ -132,7 +133,7 @@ def test_group_neurons_recovers_planted_coactivation_groups():
     truth = torch.arange(n_groups).repeat_interleave(per)
     acts = latent[:, truth] * (1 + 0.1 * torch.rand(t, n_groups * per, generator=g))
     perm = torch.randperm(n_groups * per, generator=g)
-    groups = group_neurons(torch.randn(n_groups * per, 5), n_groups, activations=acts[:, perm])
+    groups = group_neurons(torch.randn(n_groups * per, 5), n_groups, activations=acts[:, perm], act_weight=4.0)
     assert groups.shape == (n_groups, per)
     for row in groups:  # every found group is exactly one planted group
         assert len(set(truth[perm][row].tolist())) == 1
@@ -142,7 +143,8 @@ def test_ridge_threshold_and_skip_means_on_planted_data():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2000, 6, generator=g)
     W = torch.randn(3, 6, generator=g)
-    Wf, bf = ridge_fit(X, X @ W.T + 2.0, lam=1e-8)
+    Wf, bf = ridge(X, X @ W.T + 2.0, lam=1e-8)
+    Wf = Wf.T
     torch.testing.assert_close(Wf, W, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bf, torch.full((3,), 2.0), atol=1e-4, rtol=1e-4)
     scores = torch.randn(5000, 8, generator=g)
@@ -213,8 +215,8 @@ def test_real_minilm_half_ffn_fidelity():
     proto = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(proto)
     tok, model = proto.load()
-    calib = proto.batches(tok, proto.read_lines(proto.DATA / "moepp_calib_sentences.txt")[:256])
-    eval_bts = proto.batches(tok, proto.read_lines(proto.DATA / "moepp_eval_sentences.txt"))
+    calib = proto.batches(tok, proto.read_lines(proto.DATA / "calib.txt")[:256])
+    eval_bts = proto.batches(tok, proto.read_lines(proto.DATA / "eval.txt"))
     ref = proto.embed(model, eval_bts)
     conv = proto.convert(model, calib, 0.5, log=lambda *_: None)
     cos, nn10, budget = proto.evaluate(conv, eval_bts, ref)

@@ -219,7 +219,13 @@ def test_minilm_calibration_75_percent():
 
     from transformers import AutoModel, AutoTokenizer
 
-    from moh_compile.calibrate.eval_text import embed, fidelity, load_sentences
+    from moh_compile.calibrate.data import load_lines as load_sentences
+    from moh_compile.calibrate.data import tokenize_lines
+    from moh_compile.calibrate.metrics import embeddings, fidelity
+
+    def embed(model, tok, lines):
+        return embeddings(model, tokenize_lines(lines, tok, 64))
+
 
     spec = importlib.util.spec_from_file_location(
         "proto", Path(__file__).resolve().parents[1] / "examples" / "moh_minilm_prototype.py")
@@ -229,7 +235,7 @@ def test_minilm_calibration_75_percent():
     path = gt.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
-    calib, evals = load_sentences("calib")[:150], load_sentences("eval")[:120]
+    calib, evals = load_sentences("example")[:150], load_sentences("example-eval")[:120]
     ref = embed(teacher, tok, evals)
     model = copy.deepcopy(teacher)
     proto.install(model)

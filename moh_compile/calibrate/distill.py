@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from moh_compile.calibrate.eval_text import last_hidden
-from moh_compile.passes.moh_router import HeadRouter, find_routers
+from moh_compile.calibrate.metrics import last_hidden
+from moh_compile.passes.routing import find_routers
 
 TRAIN_MODES = ("router", "all")
 
@@ -123,7 +123,7 @@ def distill(
     else:
         params = [p for p in student.parameters()]
     if not params:
-        raise ValueError("no trainable parameters (train='router' but the student has no HeadRouter)")
+        raise ValueError("no trainable parameters (train='router' but the student has no router)")
     trainable = {id(p) for p in params}
     saved = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
@@ -162,4 +162,4 @@ def distill(
             "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
 
 
-__all__ = ["distill", "default_loss", "sentence_batches", "SentenceBatches", "HeadRouter"]
+__all__ = ["distill", "default_loss", "sentence_batches", "SentenceBatches"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moh_compile.calibrate.ridge import ridge
+from moh_compile.calibrate.grouping import balanced_kmeans, neuron_features
 from moh_compile.ops.activations import apply_activation
 from moh_compile.passes.moepp_router import ExpertRouter
 
@@ -71,54 +73,12 @@ def moepp_ffn_forward(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, e
 
 
 # --------------------------------------------------------------------------- grouping
-def _balanced_kmeans_local(points: torch.Tensor, n_clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
-    """Equal-size k-means: Lloyd steps whose assignment step is an exact balanced assignment
-    (Hungarian algorithm on clusters repeated n/n_clusters times)."""
-    from scipy.optimize import linear_sum_assignment
-
-    n = points.shape[0]
-    if n % n_clusters:
-        raise ValueError(f"{n} points do not split into {n_clusters} equal clusters")
-    cap = n // n_clusters
-    gen = torch.Generator().manual_seed(seed)
-    centers = points[torch.randperm(n, generator=gen)[:n_clusters]].clone()
-    labels = None
-    for _ in range(iters):
-        cost = torch.cdist(points.double(), centers.double()).pow(2).repeat_interleave(cap, dim=1)
-        _, slot = linear_sum_assignment(cost.numpy())
-        new_labels = torch.as_tensor(slot // cap, dtype=torch.long)
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        centers = torch.stack([points[labels == c].mean(0) for c in range(n_clusters)])
-    return labels
-
-
-def balanced_kmeans(points: torch.Tensor, n_clusters: int, seed: int = 0) -> torch.Tensor:
-    """Labels (n,) with n/n_clusters points each; uses calibrate/grouping.py when present."""
-    try:
-        from moh_compile.calibrate.grouping import balanced_kmeans as shared
-    except ImportError:
-        return _balanced_kmeans_local(points.float(), n_clusters, seed=seed)
-    return torch.as_tensor(shared(points, n_clusters, seed=seed), dtype=torch.long)
-
-
 def group_neurons(w_in: torch.Tensor, n_groups: int, activations: torch.Tensor | None = None,
-                  seed: int = 0) -> torch.Tensor:
-    """Neuron index table (n_groups, F/n_groups): by co-activation if activations (T, F) given,
-    else by the rows of W_in (MoEfication's parameter clustering)."""
-    if activations is None:
-        feats = F.normalize(w_in.float(), dim=-1)
-    else:
-        a = activations.float()
-        a = a - a.mean(0)
-        if a.shape[0] > 256:  # random projection of token dimension keeps k-means cheap
-            gen = torch.Generator().manual_seed(seed)
-            proj = torch.randn(a.shape[0], 256, generator=gen) / 16.0
-            a = proj.T @ a
-        feats = F.normalize(a.T, dim=-1)
-    labels = balanced_kmeans(feats, n_groups, seed=seed)
-    return torch.stack([torch.nonzero(labels == g).squeeze(-1) for g in range(n_groups)])
+                  seed: int = 0, w_gate: torch.Tensor | None = None, act_weight: float = 1.0) -> torch.Tensor:
+    """Neuron index table (n_groups, F/n_groups): balanced k-means on the rows of W_in (and the
+    gate), plus co-activation on calibration activations (T, F) when given."""
+    feats = neuron_features(w_in, w_gate, activations, act_weight=act_weight, seed=seed)
+    return balanced_kmeans(feats, n_groups, seed=seed)
 
 
 def split_ffn(w_in, b_in, w_out, groups, w_gate=None, b_gate=None) -> dict:
@@ -147,18 +107,6 @@ def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- router fitting
-def ridge_fit(X: torch.Tensor, Y: torch.Tensor, lam: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares Y ~ X W^T + b with an L2 penalty lam * trace(cov X) / dim (scale-free)."""
-    X64, Y64 = X.double(), Y.double()
-    mx, my = X64.mean(0), Y64.mean(0)
-    Xc, Yc = X64 - mx, Y64 - my
-    cov = Xc.T @ Xc / X.shape[0]
-    reg = lam * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-    W = torch.linalg.solve(cov + reg, Xc.T @ Yc / X.shape[0]).T
-    b = my - mx @ W.T
-    return W.float(), b.float()
-
-
 def contribution_targets(gout: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per token and group: ||y_g - m_g|| (/ scale): the error skipping g would make."""
     t = (gout - comp).norm(dim=-1)
@@ -214,7 +162,8 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     target_count = ffn_keep * cfg.n_ffn
     for _ in range(rounds):
         tgt = contribution_targets(gout, comp if cfg.compensation else torch.zeros_like(comp), scale)
-        W, b = ridge_fit(feats, tgt, lam)
+        W, b = ridge(feats, tgt, lam)
+        W = W.T
         scores = feats @ W.T + b
         rel_scores = scores - relative * scores.mean(-1, keepdim=True)
         if cfg.n_zero:
@@ -242,6 +191,6 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
 
 
-__all__ = ["moepp_ffn_forward", "balanced_kmeans", "group_neurons", "split_ffn", "group_outputs",
-           "ridge_fit", "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
+__all__ = ["moepp_ffn_forward", "group_neurons", "split_ffn", "group_outputs",
+           "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
            "fit_router"]

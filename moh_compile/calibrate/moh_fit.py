@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moh_compile.calibrate.ridge import ridge
 from moh_compile.passes.moh_router import HeadRouter
 
 TARGETS = ("norm", "sq", "log")
@@ -54,17 +55,6 @@ class BlockFit:
         if self.comp_rank:
             router.comp_in.copy_(self.comp_in)
             router.comp_out.copy_(self.comp_out)
-
-
-def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """y ~ x @ W + b by ridge with intercept (float64 solve); lam is relative to mean diag of the Gram."""
-    x64, y64 = x.double(), y.double()
-    mx, my = x64.mean(0), y64.mean(0)
-    xc = x64 - mx
-    gram = xc.T @ xc
-    reg = lam * gram.diagonal().mean().clamp_min(1e-12)
-    w = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ (y64 - my))
-    return w.float(), (my - mx @ w).float()
 
 
 def compensation_values(x: torch.Tensor, comp_mean: torch.Tensor, comp_in: torch.Tensor | None,

@@ -9,9 +9,19 @@ ATTENTION_PASSES: dict[str, Pass] = {"identity": IdentityAttention()}
 FFN_PASSES: dict[str, Pass] = {"identity": IdentityFFN()}
 
 
+def all_passes() -> list[Pass]:
+    """Every registered pass once (a pass may serve both registries)."""
+    seen, out = set(), []
+    for p in list(ATTENTION_PASSES.values()) + list(FFN_PASSES.values()):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
 def register(p: Pass) -> Pass:
     (ATTENTION_PASSES if p.kind == "attention" else FFN_PASSES)[p.name] = p
     return p
 
 
-__all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register"]
+__all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register", "all_passes"]

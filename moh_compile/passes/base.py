@@ -14,6 +14,17 @@ class Pass:
     name: str = ""
     kind: str = ""  # "attention" or "ffn"
 
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add this pass's CLI options (an argparse group named after the pass)."""
+
+    def options_from_args(self, args) -> dict:
+        """This pass's options from parsed CLI args; stored as config.options[self.name]."""
+        return {}
+
+    def options(self, config: CompileConfig) -> dict:
+        return config.options.get(self.name, {})
+
     def check(self, match, config: CompileConfig) -> str | None:
         """Why this block cannot be transformed, or None."""
         return None
@@ -25,5 +36,10 @@ class Pass:
         raise NotImplementedError
 
     def finalize(self, gm: fx.GraphModule, rewrites: list, config: CompileConfig, calibration=None) -> dict:
-        """Leave the identity setting (e.g. switch routers to top-k) and calibrate. Returns report data."""
+        """Leave the identity setting (e.g. switch routers to top-k) and calibrate. Returns report data.
+
+        rewrites: [(match, block_plan, pending_rewrite)] of the blocks whose identity rewrite
+        was verified; calibration: a calibrate.data.Calibration or None. Report data may hold
+        "markdown" (shown in report.md) and "files" ({name: bytes}, e.g. PNG plots).
+        """
         return {}

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moh_compile.passes.routing import Router
+
 
 @dataclass
 class MoEPPConfig:
@@ -71,7 +73,7 @@ def config_for_keep(ffn_keep: float, n_ffn: int = 16, kmax_factor: float = 1.5, 
     return MoEPPConfig(n_ffn=n_ffn, top_k=top_k, **kw)
 
 
-class ExpertRouter(nn.Module):
+class ExpertRouter(Router):
     """logits = W x + b (+ W_g prev_logits); top-k; slots below the best zero expert -> zero."""
 
     def __init__(self, d_in: int, d_out: int, config: MoEPPConfig):
@@ -89,7 +91,6 @@ class ExpertRouter(nn.Module):
             if config.n_zero:
                 self.proj.bias[config.n_ffn] = -1e3  # below any FFN score: keep all k slots
         self.comp_table = nn.Parameter(torch.zeros(config.n_ffn, d_out), requires_grad=config.compensation)
-        self.last_load_balance_loss: torch.Tensor | None = None
 
     def logits(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
         """G_j = W_j x (+ W_g G_{j-1} when gating_residual and the previous logits are given)."""
@@ -118,7 +119,7 @@ class ExpertRouter(nn.Module):
             weight = torch.nan_to_num(weight, nan=0.0)
         weight = weight.masked_fill(empty, 0.0)
         comp = self._compensation(top_idx, weight) if cfg.compensation else None
-        if self.training:
+        if self.wants_load_balance:
             self.last_load_balance_loss = self._load_balance(logits, top_idx, empty)
         return top_idx, weight, logits, comp
 

@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moh_compile.passes.routing import Router, find_routers  # noqa: F401  (find_routers re-exported)
+
 GATE_STYLES = ("binary", "weighted")
 KINDS = ("learned", "query_norm", "random")
 
 
-class HeadRouter(nn.Module):
+class HeadRouter(Router):
     def __init__(
         self,
         num_heads: int,
@@ -97,8 +99,6 @@ class HeadRouter(nn.Module):
         if comp_rank > 0:
             self.comp_in = nn.Parameter(torch.zeros(num_heads, embed_dim, comp_rank))
             self.comp_out = nn.Parameter(torch.zeros(num_heads, comp_rank, out_dim))
-        self.track_load_balance = False
-        self.last_load_balance_loss: torch.Tensor | None = None
         self.last_active: torch.Tensor | None = None
 
     @property
@@ -154,7 +154,7 @@ class HeadRouter(nn.Module):
             idx = self.routed_index.expand(*lead, -1)
             gates = gates.scatter(-1, idx, g_r)
             active = active.scatter(-1, idx, hard)
-            if self.training or self.track_load_balance:
+            if self.wants_load_balance:
                 p = torch.softmax(s, dim=-1).reshape(-1, s.shape[-1]).mean(0)
                 f = hard.detach().reshape(-1, s.shape[-1]).mean(0)
                 self.last_load_balance_loss = (p * f).sum()
@@ -173,8 +173,3 @@ class HeadRouter(nn.Module):
             z = torch.einsum("...e,her->...hr", x, self.comp_in) * dropped.unsqueeze(-1)
             comp = comp + torch.einsum("...hr,hro->...o", z, self.comp_out)
         return comp
-
-
-def find_routers(module: nn.Module) -> list[HeadRouter]:
-    """All HeadRouter submodules (for collecting load-balance losses)."""
-    return [m for m in module.modules() if isinstance(m, HeadRouter)]
