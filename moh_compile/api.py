@@ -114,8 +114,17 @@ def _plain_spec(spec):
     return TreeSpec(kind, spec.context, children)
 
 
+_COMPOSED: dict = {}  # one ComposedAttention per name, so finalize sees all its blocks at once
+
+
 def _pass_for(kind: str, name: str):
     registry = passes.ATTENTION_PASSES if kind == "attention" else passes.FFN_PASSES
+    if kind == "attention" and "+" in name:
+        from moh_compile.passes.compose import ComposedAttention
+
+        if name not in _COMPOSED:
+            _COMPOSED[name] = ComposedAttention([_pass_for(kind, part) for part in name.split("+")])
+        return _COMPOSED[name]
     if name not in registry:
         raise MohCompileError(f"no {kind} pass named {name!r} (known: {', '.join(registry)}, keep)")
     return registry[name]

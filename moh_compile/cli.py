@@ -42,8 +42,9 @@ def build_compile_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", required=True, help="output directory (model.pt2, plan.json, report.md, report.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--attention", default="identity", choices=list(passes.ATTENTION_PASSES) + ["keep"],
-                   help="what to do with attention blocks (default: identity)")
+    p.add_argument("--attention", default="identity", metavar="PASS",
+                   help=f"what to do with attention blocks: {', '.join(list(passes.ATTENTION_PASSES) + ['keep'])}, "
+                        "or passes joined by '+' (default: identity)")
     p.add_argument("--ffn", default="identity", choices=list(passes.FFN_PASSES) + ["keep"],
                    help="what to do with FFN blocks (default: identity)")
     p.add_argument("--plan", help="re-apply a plan.json written by an earlier run")
@@ -117,7 +118,8 @@ def run_compile(argv: list[str]) -> int:
         opts = pass_.options_from_args(args)
         if opts:
             options[pass_.name] = opts
-    config = CompileConfig(attention=args.attention, ffn=args.ffn, options=options)
+    config = CompileConfig(attention=args.attention, ffn=args.ffn, options=options).validate(
+        tuple(passes.ATTENTION_PASSES) + ("keep",), tuple(passes.FFN_PASSES) + ("keep",))
     plan = None
     if args.plan:
         try:

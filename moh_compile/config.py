@@ -23,8 +23,10 @@ class CompileConfig:
     verify_rtol: float = 1e-4
 
     def validate(self, attention_choices=ATTENTION_CHOICES, ffn_choices=FFN_CHOICES) -> "CompileConfig":
-        if self.attention not in attention_choices:
-            raise MohCompileError(f"attention must be one of {', '.join(attention_choices)}, not {self.attention!r}")
+        if any(part not in attention_choices for part in self.attention.split("+")) or (
+                "+" in self.attention and "keep" in self.attention.split("+")):
+            raise MohCompileError(f"attention must be one of {', '.join(attention_choices)} (or passes joined "
+                                  f"by '+', e.g. moh+sparse), not {self.attention!r}")
         if self.ffn not in ffn_choices:
             raise MohCompileError(f"ffn must be one of {', '.join(ffn_choices)}, not {self.ffn!r}")
         if not (0 < self.verify_rtol < 1):

@@ -127,10 +127,26 @@ def test_bad_option_values(capsys, args, needle):
     _one_line_error(capsys, main(["inspect", "tests.models:SDPABlock", *args]), needle)
 
 
-def test_bad_choice_is_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["tests.models:SDPABlock", "--out", "x", "--attention", "bogus"])
-    assert exc.value.code == 2
+def test_bad_pass_name_is_one_line_error(capsys, tmp_path):
+    _one_line_error(capsys, main(["tests.models:SDPABlock", "--out", str(tmp_path / "x"), "--attention", "bogus"]),
+                    "attention must be one of")
+    _one_line_error(capsys, main(["tests.models:SDPABlock", "--out", str(tmp_path / "x"), "--attention",
+                                  "identity+keep"]), "attention must be one of")
+    assert not (tmp_path / "x").exists()
+
+
+def test_composed_attention_passes_stay_exact_at_identity():
+    import moh_compile
+    from tests.models import build, main_output
+
+    model, inputs, _, _ = build("llama")
+    compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(attention="identity+identity"))
+    plan = compiled.plan.blocks[0]
+    assert plan.transform == "identity+identity" and plan.settings == {"identity": {}}
+    with torch.no_grad():
+        diff = (main_output(compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs))
+                - main_output(model(**inputs) if isinstance(inputs, dict) else model(*inputs))).abs().max()
+    assert diff <= 1e-5
 
 
 def test_bad_factory(capsys):

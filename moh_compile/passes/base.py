@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from moh_compile.config import CompileConfig
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import PendingRewrite
+from moh_compile.rewrite import PendingRewrite, insert_attention
 
 
 class Pass:
@@ -33,7 +33,15 @@ class Pass:
         return BlockPlan(match.block.name, self.kind, self.name, {})
 
     def rewrite(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> PendingRewrite:
+        if self.kind == "attention":
+            return insert_attention(gm, match, **self.attention_parts(gm, match, block_plan))
         raise NotImplementedError
+
+    def attention_parts(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> dict:
+        """What an attention pass adds to the shared attention op, so passes compose (moh+sparse):
+        {"gates_fn": builder, operands -> (head_gates, compensation)} and/or {"window": {...}}
+        (see rewrite.insert_attention). At the identity setting both must leave the op exact."""
+        return {}
 
     def finalize(self, gm: fx.GraphModule, rewrites: list, config: CompileConfig, calibration=None) -> dict:
         """Leave the identity setting (e.g. switch routers to top-k) and calibrate. Returns report data.

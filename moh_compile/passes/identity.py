@@ -5,14 +5,11 @@ They are the foundation every other pass reduces to at its identity setting.
 from __future__ import annotations
 
 from moh_compile.passes.base import Pass
-from moh_compile.rewrite import insert_attention, insert_ffn
+from moh_compile.rewrite import insert_ffn
 
 
 class IdentityAttention(Pass):
     name, kind = "identity", "attention"
-
-    def rewrite(self, gm, match, block_plan):
-        return insert_attention(gm, match)
 
 
 class IdentityFFN(Pass):
