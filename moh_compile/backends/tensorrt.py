@@ -193,10 +193,11 @@ def default_profile(onnx_path: str | os.PathLike, batch=(1, 8, 64), seq=(1, 128,
     for inp in model.graph.input:
         dims, first = [[], [], []], True
         for d in inp.type.tensor_type.shape.dim:
-            if d.dim_param or not d.dim_value:
-                choice, first = (batch if first else seq), False
+            static = d.dim_value or (int(d.dim_param) if d.dim_param.isdigit() else 0)  # exporter writes "64"
+            if static:
+                choice = (static,) * 3
             else:
-                choice = (d.dim_value,) * 3
+                choice, first = (batch if first else seq), False
             for i in range(3):
                 dims[i].append(choice[i])
         profile[inp.name] = tuple(tuple(x) for x in dims)
