@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import onnx
+import onnxscript.optimizer
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -89,13 +90,17 @@ def export_program(
     """
     check_settings(form, opset, capacity)
     if form == "custom":
-        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False,
                                     custom_translation_table=custom_translation_table())
     else:
         ep = copy.deepcopy(ep)
         attach_capacity_plans(ep, args, kwargs or {}, capacity, active_fraction)
         program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True,
-                                    opset_version=opset, optimize=True, verbose=False)
+                                    opset_version=opset, optimize=False, verbose=False)
+    # Constant folding and dead-code removal only: the exporter's optimize=True also applies
+    # opset-23 fusions, and its fused RotaryEmbedding fails in ORT 1.31 once the batch differs
+    # from the example's ("cos_cache ... expected to have the same shape as input").
+    program.model = onnxscript.optimizer.optimize(program.model)
     model = program.model_proto
     if model.functions:
         raise RuntimeError("export produced ONNX local functions; TensorRT and this backend expect none")
