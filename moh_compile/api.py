@@ -120,8 +120,9 @@ class CompiledModel(torch.nn.Module):
              capacity: str | float = 1.25) -> Path:
         """Write model.pt2, plan.json, report.md and report.json atomically into out_dir.
 
-        exports: any of "onnx" (model.<form>.onnx per onnx_forms + inputs.pt, the sample inputs
-        `moh-compile verify` uses), "aoti" (model.aoti.pt2), "tensorrt" (needs TensorRT).
+        exports: any of "onnx" (model.<form>.onnx per onnx_forms), "aoti" (model.aoti.pt2),
+        "tensorrt" (needs TensorRT); with any of them also inputs.pt, the sample inputs
+        `moh-compile verify` uses.
         """
         return write_outputs(self, Path(out_dir), force, tuple(exports), tuple(onnx_forms), capacity)
 
@@ -263,9 +264,10 @@ def check_exports(exports: tuple, onnx_forms: tuple, capacity) -> None:
 
 def write_exports(compiled: CompiledModel, program, out: Path, exports: tuple, onnx_forms: tuple, capacity) -> None:
     """The deployment artifacts asked for, next to model.pt2 (inside the temporary directory)."""
-    if "onnx" in exports or "tensorrt" in exports:
+    if exports:
         args, kwargs, _ = compiled._example
         torch.save({"args": args, "kwargs": kwargs}, out / "inputs.pt")
+    if "onnx" in exports or "tensorrt" in exports:
         forms = onnx_forms if "onnx" in exports else ("custom",)
         for form in forms if "tensorrt" not in exports or "custom" in forms else (*forms, "custom"):
             compiled.export_onnx(out / f"model.{form}.onnx", form=form, capacity=capacity, program=program)

@@ -129,13 +129,18 @@ _LOAD_WITHOUT_MOH = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_aoti_package_loads_without_moh_compile(tmp_path):
+    from moh_compile.backends.verify import verify_outputs
+
     model, inputs, _, _ = models.build("tel_layer")
     compiled = moh_compile.compile(model, inputs)
-    path = compiled.export_aoti(tmp_path / "model.aoti.pt2")
+    out = compiled.save(tmp_path / "o", exports=("aoti",))
+    assert {p.name for p in out.iterdir()} >= {"model.pt2", "model.aoti.pt2", "inputs.pt"}
+    (row,) = verify_outputs(str(out), 1e-5)  # what `moh-compile verify` runs
+    assert row["kind"] == "aoti" and row["ok"] and row["diff"] <= 1e-5
     shapes = [models.reshape_inputs(inputs, b, s) for b, s in [(2, 8), (3, 13)]]
     torch.save({"inputs": shapes}, tmp_path / "in.pt")
-    proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_MOH, path, tmp_path / "in.pt", tmp_path / "out.pt"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_MOH, out / "model.aoti.pt2", tmp_path / "in.pt",
+                           tmp_path / "out.pt"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)["out"]
     with torch.no_grad():

@@ -220,7 +220,10 @@ def max_difference(expected, got: list[np.ndarray]) -> float:
         if e.shape != g.shape:
             raise OnnxMismatchError(f"output shape {g.shape} != PyTorch {e.shape}")
         if e.size:
-            diff = max(diff, float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64)))))
+            d = float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64))))
+            if d != d:  # NaN: Python's max() would drop it
+                return d
+            diff = max(diff, d)
     return diff
 
 
