@@ -146,3 +146,14 @@ def test_aoti_package_loads_without_moh_compile(tmp_path):
     with torch.no_grad():
         for x, y in zip(shapes, got):
             assert (model(*x) - y).abs().max().item() <= 1e-5
+
+
+def test_max_difference_keeps_nan_and_checks_structure():
+    import numpy as np
+
+    from moh_compile.backends.ort_runtime import OnnxMismatchError, max_difference
+
+    assert np.isnan(max_difference(torch.tensor([1.0, 2.0]), [np.array([1.0, np.nan], dtype=np.float32)]))
+    assert max_difference({"a": torch.ones(2), "b": None}, [np.full(2, 1.5, np.float32)]) == 0.5
+    with pytest.raises(OnnxMismatchError, match="outputs"):
+        max_difference((torch.ones(2), torch.ones(2)), [np.ones(2)])
