@@ -99,7 +99,7 @@ def test_rules_on_exported_custom_nodes(tmp_path):
     """Every custom node of a real export: attributes + inferred input dims give the inferred output dims."""
     from tests import models
 
-    model, inputs, _, _ = models.build("llama")
+    model, inputs, _, _ = models.build("llama_mqa")  # GQA (1 kv head), RoPE, gated FFN
     compiled = moh_compile.compile(model, inputs)
     proto = onnx.shape_inference.infer_shapes(compiled.export_onnx(tmp_path / "m.onnx", form="custom"))
     g = proto.graph
@@ -131,10 +131,14 @@ def test_engine_build_without_tensorrt_fails_with_exact_message(tmp_path, monkey
 
 
 def test_default_profile_reads_dynamic_dims(tmp_path):
-    from tests import models
+    """Symbolic dims become batch then sequence ranges; static ones (the exporter writes some as "64") stay."""
+    from onnx import TensorProto, helper
 
-    model, inputs, _, _ = models.build("tel_layer")
-    compiled = moh_compile.compile(model, inputs)
-    compiled.export_onnx(tmp_path / "m.onnx", form="portable")
-    (name, (lo, opt, hi)), = T.default_profile(tmp_path / "m.onnx").items()
-    assert lo == (1, 1, 64) and opt == (8, 128, 64) and hi == (64, 512, 64)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s28", "s98", "64"])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 7])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x, ids], [y])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    profile = T.default_profile(tmp_path / "m.onnx")
+    assert profile["x"] == ((1, 1, 64), (8, 128, 64), (64, 512, 64))
+    assert profile["ids"] == ((1, 7), (8, 7), (64, 7))
