@@ -1,5 +1,9 @@
 """Time ONNX Runtime sessions on exported models and print a ratio table (one run, side by side).
 
+    # the dense model's own ONNX vs the compiled model's portable and custom forms, with the
+    # ideal ratio from FLOP counts; everything after -- goes to `moh-compile MODEL --out DIR`:
+    python benchmarks/bench_onnx.py --model example:minilm --seq 128 512 --batch 8
+    python benchmarks/bench_onnx.py --model example:minilm -- --attention moh --ffn moepp --calib example
     python benchmarks/bench_onnx.py base=model.onnx moh=moh_custom.onnx port=moh_portable.onnx \
         --batch 1 --seq 128 --repeats 30
     python benchmarks/bench_onnx.py --demo     # builds a MiniLM-sized attention+FFN block itself
@@ -40,8 +44,8 @@ def random_feed(session, batch: int, seq: int, seed: int = 0) -> dict:
                 shape.append(batch if first else seq)
                 first = False
         dtype = _NP[inp.type]
-        if dtype == np.bool_:
-            feed[inp.name] = np.ones(shape, dtype=bool)
+        if dtype == np.bool_ or ("mask" in inp.name and np.issubdtype(dtype, np.integer)):
+            feed[inp.name] = np.ones(shape, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
             feed[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)
         else:
@@ -145,23 +149,126 @@ def demo(batch: int, seq: int, repeats: int, threads: int) -> None:
                                        f"batch={batch} seq={seq} threads={threads}")
 
 
+def block_flops(program_module, args: tuple, kwargs: dict, batch: int, seq: int) -> tuple[float, float]:
+    """(dense, compiled) FLOPs of the project-op blocks of one forward at (batch, seq).
+
+    Every moh_compile op call is recorded on a random batch of that shape: attention with the
+    measured fraction of active (token, head) pairs and of visible keys (window patterns);
+    MoE++ with the measured fraction of FFN experts chosen per token. Routers, K/V
+    projections (dense in both), embeddings and norms are outside the count.
+    """
+    import torch
+
+    from moh_compile.backends.onnx_export import _RecordCalls
+    from moh_compile.flops import attention_flops, ffn_flops
+    from moh_compile.ops.attention import window_mask
+
+    ops = [torch.ops.moh_compile.attention.default, torch.ops.moh_compile.ffn.default]
+    if hasattr(torch.ops.moh_compile, "moepp_ffn"):
+        ops.append(torch.ops.moh_compile.moepp_ffn.default)
+    rec = _RecordCalls(ops)
+    with torch.no_grad(), rec:
+        program_module(*args, **kwargs)
+    dense = compiled = 0.0
+    for op, a in rec.calls:
+        tokens = a["x"].shape[0] * a["x"].shape[1] if a["x"].dim() == 3 else a["x"].numel() // a["x"].shape[-1]
+        if op is ops[0]:
+            b, s, e = a["x"].shape
+            hkv, s_k, d = a["k"].shape[1], a["k"].shape[2], a["k"].shape[3]
+            h = a["q_weight"].shape[0] // d
+            g = a["head_gates"]
+            active = 1.0 if g is None else float((g != 0).float().mean())
+            density = 1.0
+            if a["window_sink"] is not None:
+                density = float(window_mask(s, s_k, a["window_sink"], a["window_alpha"], a["window_beta"],
+                                            a["window_two_sided"]).float().mean())
+            dense += attention_flops(b, s, e, h, hkv, d, a["o_weight"].shape[0])["total"]
+            compiled += attention_flops(b, s, e, h, hkv, d, a["o_weight"].shape[0], active, density=density)["total"]
+        elif op is ops[1]:
+            f = ffn_flops(tokens, a["x"].shape[-1], a["w_in"].shape[0], a["w_out"].shape[0], a["w_gate"] is not None)
+            dense += f["total"]
+            compiled += f["total"]
+        else:
+            n, f_e, d_in = a["w_in"].shape
+            idx, w = a["expert_idx"], a["expert_weight"]
+            chosen = ((idx < n) & (w != 0)).float().sum(-1).mean() / n
+            kw = dict(d_out=a["w_out"].shape[1], gated=a["w_gate"] is not None)
+            dense += ffn_flops(tokens, d_in, n * f_e, **kw)["total"]
+            compiled += ffn_flops(tokens, d_in, n * f_e, keep=float(chosen), **kw)["total"]
+    return dense, compiled
+
+
+def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int, repeats: int, threads: int,
+                capacity: str) -> None:
+    """Compile MODEL with the CLI, export dense / portable / custom ONNX, time them side by side."""
+    import torch
+
+    import moh_compile  # noqa: F401  (registers the ops model.pt2 calls)
+    from moh_compile.backends.onnx_export import export_program
+    from moh_compile.capture import capture
+    from moh_compile.cli import main as cli
+    from moh_compile.loading import load_model
+
+    torch.set_num_threads(threads)
+    try:
+        import onnxruntime_extensions  # noqa: F401
+        forms = ["portable", "custom"]
+    except ImportError:
+        forms = ["portable"]
+        print("onnxruntime-extensions is not installed: custom form skipped")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        code = cli([model, "--out", out, "--export", "onnx", "--capacity", capacity, *compile_args])
+        if code:
+            raise SystemExit(f"moh-compile failed with exit code {code}")
+        loaded = load_model(model)
+        cap = capture(loaded.model, loaded.example_inputs)
+        dense_path = os.path.join(tmp, "dense.onnx")
+        export_program(cap.program, dense_path, "portable", cap.args, cap.kwargs)
+        paths = {"dense": dense_path, **{f: os.path.join(out, f"model.{f}.onnx") for f in forms}}
+        program = torch.export.load(os.path.join(out, "model.pt2")).module()
+        print(f"\n{model} {' '.join(compile_args) or '(identity)'}, capacity={capacity}, batch={batch}, "
+              f"threads={threads}, repeats={repeats} (median ms; ratio = dense / form)")
+        head = f"{'seq':>5}{'dense ms':>11}" + "".join(f"{f + ' ms':>13}{'speedup':>9}" for f in forms) + f"{'ideal':>8}"
+        print(head)
+        for seq in seqs:
+            sessions = {name: make_session(p, detect_form(p), intra_op_threads=threads) for name, p in paths.items()}
+            feed = random_feed(sessions["dense"], batch, seq, seed=seq)
+            runners = {name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}
+            t = median_times(runners, repeats)
+            kwargs = {k: torch.from_numpy(v) for k, v in feed.items()}
+            d_fl, c_fl = block_flops(program, (), kwargs, batch, seq)
+            row = f"{seq:>5}{t['dense'] * 1e3:>11.1f}"
+            row += "".join(f"{t[f] * 1e3:>13.1f}{t['dense'] / t[f]:>8.2f}x" for f in forms)
+            print(row + f"{d_fl / c_fl:>7.2f}x")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="name=path.onnx (first one is the baseline)")
+    p.add_argument("--model", help="compile this MODEL (as moh-compile takes it) and run the dense/portable/custom table")
+    p.add_argument("--capacity", default="1.25", help="--capacity for the compiled model's export (default 1.25)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, nargs="+", default=[128])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--demo", action="store_true", help="build and time a MiniLM-sized demo block")
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compile_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if a.model:
+        model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity)
+        return
     if a.demo:
-        demo(a.batch, a.seq, a.repeats, a.threads)
+        for seq in a.seq:
+            demo(a.batch, seq, a.repeats, a.threads)
         return
     if not a.models:
         p.error("give name=path.onnx models or --demo")
     models = dict(m.split("=", 1) for m in a.models)
-    print_table(bench(models, batch=a.batch, seq=a.seq, repeats=a.repeats, threads=a.threads),
-                title=f"batch={a.batch} seq={a.seq} threads={a.threads}")
+    for seq in a.seq:
+        print_table(bench(models, batch=a.batch, seq=seq, repeats=a.repeats, threads=a.threads),
+                    title=f"batch={a.batch} seq={seq} threads={a.threads}")
 
 
 if __name__ == "__main__":

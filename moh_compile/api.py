@@ -97,9 +97,34 @@ class CompiledModel(torch.nn.Module):
                 codegen.pytree_info = info
                 gm.recompile()
 
-    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        """Write model.pt2, plan.json, report.md and report.json atomically into out_dir."""
-        return write_outputs(self, Path(out_dir), force)
+    def export_onnx(self, path: str | os.PathLike, form: str = "custom", capacity: str | float = 1.25,
+                    active_fraction: float | None = None, opset: int | None = None, program=None):
+        """Write the model as ONNX ("custom": one node per project op; "portable": standard ops only).
+
+        capacity: routed dispatch capacity factor of the portable form, or "exact" (see docs/deploy.md).
+        """
+        from moh_compile.backends.onnx_export import DEFAULT_OPSET, export_program
+
+        args, kwargs, _ = self._example
+        return export_program(program or self.export(), path, form, args, kwargs, opset or DEFAULT_OPSET,
+                              capacity, active_fraction)
+
+    def export_aoti(self, path: str | os.PathLike, capacity: str | float = 1.25, program=None) -> str:
+        """Write an AOTInductor package (.pt2) that loads with torch._inductor.aoti_load_package alone."""
+        from moh_compile.backends.aoti import package_aoti
+
+        args, kwargs, _ = self._example
+        return package_aoti(program or self.export(), path, args, kwargs, capacity)
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False, exports=(), onnx_forms=("custom", "portable"),
+             capacity: str | float = 1.25) -> Path:
+        """Write model.pt2, plan.json, report.md and report.json atomically into out_dir.
+
+        exports: any of "onnx" (model.<form>.onnx per onnx_forms), "aoti" (model.aoti.pt2),
+        "tensorrt" (needs TensorRT); with any of them also inputs.pt, the sample inputs
+        `moh-compile verify` uses.
+        """
+        return write_outputs(self, Path(out_dir), force, tuple(exports), tuple(onnx_forms), capacity)
 
 
 def _plain_spec(spec):
@@ -192,10 +217,15 @@ def measure_fidelity(original: torch.nn.Module, compiled: torch.nn.Module, batch
     return result
 
 
-def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool) -> Path:
+EXPORTS = ("onnx", "aoti", "tensorrt")
+
+
+def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool, exports: tuple = (),
+                  onnx_forms: tuple = ("custom", "portable"), capacity: str | float = 1.25) -> Path:
     """Atomic: everything is written to a temporary sibling directory, then renamed."""
     if out_dir.exists() and not force:
         raise MohCompileError(f"{out_dir} exists; pass --force (force=True) to replace it")
+    check_exports(exports, onnx_forms, capacity)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -203,6 +233,7 @@ def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool) -> Path:
         torch.export.save(program, str(tmp / "model.pt2"))
         (tmp / "plan.json").write_text(compiled.plan.to_json())
         compiled.report.write(tmp)
+        write_exports(compiled, program, tmp, exports, onnx_forms, capacity)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -210,6 +241,42 @@ def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_exports(exports: tuple, onnx_forms: tuple, capacity) -> None:
+    """Reject bad export settings (and a missing TensorRT) before any work is done."""
+    from moh_compile.backends.onnx_export import FORMS, check_settings
+
+    for e in exports:
+        if e not in EXPORTS:
+            raise MohCompileError(f"unknown export {e!r} (known: {', '.join(EXPORTS)})")
+    if not onnx_forms or any(f not in FORMS for f in onnx_forms):
+        raise MohCompileError(f"ONNX forms must be among {', '.join(FORMS)}, got {', '.join(onnx_forms) or 'none'}")
+    try:
+        check_settings(onnx_forms[0], capacity=capacity)
+    except ValueError as err:
+        raise MohCompileError(str(err)) from None
+    if "tensorrt" in exports:
+        from moh_compile.backends.tensorrt import require_tensorrt
+
+        require_tensorrt()
+
+
+def write_exports(compiled: CompiledModel, program, out: Path, exports: tuple, onnx_forms: tuple, capacity) -> None:
+    """The deployment artifacts asked for, next to model.pt2 (inside the temporary directory)."""
+    if exports:
+        args, kwargs, _ = compiled._example
+        torch.save({"args": args, "kwargs": kwargs}, out / "inputs.pt")
+    if "onnx" in exports or "tensorrt" in exports:
+        forms = onnx_forms if "onnx" in exports else ("custom",)
+        for form in forms if "tensorrt" not in exports or "custom" in forms else (*forms, "custom"):
+            compiled.export_onnx(out / f"model.{form}.onnx", form=form, capacity=capacity, program=program)
+    if "aoti" in exports:
+        compiled.export_aoti(out / "model.aoti.pt2", capacity=capacity, program=program)
+    if "tensorrt" in exports:
+        from moh_compile.backends.tensorrt import build_engine, default_profile
+
+        build_engine(out / "model.custom.onnx", out / "model.engine", default_profile(out / "model.custom.onnx"))
 
 
 __all__ = ["inspect", "compile", "CompiledModel", "Inspection"]

@@ -2,6 +2,8 @@
 
     moh-compile inspect MODEL            table of blocks found (and skipped, with reasons)
     moh-compile MODEL --out DIR          rewrite, write model.pt2 + plan.json + report
+    moh-compile MODEL --out DIR --export onnx     ... + model.custom.onnx, model.portable.onnx
+    moh-compile verify DIR|FILE.onnx     run exported files in ONNX Runtime vs model.pt2
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 
 from moh_compile.errors import MohCompileError
 
-SUBCOMMANDS = ("inspect",)
+SUBCOMMANDS = ("inspect", "verify")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,7 @@ def build_compile_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="moh-compile",
-        description="Compile a trained transformer into a cheaper one. Subcommands: inspect MODEL.",
+        description="Compile a trained transformer into a cheaper one. Subcommands: inspect MODEL, verify DIR.",
         epilog="Example: moh-compile example:minilm --out out/minilm")
     _model_args(p)
     p.add_argument("--out", required=True, help="output directory (model.pt2, plan.json, report.md, report.json)")
@@ -65,9 +67,65 @@ def build_compile_parser() -> argparse.ArgumentParser:
     f.add_argument("--finetune-train", choices=["router", "all"], default="router",
                    help="train the routers only, or every parameter (default: router)")
     f.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    x = p.add_argument_group("deployment artifacts (docs/deploy.md)")
+    x.add_argument("--export", action="append", default=[], metavar="KIND",
+                   help="also write: onnx (model.custom.onnx / model.portable.onnx), aoti (model.aoti.pt2, an "
+                        "AOTInductor package), tensorrt (engine; needs TensorRT); repeat or comma-separate")
+    x.add_argument("--onnx-form", default="both", choices=["custom", "portable", "both"],
+                   help="which ONNX forms --export onnx writes (default: both)")
+    x.add_argument("--capacity", default="1.25", metavar="FACTOR|exact",
+                   help="capacity factor of routed dispatch in the portable ONNX form and the AOTI package, "
+                        "or 'exact' (no token dropped, no work saved) (default: 1.25)")
     for pass_ in passes.all_passes():
         pass_.add_arguments(p)
     return p
+
+
+def export_settings(args) -> tuple[tuple, tuple, object]:
+    """(exports, onnx forms, capacity) from the CLI options; MohCompileError when invalid."""
+    from moh_compile.api import check_exports
+    from moh_compile.backends.onnx_export import parse_capacity
+
+    exports = tuple(dict.fromkeys(e.strip() for spec in args.export for e in spec.split(",") if e.strip()))
+    forms = ("custom", "portable") if args.onnx_form == "both" else (args.onnx_form,)
+    try:
+        capacity = parse_capacity(args.capacity)
+    except ValueError as err:
+        raise MohCompileError(f"--capacity: {err}") from None
+    check_exports(exports, forms, capacity)
+    return exports, forms, capacity
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moh-compile verify",
+        description="Run exported ONNX files (and an AOTI package) on sample inputs and print the max "
+                    "difference from the PyTorch model (model.pt2 in the same directory).")
+    p.add_argument("path", help="an output directory of `moh-compile MODEL --export ...`, or one .onnx file in it")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs difference allowed (default: 1e-4)")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
+                   help="sample inputs instead of the saved inputs.pt, one per model input in order "
+                        "(e.g. 4,32:int64 for token ids; an int64 input named *mask* gets ones)")
+    return p
+
+
+def run_verify(argv: list[str]) -> int:
+    from moh_compile.backends.verify import verify_outputs
+
+    args = build_verify_parser().parse_args(argv)
+    if not args.tol >= 0:
+        raise MohCompileError("--tol must be >= 0")
+    results = verify_outputs(args.path, args.tol, args.input_shape)
+    worst = [r for r in results if not r["ok"]]
+    for r in results:
+        print(f"{r['file']:<22} {r['kind']:<9} max|diff| {r['diff']:.3g}  {'ok' if r['ok'] else 'FAIL'}"
+              + (f"  ({r['note']})" if r.get("note") else ""))
+    if worst:
+        print(f"moh-compile: verify FAILED: {', '.join(r['file'] for r in worst)} differ from model.pt2 by more "
+              f"than --tol {args.tol:g}", file=sys.stderr)
+        return 1
+    print(f"all {len(results)} exported files within {args.tol:g} of model.pt2")
+    return 0
 
 
 def _load(args):
@@ -127,6 +185,7 @@ def run_compile(argv: list[str]) -> int:
         except (OSError, ValueError, TypeError) as err:
             raise MohCompileError(f"cannot read plan {args.plan}: {err}")
     t0 = time.perf_counter()
+    export_settings(args)  # fail on bad export options before loading anything
     loaded = _load(args)
     print(f"loaded: {loaded.source}", file=sys.stderr)
     calibration = None
@@ -137,6 +196,7 @@ def run_compile(argv: list[str]) -> int:
         calibration = as_calibration(args.calib, loaded, eval_source=eval_source, batch_size=args.batch_size,
                                      max_length=args.max_length, limit=args.calib_samples)
         print(f"calibration: {calibration.source} ({calibration.num_examples} examples)", file=sys.stderr)
+    exports, forms, capacity = export_settings(args)
     compiled = compile_model(loaded.model, loaded.example_inputs, config, plan=plan, calibration=calibration)
     if args.finetune_minutes:
         from moh_compile.finetune import finetune
@@ -148,10 +208,11 @@ def run_compile(argv: list[str]) -> int:
     if fid:
         print(f"fidelity on {fid['n']} held-out examples: mean cosine {fid['cosine']:.4f}"
               + (f", top-10 overlap {fid['knn10']:.3f}" if "knn10" in fid else ""), file=sys.stderr)
-    compiled.save(out, force=args.force)
+    compiled.save(out, force=args.force, exports=exports, onnx_forms=forms, capacity=capacity)
     n_done = len(compiled.report.actions)
+    extra = "".join(f", {p.name}" for p in sorted(out.iterdir()) if p.name.startswith("model.") and p.name != "model.pt2")
     print(f"rewrote {n_done} blocks, skipped {len(compiled.report.skipped)}; wrote {out}/model.pt2, plan.json, "
-          f"report.md, report.json in {time.perf_counter() - t0:.1f}s")
+          f"report.md, report.json{extra} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -160,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return run_inspect(argv[1:])
+        if argv and argv[0] == "verify":
+            return run_verify(argv[1:])
         return run_compile(argv)
     except MohCompileError as err:
         print(f"moh-compile: error: {err}", file=sys.stderr)

@@ -93,6 +93,7 @@ CONFIGS = {
     "routed_twosided_perheadmask": (dict(rope=False, hkv=4, routed=True, window=WINDOW_2S, gated=False,
                                          act="gelu"), "bool_heads", 1e-4),
     "identity_rope_gqa_additive_mask": (dict(rope=True, hkv=2, routed=False, gated=False, act="gelu"), "float", 1e-5),
+    "window_only_rope_gqa_bool": (dict(rope=True, hkv=2, routed=False, window=WINDOW), "bool", 1e-4),  # sparse alone
 }
 SHAPES = [(2, 7), (3, 12)]
 
@@ -301,3 +302,29 @@ def test_moepp_both_forms(tmp_path):
         assert ours == (["MohMoEppFFN"] if form == "custom" else [])
         for b, s in SHAPES:
             assert verify_onnx(block, (torch.randn(b, s, 32),), path, atol=1e-4) <= 1e-4
+
+
+class MoHMoEpp(nn.Module):
+    """Routed + windowed attention block followed by a MoE++ FFN: all three transforms in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.moe = Block(rope=True, hkv=2, routed=True, window=WINDOW), MoEppBlock()
+
+    def forward(self, x, mask):
+        return self.moe(self.attn(x, mask))
+
+
+def test_moh_sparse_moepp_combined_both_forms(tmp_path):
+    pytest.importorskip("moh_compile.ops.moepp")
+    torch.manual_seed(4)
+    block = MoHMoEpp().eval()
+    example = inputs_for(block.attn, "bool", 2, 9)
+    for form in ["portable", "custom"] if HAS_EXT else ["portable"]:
+        path = tmp_path / f"combined_{form}.onnx"
+        model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for("bool"),
+                            capacity="exact")
+        ours = sorted(n.op_type for n in model.graph.node if n.domain == DOMAIN)
+        assert ours == (["MohFFN", "MohMoEppFFN", "MohRoutedAttention"] if form == "custom" else [])
+        for b, s in SHAPES:
+            assert verify_onnx(block, inputs_for(block.attn, "bool", b, s), path, atol=1e-4) <= 1e-4

@@ -52,10 +52,20 @@ def test_hooks_decline_cpu_tensors_outside_interpreter():
         pytest.skip("interpreter mode accepts CPU tensors by design")
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    from moh_compile.kernels.triton.register import attention_fast_kernel
+    from moh_compile.kernels.triton.register import attention_fast_kernel, moepp_fast_kernel
 
     args = checks._attention_args("cpu", torch.float32, 1, 4, 2, 16, 16, 0, gates_frac=0.5)
     assert attention_fast_kernel(*args) is None
+    assert moepp_fast_kernel(*checks.moepp_args(8, 32, 4, 16, 2, 1, 1, 1, True, 0), "silu") is None
+
+
+def test_moepp_op_registers_triton_hook():
+    """The MoE++ op's fast-kernel list holds the Triton hook exactly when triton is installed."""
+    import moh_compile  # noqa: F401
+    from moh_compile.ops import moepp
+
+    names = [k.__name__ for k in moepp._FAST_KERNELS]
+    assert ("moepp_fast_kernel" in names) == HAS_TRITON
 
 
 @needs_triton

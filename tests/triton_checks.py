@@ -198,6 +198,32 @@ def check_moepp(device, dtype, gated, act, t=24, d=32, n=4, f_e=16, k=3, seed=3,
     return _rel(out, ref) if rel else _err(out, ref)
 
 
+def check_moepp_op_dispatch(device, dtype, gated=True, act="silu"):
+    """torch.ops.moh_compile.moepp_ffn takes the Triton path (registered fast kernel) and matches
+    the loop reference; inf when the op did not call the Triton kernel."""
+    import moh_compile  # noqa: F401  (registers the fast kernels)
+    from moh_compile.kernels.triton import moe_grouped
+
+    calls = []
+    original = moe_grouped.moepp_ffn_triton
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    moe_grouped.moepp_ffn_triton = counting
+    try:
+        args = moepp_args(24, 32, 4, 16, 3, 1, 1, 2, gated, 7)
+        ref = moepp_loop_reference(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                     for a in args], act)
+        dev = [a.to(device, dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else
+               (a.to(device) if isinstance(a, torch.Tensor) else a) for a in args]
+        out = torch.ops.moh_compile.moepp_ffn(*dev, act).cpu()
+    finally:
+        moe_grouped.moepp_ffn_triton = original
+    return _err(out, ref) if calls else float("inf")
+
+
 def check_grouped_gemm(device, dtype, seed=4):
     """Uneven groups, a group of 0 rows, an index-gathered A, K not a multiple of the block."""
     from moh_compile.kernels.triton.moe_grouped import grouped_gemm
@@ -229,6 +255,7 @@ INTERPRETER_CHECKS = {
     "moepp_gated_silu": lambda: check_moepp("cpu", torch.float32, True, "silu"),
     "moepp_plain_gelu": lambda: check_moepp("cpu", torch.float32, False, "gelu"),
     "grouped_gemm": lambda: check_grouped_gemm("cpu", torch.float32),
+    "moepp_op_uses_triton": lambda: check_moepp_op_dispatch("cpu", torch.float32),
 }
 
 

@@ -8,10 +8,12 @@ Both forms start from one torch.export ExportedProgram (dynamic batch/sequence d
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
 import onnx
+import onnxscript.optimizer
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,29 +38,77 @@ def export_onnx(
 ) -> onnx.ModelProto:
     """Export `module(*example_inputs)` to `path` (written atomically) and return the checked model.
 
-    Portable form only: `capacity` is the capacity factor of routed-head dispatch, or "exact"
+    Portable form only: `capacity` is the capacity factor of routed dispatch, or "exact"
     (C = S, reproduces exact routing); `active_fraction` overrides the measured mean fraction
-    of active (token, routed head) pairs per call site.
+    of active (token, routed head/expert) pairs per call site.
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if not isinstance(example_inputs, tuple):
         raise ValueError("example_inputs must be a tuple of positional inputs")
+    check_settings(form, opset, capacity)
+    ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    return export_program(ep, path, form, example_inputs, {}, opset, capacity, active_fraction)
+
+
+def check_settings(form: str, opset: int = DEFAULT_OPSET, capacity: str | float = 1.25) -> None:
+    """Reject bad export settings before any work (ValueError; the CLI turns it into one line)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if opset < 18:
         raise ValueError(f"opset must be >= 18 for the dynamo exporter, got {opset}")
-    ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    if capacity != "exact" and (isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or capacity <= 0):
+        raise ValueError(f"capacity must be 'exact' or a positive capacity factor, got {capacity!r}")
+
+
+def parse_capacity(text: str) -> str | float:
+    """CLI spelling of a capacity: "exact" or a positive float such as 1.25."""
+    if text == "exact":
+        return "exact"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"capacity must be 'exact' or a positive number such as 1.25, got {text!r}")
+    return value
+
+
+def export_program(
+    ep: torch.export.ExportedProgram,
+    path: str | os.PathLike,
+    form: str,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    opset: int = DEFAULT_OPSET,
+    capacity: str | float = 1.25,
+    active_fraction: float | None = None,
+) -> onnx.ModelProto:
+    """Lower an ExportedProgram (dynamic dims kept) to one ONNX form; `ep` is not modified.
+
+    `args`/`kwargs` are sample inputs: the portable form runs them once to size each routed
+    call site's capacity. The model is checked (onnx.checker, strict shape inference), tagged
+    with its form and capacity in metadata_props, and written atomically.
+    """
+    check_settings(form, opset, capacity)
     if form == "custom":
-        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=True,
+        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False,
                                     custom_translation_table=custom_translation_table())
     else:
-        attach_capacity_plans(ep, example_inputs, capacity, active_fraction)
-        program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True, opset_version=opset, optimize=True)
+        ep = copy.deepcopy(ep)
+        attach_capacity_plans(ep, args, kwargs or {}, capacity, active_fraction)
+        program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True,
+                                    opset_version=opset, optimize=False, verbose=False)
+    # Constant folding and dead-code removal only: the exporter's optimize=True also applies
+    # opset-23 fusions, and its fused RotaryEmbedding fails in ORT 1.31 once the batch differs
+    # from the example's ("cos_cache ... expected to have the same shape as input").
+    program.model = onnxscript.optimizer.optimize(program.model)
     model = program.model_proto
     if model.functions:
         raise RuntimeError("export produced ONNX local functions; TensorRT and this backend expect none")
     if form == "portable" and any(n.domain == DOMAIN for n in model.graph.node):
         raise RuntimeError("portable export still contains moh_compile nodes")
+    onnx.helper.set_model_props(model, {"moh_compile.form": form, "moh_compile.capacity": str(capacity)})
     onnx.checker.check_model(model)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
     save_atomic(model, path)
     return model
 
@@ -78,12 +128,14 @@ class _RecordCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def attach_capacity_plans(ep, example_inputs: tuple, capacity, active_fraction) -> int:
+def attach_capacity_plans(ep, args: tuple, kwargs: dict, capacity, active_fraction) -> int:
     """Point each routed op node at its lowering's capacity op with the site's plan; returns count."""
     routed = {lw.torch_op: lw for lw in LOWERINGS.values() if lw.capacity_op is not None}
+    if not any(n.op == "call_function" and n.target in routed for n in ep.graph_module.graph.nodes):
+        return 0
     recorder = _RecordCalls(routed)
     with torch.no_grad(), recorder:
-        ep.module()(*example_inputs)
+        ep.module()(*args, **kwargs)
     nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target in routed]
     if [n.target for n in nodes] != [f for f, _ in recorder.calls]:
         raise RuntimeError(f"graph has {len(nodes)} routed op nodes but {len(recorder.calls)} calls were observed")

@@ -183,15 +183,21 @@ def _numpy(t) -> np.ndarray:
 
 
 def run_session(session: ort.InferenceSession, inputs) -> list[np.ndarray]:
-    """Feed positional inputs (tensors/arrays, graph input order) or a {name: value} dict."""
+    """Feed inputs in any form `capture.normalize_inputs` accepts: positional tensors (graph input
+    order), a {name: value} dict, or an (args, kwargs) pair. Non-tensor values (flags such as
+    use_cache=False) were constants at export and are dropped; keyword tensors go to the graph
+    input of the same name, the rest fill the remaining inputs in order."""
+    from moh_compile.capture import normalize_inputs
+
     names = [i.name for i in session.get_inputs()]
-    if isinstance(inputs, dict):
-        feed = {k: _numpy(v) for k, v in inputs.items()}
-    else:
-        inputs = [t for t in inputs if t is not None]
-        if len(inputs) != len(names):
-            raise ValueError(f"model takes {len(names)} inputs {names}, got {len(inputs)}")
-        feed = dict(zip(names, map(_numpy, inputs)))
+    args, kwargs = normalize_inputs(inputs)
+    feed = {k: _numpy(v) for k, v in kwargs.items() if isinstance(v, (torch.Tensor, np.ndarray)) and k in names}
+    rest = [v for v in torch.utils._pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if k not in feed}))
+            if isinstance(v, (torch.Tensor, np.ndarray))]
+    free = [n for n in names if n not in feed]
+    if len(rest) != len(free):
+        raise ValueError(f"model takes {len(names)} inputs {names}, got {len(feed) + len(rest)} tensors")
+    feed.update(zip(free, map(_numpy, rest)))
     return session.run(None, feed)
 
 
@@ -204,20 +210,34 @@ def run_onnx(path: str | os.PathLike, inputs, form: str | None = None) -> list[n
     return run_session(make_session(path, form or detect_form(path)), inputs)
 
 
-def verify_onnx(module: torch.nn.Module, inputs: tuple, path: str | os.PathLike, atol: float = 1e-4,
-                form: str | None = None) -> float:
-    """Max |ONNX - PyTorch| over all outputs; raises OnnxMismatchError above atol."""
-    with torch.no_grad():
-        expected = module(*inputs)
-    expected = [_numpy(t) for t in torch.utils._pytree.tree_leaves(expected)]
-    got = run_onnx(path, inputs, form)
+def max_difference(expected, got: list[np.ndarray]) -> float:
+    """Max |a - b| over the leaves of a PyTorch output (None leaves dropped) and ORT's outputs."""
+    expected = [_numpy(t) for t in torch.utils._pytree.tree_leaves(expected) if t is not None]
     if len(got) != len(expected):
         raise OnnxMismatchError(f"ONNX gave {len(got)} outputs, PyTorch {len(expected)}")
     diff = 0.0
     for e, g in zip(expected, got):
         if e.shape != g.shape:
             raise OnnxMismatchError(f"output shape {g.shape} != PyTorch {e.shape}")
-        diff = max(diff, float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64)))) if e.size else 0.0)
+        if e.size:
+            d = float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64))))
+            if d != d:  # NaN: Python's max() would drop it
+                return d
+            diff = max(diff, d)
+    return diff
+
+
+def verify_onnx(module: torch.nn.Module, inputs, path: str | os.PathLike, atol: float = 1e-4,
+                form: str | None = None) -> float:
+    """Max |ONNX - PyTorch| over all outputs; raises OnnxMismatchError above atol (NaN included).
+
+    `inputs`: positional tuple, keyword dict or (args, kwargs), fed alike to both."""
+    from moh_compile.capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(inputs)
+    with torch.no_grad():
+        expected = module(*args, **kwargs)
+    diff = max_difference(expected, run_onnx(path, (args, kwargs), form))
     if not diff <= atol:
         raise OnnxMismatchError(f"ONNX output differs from PyTorch by {diff:.3g} > atol {atol:g}")
     return diff

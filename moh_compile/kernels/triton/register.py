@@ -104,13 +104,15 @@ def moepp_fast_kernel(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, e
 
 
 def register() -> bool:
-    """Register the attention hook once; returns True when triton is installed."""
+    """Register the attention and MoE++ hooks once; returns True when triton is installed."""
     global _REGISTERED
     if not triton_available():
         return False
     if not _REGISTERED:
+        from moh_compile.ops import moepp
         from moh_compile.ops.attention import register_fast_kernel
 
         register_fast_kernel(attention_fast_kernel)
+        moepp.register_fast_kernel(moepp_fast_kernel)
         _REGISTERED = True
     return True
