@@ -180,11 +180,11 @@ class MoEPPPass(Pass):
             except ValueError as err:
                 raise MohCompileError(f"{match.block.name}: plan grouping does not fit this FFN: {err}") from err
             d, d_out = w["w_in"].shape[1], w["w_out"].shape[0]
-            experts_mod = MoEPPExperts(experts, d, d_out, st["const_experts"])
+            experts_mod = MoEPPExperts(experts, d, d_out, st["const_experts"]).eval()
             w["b_out"] = _const_value(gm, ops["b_out"])
             experts_mod.dense = w  # plain attribute: finalize regroups from it, then drops it
             gm.add_submodule(name + "_experts", experts_mod)
-            gm.add_submodule(name + "_router", ExpertRouter(d, d_out, self._config(st)))
+            gm.add_submodule(name + "_router", ExpertRouter(d, d_out, self._config(st)).eval())
             r = b.module(name + "_router", ops["x"], *([prev] if prev is not None else []))
             idx, weight, logits, comp = (b.call(operator.getitem, r, i) for i in range(4))
             e = {k: b.attr(f"{name}_experts.{k}") if getattr(gm.get_submodule(name + "_experts"), k) is not None
