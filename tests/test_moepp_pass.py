@@ -219,6 +219,21 @@ def test_cli_options_calibration_file_and_plan(tmp_path, capsys):
     assert [b["settings"].get("groups") for b in plan2["blocks"]] == [b["settings"].get("groups") for b in plan["blocks"]]
 
 
+def test_finetune_all_trains_experts_and_routers(bert_fitted):
+    """Distillation reaches expert weights (through the op's backward) and routers (binary STE).
+    Runs last on the shared fixture: it changes its weights."""
+    model, inputs, calib, compiled = bert_fitted
+    gm = compiled.graph_module
+    experts = gm.get_submodule("moepp_encoder_layer_1_experts")
+    router = gm.get_submodule("moepp_encoder_layer_1_router")
+    before = (experts.w_in.detach().clone(), router.proj.weight.detach().clone())
+    result = moh_compile.finetune(compiled, model, calib, train="all", minutes=None, steps=3, lr=1e-3,
+                                  progress=False)
+    assert result["steps"] == 3 and "fidelity" in result
+    assert not torch.equal(experts.w_in.detach(), before[0])
+    assert not torch.equal(router.proj.weight.detach(), before[1])
+
+
 # measured through compile on real MiniLM (256 calibration sentences, keep 0.5, 16 experts): see docs/moepp.md
 SLOW_COS_FLOOR = 0.86
 
