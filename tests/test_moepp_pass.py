@@ -234,8 +234,9 @@ def test_finetune_all_trains_experts_and_routers(bert_fitted):
     assert not torch.equal(router.proj.weight.detach(), before[1])
 
 
-# measured through compile on real MiniLM (256 calibration sentences, keep 0.5, 16 experts): see docs/moepp.md
-SLOW_COS_FLOOR = 0.86
+# measured through compile on real MiniLM (256 calibration sentences, keep 0.5, 16 experts, first 128
+# held-out sentences): cosine 0.9435, work 0.538; the floor leaves a margin for BLAS/thread noise
+SLOW_COS_FLOOR = 0.92
 
 
 @pytest.mark.slow
@@ -250,5 +251,6 @@ def test_real_minilm_half_ffn_fidelity_through_compile():
     compiled = moh_compile.compile(loaded.model, loaded.example_inputs, _moepp(ffn_keep=0.5), calibration=calib)
     work = expert_usage(compiled.graph_module, calib.eval_batches, calib.token_mask)
     mean_work = sum(u["ffn_fraction"] for u in work.values()) / len(work)
+    print(f"MiniLM moepp keep 0.5: work {mean_work:.3f}, fidelity {compiled.report.sections['fidelity']}")
     assert abs(mean_work - 0.5) < 0.06  # budget fitted on calibration text holds on held-out text
     assert compiled.report.sections["fidelity"]["cosine"] > SLOW_COS_FLOOR
