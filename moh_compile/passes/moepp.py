@@ -22,7 +22,6 @@ budget is a clear error, since a router fitted on nothing would be a guess.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import operator
