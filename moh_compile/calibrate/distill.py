@@ -98,6 +98,16 @@ class _Progress:
             self.bar.stop()
 
 
+def _eval(module: nn.Module) -> None:
+    """module.eval(), also for torch.export's unlifted modules, which refuse eval() (their graph is
+    already captured in eval form; only inserted submodules such as routers have a mode)."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        for child in module.children():
+            child.eval()
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -129,8 +139,8 @@ def distill(
     for p in student.parameters():
         p.requires_grad_(id(p) in trainable)
     opt = torch.optim.Adam(params, lr=lr)
-    student.eval()      # no dropout: match the deterministic teacher
-    teacher.eval()
+    _eval(student)      # no dropout: match the deterministic teacher
+    _eval(teacher)
     for r in routers:
         r.track_load_balance = True
     bar = _Progress(steps, progress, time_budget_s)

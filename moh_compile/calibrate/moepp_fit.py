@@ -16,60 +16,11 @@ inputs x (tokens, d):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moh_compile.calibrate.ridge import ridge
 from moh_compile.calibrate.grouping import balanced_kmeans, neuron_features
 from moh_compile.ops.activations import apply_activation
 from moh_compile.passes.moepp_router import ExpertRouter
-
-
-# --------------------------------------------------------------------------- op dispatch
-def _moepp_ffn_local(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
-                     const_vectors, const_gate_weight, n_zero: int, n_copy: int, activation: str):
-    """Dense pure-torch reference of moh_compile::moepp_ffn (computes every group, then weights)."""
-    n, _, d = w_in.shape
-    n_const = 0 if const_vectors is None else const_vectors.shape[0]
-    e_total = n + n_zero + n_copy + n_const
-    lead = x.shape[:-1]
-    xf = x.reshape(-1, d)
-    k = expert_idx.shape[-1]
-    dense_w = torch.zeros(xf.shape[0], e_total, dtype=x.dtype, device=x.device)
-    dense_w = dense_w.scatter_add(1, expert_idx.reshape(-1, k), expert_weight.reshape(-1, k).to(x.dtype))
-    h = torch.einsum("td,nfd->tnf", xf, w_in)
-    if b_in is not None:
-        h = h + b_in
-    if w_gate is not None:
-        g = torch.einsum("td,nfd->tnf", xf, w_gate)
-        if b_gate is not None:
-            g = g + b_gate
-        h = apply_activation(activation, g) * h
-    else:
-        h = apply_activation(activation, h)
-    out = torch.einsum("tnf,nof->to", h * dense_w[:, :n, None], w_out)
-    if n_copy:
-        out = out + dense_w[:, n + n_zero:n + n_zero + n_copy].sum(-1, keepdim=True) * xf
-    if n_const:
-        ab = torch.softmax(torch.einsum("td,cjd->tcj", xf, const_gate_weight), dim=-1)
-        wc = dense_w[:, n + n_zero + n_copy:]
-        out = out + torch.einsum("tc,tc,td->td", wc, ab[..., 0], xf) + torch.einsum("tc,tc,cd->td", wc, ab[..., 1], const_vectors)
-    if b_out is not None:
-        out = out + b_out
-    return out.reshape(*lead, out.shape[-1])
-
-
-def moepp_ffn_forward(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
-                      const_vectors=None, const_gate_weight=None, n_zero: int = 1, n_copy: int = 0,
-                      activation: str = "gelu"):
-    """Call moh_compile::moepp_ffn when that op is registered, else the local reference."""
-    try:
-        import moh_compile.ops.moepp  # noqa: F401  (registers the op once the moepp branch lands)
-        op = torch.ops.moh_compile.moepp_ffn
-    except (ImportError, AttributeError):
-        op = None
-    args = (x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
-            const_vectors, const_gate_weight, n_zero, n_copy, activation)
-    return op(*args) if op is not None else _moepp_ffn_local(*args)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -79,16 +30,6 @@ def group_neurons(w_in: torch.Tensor, n_groups: int, activations: torch.Tensor |
     gate), plus co-activation on calibration activations (T, F) when given."""
     feats = neuron_features(w_in, w_gate, activations, act_weight=act_weight, seed=seed)
     return balanced_kmeans(feats, n_groups, seed=seed)
-
-
-def split_ffn(w_in, b_in, w_out, groups, w_gate=None, b_gate=None) -> dict:
-    """Stack a dense FFN's weights into per-group expert tensors for moepp_ffn."""
-    out = {"w_in": w_in[groups].contiguous(),
-           "b_in": None if b_in is None else b_in[groups].contiguous(),
-           "w_out": w_out[:, groups].permute(1, 0, 2).contiguous(),
-           "w_gate": None if w_gate is None else w_gate[groups].contiguous(),
-           "b_gate": None if (w_gate is None or b_gate is None) else b_gate[groups].contiguous()}
-    return out
 
 
 def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tensor:
@@ -191,6 +132,6 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
 
 
-__all__ = ["moepp_ffn_forward", "group_neurons", "split_ffn", "group_outputs",
+__all__ = ["group_neurons", "group_outputs",
            "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
            "fit_router"]

@@ -24,4 +24,8 @@ def register(p: Pass) -> Pass:
     return p
 
 
+from moh_compile.passes.moepp import MoEPPPass  # noqa: E402
+
+register(MoEPPPass())
+
 __all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register", "all_passes"]

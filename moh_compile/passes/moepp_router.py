@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moh_compile.calibrate.load_balance import heterogeneous_load_balance_loss
 from moh_compile.passes.routing import Router
 
 
@@ -132,15 +133,12 @@ class ExpertRouter(Router):
         return self.comp_table.sum(dim=0) - used
 
     def _load_balance(self, logits, idx, empty) -> torch.Tensor:
-        """Heterogeneous MoE++ loss sum_i eta_i f_i P_i (eta = tau for zero-computation experts)."""
+        """Heterogeneous MoE++ loss sum_i eta_i f_i P_i (eta = tau for zero-computation experts);
+        the distiller scales it by beta (0.01)."""
         cfg = self.config
         probs = torch.softmax(logits.float(), dim=-1).reshape(-1, cfg.n_total)
-        counts = torch.zeros(cfg.n_total, device=logits.device)
-        counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device))
-        f = counts / max(idx.shape[:-1].numel(), 1)
-        eta = torch.ones(cfg.n_total, device=logits.device)
-        eta[cfg.n_ffn:] = cfg.tau
-        return (eta * f * probs.mean(0)).sum() * cfg.n_total
+        return heterogeneous_load_balance_loss(probs, idx.reshape(probs.shape[0], -1), cfg.n_ffn, cfg.tau,
+                                               beta=1.0) * cfg.n_total
 
 
 def mean_ffn_count(idx: torch.Tensor, n_ffn: int, mask: torch.Tensor | None = None) -> float:
