@@ -87,10 +87,22 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
     q (B,H,S,D), k (B,Hkv,S_k,D); sink/alpha/beta are scalars (same pattern for all heads) or
     per-head lists. Queries are processed in chunks so memory stays at chunk x S_k per head.
     """
+    return mass_outside_candidates(q, k, mask, scale, [(sink, alpha, beta)], two_sided, chunk)[0]
+
+
+def mass_outside_candidates(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                            patterns: Sequence[tuple], two_sided: bool, chunk: int = 256) -> torch.Tensor:
+    """(C, H) attention mass outside each of C patterns (sink, alpha, beta), softmax computed once.
+
+    Each pattern's fields are scalars or per-head lists. The masses of all patterns for a chunk
+    of queries are one batched matmul of the probabilities with the (C, rows, S_k) patterns.
+    """
     b, h, s_q, _ = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if h % h_kv:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv})")
+    if not patterns:
+        raise ValueError("patterns must not be empty")
 
     def per_head(x, name):
         x = list(x) if isinstance(x, (list, tuple)) else [x] * h
@@ -98,13 +110,14 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
             raise ValueError(f"{name} needs one value per head ({h}), got {len(x)}")
         return x
 
-    sink, alpha, beta = per_head(sink, "sink"), per_head(alpha, "alpha"), per_head(beta, "beta")
+    pats = [(per_head(sk, "sink"), per_head(a, "alpha"), per_head(bt, "beta")) for sk, a, bt in patterns]
+    n_c = len(pats)
     k = k.repeat_interleave(h // h_kv, dim=1)
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-    pattern = window_mask(s_q, s_k, sink, alpha, beta, two_sided, q.device)  # bool, 1 byte per pair
-    total = torch.zeros(h, dtype=torch.float64)
+    chunk = max(1, min(chunk, (1 << 24) // max(1, h * n_c * s_k)))
+    total = torch.zeros(n_c, h, dtype=torch.float64)
     count = torch.zeros(h, dtype=torch.float64)
     for q0 in range(0, s_q, chunk):
         q1 = min(s_q, q0 + chunk)
@@ -112,9 +125,12 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
         if mask is not None:
             m = mask[:, :, q0:q1] if mask.shape[2] != 1 else mask
             logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-        p = torch.softmax(logits, -1)
-        outside = (p * (~pattern[:, q0:q1]).unsqueeze(0)).sum(-1)     # (B, H, rows)
-        valid = torch.isfinite(outside)                    # fully masked rows carry no mass
-        total += torch.where(valid, outside, 0).sum((0, 2)).double()
-        count += valid.sum((0, 2)).double()
+        p = torch.softmax(logits, -1)                                  # (B, H, rows, S_k)
+        outside = torch.stack([~window_mask(s_q, s_k, *pat, two_sided, q.device, rows=(q0, q1)) for pat in pats],
+                              1).float()                               # (H, C, rows, S_k)
+        # (H, rows, B, S_k) @ (H, rows, S_k, C) -> (H, rows, B, C): mass outside per candidate
+        mass = torch.matmul(p.permute(1, 2, 0, 3), outside.permute(0, 2, 3, 1))
+        valid = torch.isfinite(mass[..., 0])                          # fully masked rows carry no mass
+        total += torch.where(valid.unsqueeze(-1), mass, 0).sum((1, 2)).T.double()
+        count += valid.sum((1, 2)).double()
     return (total / count.clamp(min=1)).to(q.dtype)
