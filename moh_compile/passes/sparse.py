@@ -101,11 +101,12 @@ def _split(batch):
 
 
 def pack_batches(calibration: Calibration, batches: list, length: int, count: int, batch_size: int = 2) -> list:
-    """Batches of `count` sequences of exactly `length` real tokens, made by concatenating the
-    real tokens of consecutive examples (short sentences -> long inputs). Each sequence starts
-    where an example starts (so a [CLS]-like first token stays first)."""
-    streams: dict = {}
-    starts, total, template, is_dict = [], 0, None, True
+    """Batches of up to `count` sequences of exactly `length` real tokens, made by concatenating
+    the real tokens of consecutive examples (short sentences -> long inputs). Each sequence
+    starts where an example starts. When every example begins with the same token and ends with
+    the same token (a tokenizer's [CLS]/[SEP] or <s>/</s>), those are kept only at the start and
+    end of each long sequence, as in a real long document."""
+    examples, template, is_dict = [], None, True
     for batch in batches:
         items, is_dict = _split(batch)
         template = items
@@ -118,29 +119,40 @@ def pack_batches(calibration: Calibration, batches: list, length: int, count: in
                 and tuple(t.shape[:2]) == (rows, seq)]
         for r in range(rows):
             real = mask[r] if mask is not None else torch.ones(seq, dtype=torch.bool)
-            for k in keys:
-                streams.setdefault(k, []).append(items[k][r][real])
-            starts.append(total)
-            total += int(real.sum())
-    if not streams:
+            if real.any():
+                examples.append({k: items[k][r][real] for k in keys})
+    if not examples:
         raise MohCompileError("sparse profiling needs token batches (tensors of shape (batch, seq, ...))")
-    cat = {k: torch.cat(v) for k, v in streams.items()}
+    ids = next((k for k in examples[0] if k == "input_ids"), None)
+    ids = ids if ids is not None else next((k for k, t in examples[0].items() if not t.is_floating_point()), None)
+    wrap = (ids is not None and len(examples) > 1 and all(len(e[ids]) > 2 for e in examples)
+            and len({int(e[ids][0]) for e in examples}) == 1 and len({int(e[ids][-1]) for e in examples}) == 1)
+    cut = 1 if wrap else 0
+    body = length - 2 * cut
+    starts, total = [], 0
+    for e in examples:
+        starts.append(total)
+        total += len(next(iter(e.values()))) - 2 * cut
+    stream = {k: torch.cat([e[k][cut:len(e[k]) - cut] for e in examples]) for k in examples[0]}
     chunks, pos = [], 0
     for st in starts:
-        if st >= pos and st + length <= total:
+        if st >= pos and st + body <= total and body > 0:
             chunks.append(st)
-            pos = st + length
+            pos = st + body
             if len(chunks) == count:
                 break
     if not chunks:
         raise MohCompileError(f"calibration data has {total} tokens; sparse profiling at length {length} "
                               f"needs at least {length} (use more --calib-samples or shorter --profile-lengths)")
+    first, last = examples[0], examples[0]
     out = []
     for i in range(0, len(chunks), batch_size):
-        group = chunks[i:i + batch_size]
-        items = {k: v for k, v in template.items()}
-        for k, t in cat.items():
-            items[k] = torch.stack([t[c:c + length] for c in group])
+        items = dict(template)
+        for k, t in stream.items():
+            seqs = [t[c:c + body] for c in chunks[i:i + batch_size]]
+            if wrap:
+                seqs = [torch.cat([first[k][:1], x, last[k][-1:]]) for x in seqs]
+            items[k] = torch.stack(seqs)
         out.append(items if is_dict else tuple(items[j] for j in range(len(items))))
     return out
 
@@ -236,6 +248,7 @@ class SparseAttention(Pass):
             except ValueError:
                 raise MohCompileError(f"--profile-lengths must be integers joined by commas, not "
                                       f"{args.profile_lengths!r}")
+        SparseOptions.parse(dict(out))  # bad values fail before the model is loaded
         return out
 
     def plan(self, match, config) -> BlockPlan:
