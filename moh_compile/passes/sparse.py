@@ -32,6 +32,7 @@ from moh_compile.plan import BlockPlan
 from moh_compile.rewrite import record_values
 
 BETAS = (0.0, 0.0625, 0.125, 0.25, 0.5)
+MIN_ALPHA = 32  # smallest window constant: short inputs (sentences) stay (nearly) dense; MoA clips spans at 128
 _OP_ARGS = {"x": 0, "q_weight": 1, "q_bias": 2, "k": 3, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7}
 _WINDOW = slice(12, 16)  # window_sink, window_alpha, window_beta, window_two_sided in the op's arguments
 
@@ -283,10 +284,20 @@ class SparseAttention(Pass):
                             candidates=candidates)
 
 
+def candidate_alphas(lengths: list[int]) -> list[int]:
+    """MIN_ALPHA (or N/8 for short profile lengths), then 64, 128, ... below the longest length."""
+    floor = max(1, min(MIN_ALPHA, min(lengths) // 8))
+    out, a = [floor], 64
+    while a < max(lengths):
+        out += [a] if a > floor else []
+        a *= 2
+    return out + ([min(lengths) // 4] if min(lengths) < 256 else [])
+
+
 def choose_windows(gm, blocks: list[_Block], calibration: Calibration, opts: SparseOptions):
     """Profile every head at each length; one MILP over all heads under the density budget."""
     lengths = sorted(set(opts.profile_lengths))
-    candidates = candidate_grid(lengths, betas=BETAS)
+    candidates = candidate_grid(lengths, alphas=candidate_alphas(lengths), betas=BETAS)
     loss = [np.zeros((b.heads, len(candidates))) for b in blocks]
     for n in lengths:
         batches = pack_batches(calibration, calibration.batches, n, opts.samples)
