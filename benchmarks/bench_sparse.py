@@ -7,7 +7,10 @@ the extra resident peak of the method (tracemalloc does not see torch's allocato
 Spans: half the heads get span a, half 3a (64 sink tokens), a solved so that the mean pattern
 density (visible pairs / causal pairs, see calibrate.sparse_profile.pattern_density) hits the target.
 
-    PYTHONPATH=$PWD python benchmarks/bench_sparse.py [--quick]
+flex: torch.compile'd flex_attention (torch.nn.attention) with a BlockMask of the same pattern, timed in
+the same loop (compile and BlockMask build excluded from the timing; the build time is its own column).
+
+    PYTHONPATH=$PWD python benchmarks/bench_sparse.py [--quick] [--no-flex] [--no-memory]
 """
 from __future__ import annotations
 
@@ -44,9 +47,35 @@ def inputs(n: int):
     return [torch.randn(1, HEADS, n, DIM, generator=g) for _ in range(3)]
 
 
+_FLEX: dict = {}
+
+
+def flex_setup(n: int, spans: list[int]):
+    """torch.compile'd flex_attention with a BlockMask of the same per-head pattern (built once per
+    (n, spans); the build time is reported separately, it is paid once per sequence length)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    key = (n, tuple(spans))
+    if key not in _FLEX:
+        sp = torch.tensor(spans)
+
+        def mask_mod(b, h, qi, kv):
+            return (kv <= qi) & ((qi - kv < sp[h]) | (kv < SINK) | (qi < SINK))
+
+        t0 = time.perf_counter()
+        bm = create_block_mask(mask_mod, 1, HEADS, n, n, device="cpu", BLOCK_SIZE=128)
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX[key] = (bm, time.perf_counter() - t0)
+    return _FLEX[key]
+
+
 def run(method: str, q, k, v, spans):
     if method == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if method == "flex":
+        bm, _ = flex_setup(q.shape[2], spans)
+        return _FLEX["fn"](q, k, v, block_mask=bm, scale=DIM ** -0.5)
     return sparse_attention_core(q, k, v, None, [SINK] * HEADS, spans, [0.0] * HEADS, False, DIM ** -0.5,
                                  causal=True)
 
@@ -83,40 +112,55 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N=2048 only, 2 repeats")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="2048,8192,16384")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-flex", action="store_true", help="skip torch.compile'd flex_attention")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), float(args.child[2]))
         return
-    torch.set_num_threads(2)
-    sizes = [2048] if args.quick else [2048, 8192, 16384]
+    torch.set_num_threads(args.threads)
+    sizes = [2048] if args.quick else [int(x) for x in args.sizes.split(",")]
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, batch 1, "
           f"{HEADS} heads x {DIM}, {SINK} sinks, causal")
     head = (f"{'N':>6} {'density':>8} {'spans':>11} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8} "
-            f"{'ideal':>6} {'of ideal':>9} {'dense MB':>9} {'sparse MB':>10} {'max err':>8}")
+            f"{'ideal':>6} {'of ideal':>9} {'dense MB':>9} {'sparse MB':>10} {'max err':>8} {'flex ms':>8} "
+            f"{'flex x':>7} {'flex/ideal':>10} {'mask s':>7}")
     print(head)
     for n in sizes:
         q, k, v = inputs(n)
         for density in (0.25, 0.10):
             spans = spans_for(n, density)
             real = sum(pattern_density(n, SINK, s, 0.0, False, True) for s in spans) / HEADS
+            flex = not args.no_flex
             dense_out, sparse_out = run("dense", q, k, v, spans), run("sparse", q, k, v, spans)  # warm-up
             err = check_error(q, k, v, spans, sparse_out) if n <= 2048 else float("nan")
+            if flex:
+                flex_out = run("flex", q, k, v, spans)  # compiles on the first call
+                err = max(err, (flex_out - sparse_out).abs().max().item()) if n <= 2048 else err
+                del flex_out
             del dense_out, sparse_out
-            td, ts = [], []
+            td, ts, tf = [], [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                run("dense", q, k, v, spans)
-                td.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                run("sparse", q, k, v, spans)
-                ts.append(time.perf_counter() - t0)
+                for name, acc in (("dense", td), ("sparse", ts)) + ((("flex", tf),) if flex else ()):
+                    t0 = time.perf_counter()
+                    run(name, q, k, v, spans)
+                    acc.append(time.perf_counter() - t0)
             d_ms, s_ms = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
             speed, ideal = d_ms / s_ms, 1 / real
+            mem = ("     n/a", "      n/a") if args.no_memory else (f"{peak_mb('dense', n, density):>9.1f}",
+                                                                  f"{peak_mb('sparse', n, density):>10.1f}")
+            fx = ""
+            if flex:
+                f_ms = statistics.median(tf) * 1e3
+                fx = (f" {f_ms:>8.1f} {d_ms / f_ms:>6.2f}x {d_ms / f_ms / ideal:>9.0%} "
+                      f"{flex_setup(n, spans)[1]:>7.2f}")
             print(f"{n:>6} {real:>8.3f} {f'{spans[0]}/{spans[-1]}':>11} {d_ms:>9.1f} {s_ms:>10.1f} "
-                  f"{speed:>7.2f}x {ideal:>5.1f}x {speed / ideal:>8.0%} {peak_mb('dense', n, density):>9.1f} "
-                  f"{peak_mb('sparse', n, density):>10.1f} {err:>8.1e}", flush=True)
+                  f"{speed:>7.2f}x {ideal:>5.1f}x {speed / ideal:>8.0%} {mem[0]} {mem[1]} {err:>8.1e}{fx}",
+                  flush=True)
 
 
 def check_error(q, k, v, spans, out) -> float:

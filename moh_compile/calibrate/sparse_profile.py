@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moh_compile.ops.attention import window_mask, window_spans
 
@@ -87,10 +88,41 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
     q (B,H,S,D), k (B,Hkv,S_k,D); sink/alpha/beta are scalars (same pattern for all heads) or
     per-head lists. Queries are processed in chunks so memory stays at chunk x S_k per head.
     """
+    return mass_outside_candidates(q, k, mask, scale, [(sink, alpha, beta)], two_sided, chunk)[0]
+
+
+def _pattern_bounds(s_q: int, s_k: int, sink, alpha, beta, two_sided: bool, device):
+    """Per head and query row (H, S_q): the local band [lo, hi) of keys, the sink keys below it
+    [0, cut), and whether the row is a global (sink) row. Same semantics as window_mask."""
+    spans = torch.tensor(window_spans(alpha, beta, s_k), device=device).view(-1, 1)
+    sinks = torch.tensor(sink, device=device).view(-1, 1)
+    i = torch.arange(s_q, device=device).view(1, -1)
+    if two_sided:
+        lo, hi = i - spans // 2, i + spans // 2 + 1
+    else:
+        lo, hi = i - spans + 1, i + 1
+    dense = spans < 0
+    lo = torch.where(dense, 0, lo).clamp(0, s_k)
+    hi = torch.where(dense, s_k, hi).clamp(0, s_k)
+    hi = torch.maximum(hi, lo)
+    cut = torch.minimum(sinks.clamp(max=s_k), lo)
+    return lo, hi, cut, (i < sinks).expand(lo.shape)
+
+
+def mass_outside_candidates(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                            patterns: Sequence[tuple], two_sided: bool, chunk: int = 256) -> torch.Tensor:
+    """(C, H) attention mass outside each of C patterns (sink, alpha, beta), softmax computed once.
+
+    Each pattern's fields are scalars or per-head lists. Why cumulative sums: a pattern is a
+    contiguous band plus a prefix of sink keys per row, so the mass it keeps is three lookups
+    in the row's cumulative probabilities, O(S) per pattern instead of O(S x S_k).
+    """
     b, h, s_q, _ = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if h % h_kv:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv})")
+    if not patterns:
+        raise ValueError("patterns must not be empty")
 
     def per_head(x, name):
         x = list(x) if isinstance(x, (list, tuple)) else [x] * h
@@ -98,13 +130,13 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
             raise ValueError(f"{name} needs one value per head ({h}), got {len(x)}")
         return x
 
-    sink, alpha, beta = per_head(sink, "sink"), per_head(alpha, "alpha"), per_head(beta, "beta")
+    bounds = [_pattern_bounds(s_q, s_k, per_head(sk, "sink"), per_head(a, "alpha"), per_head(bt, "beta"),
+                              two_sided, q.device) for sk, a, bt in patterns]
     k = k.repeat_interleave(h // h_kv, dim=1)
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-    pattern = window_mask(s_q, s_k, sink, alpha, beta, two_sided, q.device)  # bool, 1 byte per pair
-    total = torch.zeros(h, dtype=torch.float64)
+    total = torch.zeros(len(bounds), h, dtype=torch.float64)
     count = torch.zeros(h, dtype=torch.float64)
     for q0 in range(0, s_q, chunk):
         q1 = min(s_q, q0 + chunk)
@@ -112,9 +144,13 @@ def attention_mass_outside(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
         if mask is not None:
             m = mask[:, :, q0:q1] if mask.shape[2] != 1 else mask
             logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-        p = torch.softmax(logits, -1)
-        outside = (p * (~pattern[:, q0:q1]).unsqueeze(0)).sum(-1)     # (B, H, rows)
-        valid = torch.isfinite(outside)                    # fully masked rows carry no mass
-        total += torch.where(valid, outside, 0).sum((0, 2)).double()
+        p = torch.softmax(logits, -1).double()
+        cum = F.pad(p.cumsum(-1), (1, 0))                               # (B, H, rows, S_k + 1)
+        valid = torch.isfinite(cum[..., -1])                           # fully masked rows carry no mass
+        at = lambda idx: cum.gather(-1, idx[:, q0:q1].expand(b, -1, -1).unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        for c, (lo, hi, cut, glob) in enumerate(bounds):
+            inside = torch.where(glob[:, q0:q1], cum[..., -1], at(hi) - at(lo) + at(cut))
+            outside = (cum[..., -1] - inside).clamp(min=0)
+            total[c] += torch.where(valid, outside, 0).sum((0, 2))
         count += valid.sum((0, 2)).double()
     return (total / count.clamp(min=1)).to(q.dtype)

@@ -48,9 +48,13 @@ def window_mask(
     beta: list[float],
     two_sided: bool,
     device: torch.device | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Bool (H, S_q, S_k) mask of each head's sink + local-window pattern (True = visible)."""
-    i = torch.arange(s_q, device=device).view(1, -1, 1)
+    """Bool (H, S_q, S_k) mask of each head's sink + local-window pattern (True = visible).
+
+    rows=(r0, r1): only query rows [r0, r1) (memory of one chunk, not S_q x S_k)."""
+    r0, r1 = rows if rows is not None else (0, s_q)
+    i = torch.arange(r0, r1, device=device).view(1, -1, 1)
     j = torch.arange(s_k, device=device).view(1, 1, -1)
     spans = torch.tensor(window_spans(alpha, beta, s_k), device=device).view(-1, 1, 1)
     sinks = torch.tensor(sink, device=device).view(-1, 1, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moh_compile.passes.base import Pass
 from moh_compile.passes.identity import IdentityAttention, IdentityFFN
+from moh_compile.passes.sparse import SparseAttention
 
 ATTENTION_PASSES: dict[str, Pass] = {"identity": IdentityAttention()}
 FFN_PASSES: dict[str, Pass] = {"identity": IdentityFFN()}
@@ -27,5 +28,6 @@ def register(p: Pass) -> Pass:
 from moh_compile.passes.moepp import MoEPPPass  # noqa: E402
 
 register(MoEPPPass())
+register(SparseAttention())
 
 __all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register", "all_passes"]
