@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moh_compile.passes.base import Pass
 from moh_compile.passes.identity import IdentityAttention, IdentityFFN
+from moh_compile.passes.moh import MoHAttention
 
 ATTENTION_PASSES: dict[str, Pass] = {"identity": IdentityAttention()}
 FFN_PASSES: dict[str, Pass] = {"identity": IdentityFFN()}
@@ -23,5 +24,7 @@ def register(p: Pass) -> Pass:
     (ATTENTION_PASSES if p.kind == "attention" else FFN_PASSES)[p.name] = p
     return p
 
+
+register(MoHAttention())
 
 __all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register", "all_passes"]
