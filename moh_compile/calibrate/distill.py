@@ -129,8 +129,8 @@ def distill(
     for p in student.parameters():
         p.requires_grad_(id(p) in trainable)
     opt = torch.optim.Adam(params, lr=lr)
-    student.eval()      # no dropout: match the deterministic teacher
-    teacher.eval()
+    for m in (*student.modules(), *teacher.modules()):   # no dropout: match the deterministic teacher
+        m.training = False                               # (flags, not .eval(): exported graphs refuse it)
     for r in routers:
         r.track_load_balance = True
     bar = _Progress(steps, progress, time_budget_s)

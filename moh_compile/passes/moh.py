@@ -125,7 +125,8 @@ class MoHAttention(Pass):
         b = match.block
         check_settings(block_plan.settings, b.num_heads)
         name = _free_name(gm, "moh_router")
-        gm.add_submodule(name, HeadRouter(b.num_heads, b.d_model, out_dim=b.d_out))  # identity: all heads, gates 1
+        # identity: all heads, gates 1; eval mode like the captured graph (no load-balance bookkeeping)
+        gm.add_submodule(name, HeadRouter(b.num_heads, b.d_model, out_dim=b.d_out).train(False))
 
         def gates_fn(builder, ops):
             out = builder.module(name, ops["x"])
@@ -153,7 +154,7 @@ class MoHAttention(Pass):
                                     m.block.d_out, q_weight=_const_value(gm, op.args[1], m),
                                     q_bias=None if q_bias is None else _const_value(gm, q_bias, m))
                 fit_error = None
-            gm.add_submodule(node.target, router)
+            gm.add_submodule(node.target, router.train(False))
             s["shared"] = list(router.shared)
             layers.append({"block": m.block.name, "shared": router.shared, "routed": router.routed, "k": router.k,
                            "router": s["router"], "gate_style": s["gate_style"], "fit_error": fit_error,
