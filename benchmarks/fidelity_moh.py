@@ -5,7 +5,7 @@ the training-free learned router, and short distillation fine-tunes of it (route
 Mean cosine and top-10 neighbour overlap of mean-pooled embeddings vs the original on the held-out
 bundled sentences (example-eval, unseen in calibration); wall times on this machine.
 
-    PYTHONPATH=. python benchmarks/fidelity_moh.py --active 0.75 0.5 --minutes 10 --threads 2
+    PYTHONPATH=. python benchmarks/fidelity_moh.py --active 0.75 0.5 --minutes 10 --threads 2 [--comp-rank 8]
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--calib-lines", type=int, default=512)
     ap.add_argument("--minutes", type=float, default=0.0, help="fine-tune budget per row (0: no fine-tune rows)")
     ap.add_argument("--train", nargs="+", default=["router", "all"])
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--comp-rank", type=int, default=0, help="compensation rank of the learned router")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate, router-only fine-tune")
+    ap.add_argument("--lr-all", type=float, default=2e-5, help="learning rate, fine-tune of every weight")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -58,13 +60,14 @@ def main() -> None:
         if args.baselines:
             for router in ("query_norm", "random"):
                 compile_row(f"{router} router, 0 shared", active, {"router": router})
-        base = compile_row(f"learned, training-free, {args.shared:g} shared", active, {"shared_heads": args.shared})
+        base = compile_row(f"learned, training-free, {args.shared:g} shared, comp rank {args.comp_rank}", active,
+                           {"shared_heads": args.shared, "comp_rank": args.comp_rank})
         for train in args.train if args.minutes else []:
             student = copy.deepcopy(base)
-            r = moh_compile.finetune(student, teacher, cal, train=train, minutes=args.minutes, lr=args.lr,
-                                     progress=False)
+            lr = args.lr if train == "router" else args.lr_all
+            r = moh_compile.finetune(student, teacher, cal, train=train, minutes=args.minutes, lr=lr, progress=False)
             f = r["fidelity"]
-            rows.append((f"  + fine-tune {train}, lr {args.lr:g}", active, f["cosine"], f["cosine_min"], f["knn10"],
+            rows.append((f"  + fine-tune {train}, lr {lr:g}", active, f["cosine"], f["cosine_min"], f["knn10"],
                          r["wall_s"], f"{r['steps']} steps"))
             print(rows[-1], flush=True)
     load = os.getloadavg()[0]

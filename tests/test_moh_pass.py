@@ -238,4 +238,4 @@ def test_minilm_75_percent_heads_training_free_through_compile():
     assert fid["cosine"] > SLOW_FLOOR_75, fid
 
 
-SLOW_FLOOR_75 = 1.0   # placeholder until measured
+SLOW_FLOOR_75 = 0.975   # measured 0.9853 (96 calibration lines, 128 held-out, 9 of 12 heads), minus a margin
