@@ -66,7 +66,8 @@ def build_compile_parser() -> argparse.ArgumentParser:
                    help="distil for M minutes of wall time after calibration (default: 0, off)")
     f.add_argument("--finetune-train", choices=["router", "all"], default="router",
                    help="train the routers only, or every parameter (default: router)")
-    f.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    f.add_argument("--finetune-lr", type=float, default=None,
+                   help="Adam learning rate (default: 1e-3 for routers, 2e-5 for all)")
     x = p.add_argument_group("deployment artifacts (docs/deploy.md)")
     x.add_argument("--export", action="append", default=[], metavar="KIND",
                    help="also write: onnx (model.custom.onnx / model.portable.onnx), aoti (model.aoti.pt2, an "

@@ -52,8 +52,10 @@ class Report:
                              "identity_max_abs_diff": max_diff})
 
     def to_dict(self) -> dict:
+        sections = {k: {kk: (sorted(vv) if kk == "files" else vv) for kk, vv in v.items()}  # file names, not bytes
+                    if isinstance(v, dict) else v for k, v in self.sections.items()}
         return {"model": self.model_name, "blocks": self.blocks, "skipped": self.skipped,
-                "actions": self.actions, "sections": self.sections}
+                "actions": self.actions, "sections": sections}
 
     def attention_table(self) -> list[list[str]]:
         head = ["block", "layer", "core", "type", "heads", "kv", "head dim", "d_model", "causal", "mask", "rope",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moh_compile.calibrate.ridge import ridge
+from moh_compile.ops.attention import head_contexts
 from moh_compile.passes.moh_router import HeadRouter
 
 TARGETS = ("norm", "sq", "log")
@@ -170,6 +171,17 @@ def fit_block(
         dropped = ~fit.router().eval()(x)[0].detach().bool()
         comp = fit_compensation(x, contrib, dropped, comp_rank, lam, out_weight)
     return fit
+
+
+@torch.no_grad()
+def head_contributions(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
+                       window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False) -> torch.Tensor:
+    """(B, S, H, E_out) what each head adds to the block output, from the attention op's own
+    arguments (head_gates and o_bias are ignored: the fit decides the gates; the bias stays)."""
+    ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
+                        window_beta, window_two_sided)
+    h, d = ctx.shape[1], ctx.shape[3]
+    return torch.einsum("bhsd,ohd->bsho", ctx, o_weight.view(-1, h, d))
 
 
 def oracle_active(contrib: torch.Tensor, num_active: int, shared: list[int] = ()) -> torch.Tensor:

@@ -78,6 +78,38 @@ def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) ->
     return attn_mask.masked_fill(~pattern, float("-inf"))
 
 
+def head_contexts(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    scale: float,
+    window_sink: list[int] | None = None,
+    window_alpha: list[int] | None = None,
+    window_beta: list[float] | None = None,
+    window_two_sided: bool = False,
+) -> torch.Tensor:
+    """Every head's context vectors (B, H, S, D), before gating and the output projection.
+
+    Shared by the reference and by calibration (per-head contributions = ctx_h @ W_o[:, h].T).
+    """
+    b, s, _ = x.shape
+    d = k.shape[-1]
+    h = q_weight.shape[0] // d
+    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
+    if rope_cos is not None:
+        q = q * rope_cos + rotate_half(q) * rope_sin
+    pattern = None
+    if window_sink is not None:
+        pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
+    mask = merge_masks(attn_mask, pattern)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
+
+
 def attention_reference(
     x: torch.Tensor,
     q_weight: torch.Tensor,
@@ -97,17 +129,9 @@ def attention_reference(
     window_two_sided: bool = False,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
-    b, s, _ = x.shape
-    d = k.shape[-1]
-    h = q_weight.shape[0] // d
-    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
-    if rope_cos is not None:
-        q = q * rope_cos + rotate_half(q) * rope_sin
-    pattern = None
-    if window_sink is not None:
-        pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
-    mask = merge_masks(attn_mask, pattern)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
+    ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
+                        window_beta, window_two_sided)
+    b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
     return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)

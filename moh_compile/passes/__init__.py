@@ -5,6 +5,7 @@ from __future__ import annotations
 from moh_compile.passes.base import Pass
 from moh_compile.passes.identity import IdentityAttention, IdentityFFN
 from moh_compile.passes.sparse import SparseAttention
+from moh_compile.passes.moh import MoHAttention
 
 ATTENTION_PASSES: dict[str, Pass] = {"identity": IdentityAttention()}
 FFN_PASSES: dict[str, Pass] = {"identity": IdentityFFN()}
@@ -29,5 +30,6 @@ from moh_compile.passes.moepp import MoEPPPass  # noqa: E402
 
 register(MoEPPPass())
 register(SparseAttention())
+register(MoHAttention())
 
 __all__ = ["ATTENTION_PASSES", "FFN_PASSES", "Pass", "register", "all_passes"]

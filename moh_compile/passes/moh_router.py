@@ -99,7 +99,6 @@ class HeadRouter(Router):
         if comp_rank > 0:
             self.comp_in = nn.Parameter(torch.zeros(num_heads, embed_dim, comp_rank))
             self.comp_out = nn.Parameter(torch.zeros(num_heads, comp_rank, out_dim))
-        self.last_active: torch.Tensor | None = None
 
     @property
     def num_active(self) -> int:
@@ -161,7 +160,6 @@ class HeadRouter(Router):
         if mix is not None and self.shared:
             g_s = mix[..., :1] * len(self.shared) * torch.softmax(F.linear(x, self.shared_weight), dim=-1)
             gates = gates.scatter(-1, self.shared_index.expand(*lead, -1), g_s)
-        self.last_active = active.detach()
         # binary: carry the STE gradient into the compensation too (out = g c_h + (1-g) comp_h)
         dropped = 1.0 - (gates if self.gate_style == "binary" else active)
         return gates, self.compensation(x, dropped)
