@@ -1,0 +1,65 @@
+"""Each pass's output (alone and combined) through both ONNX forms in ONNX Runtime.
+
+The compiled PyTorch model is the reference: with capacity "exact" the portable form must drop
+no token, so both forms match it within 1e-4. Tiny models from configs, calibrated on random
+token batches (fidelity does not matter here, only that the exported graph computes the same)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moh_compile
+from moh_compile.backends.ort_runtime import verify_onnx
+from moh_compile.calibrate.data import Calibration
+from tests.models import build, reshape_inputs
+
+try:
+    import onnxruntime_extensions  # noqa: F401
+    HAS_EXT = True
+except ImportError:
+    HAS_EXT = False
+
+
+def _calibration(inputs, n=3, seq=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        b = {"input_ids": torch.randint(0, 100, (4, seq), generator=g)}
+        b.update({k: (torch.ones(4, seq, dtype=torch.long) if k == "attention_mask" else v)
+                  for k, v in inputs.items() if k != "input_ids"})
+        batches.append(b)
+    return Calibration(batches=batches)
+
+
+CONFIGS = {
+    "moh": dict(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}}),
+    "moepp": dict(attention="keep", ffn="moepp", options={"moepp": {"experts": 4, "ffn_keep": 0.5}}),
+    "sparse+moh+moepp": dict(attention="sparse+moh", ffn="moepp",
+                             options={"sparse": {"profile_lengths": [16, 32], "validate_length": 24,
+                                                 "density": 0.6},
+                                      "moh": {"active_heads": 0.5},
+                                      "moepp": {"experts": 4, "ffn_keep": 0.5}}),
+}
+
+
+def _settings():
+    for name in CONFIGS:  # the combined graph holds all three ops; the single passes are slow-marked
+        yield pytest.param(name, marks=() if "+" in name else pytest.mark.slow, id=name)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("setting", list(_settings()))
+def test_pass_output_exports_to_both_forms(arch, setting, tmp_path):
+    model, inputs, _, _ = build(arch)
+    compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(**CONFIGS[setting]),
+                                   calibration=_calibration(inputs))
+    applied = {a["transform"] for a in compiled.report.actions}
+    assert applied - {"identity"}, applied  # the pass really rewrote blocks
+    program = compiled.export()
+    x = reshape_inputs(inputs, 3, 20)
+    for form in ("portable", "custom"):
+        if form == "custom" and not HAS_EXT:
+            continue
+        path = tmp_path / f"model.{form}.onnx"
+        compiled.export_onnx(path, form=form, program=program, capacity="exact")
+        assert verify_onnx(compiled, x, path, atol=1e-4, form=form) <= 1e-4
