@@ -150,6 +150,23 @@ def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict],
     return PendingRewrite(m.block.name, "ffn", m.fc_out.node, out, b.nodes)
 
 
+def constant_value(gm: fx.GraphModule, node):
+    """Value of a node computed from parameters only (a weight, maybe sliced or transposed);
+    ValueError when it depends on the inputs. Non-node arguments are returned as they are."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+    if node.op == "call_function":
+        args = fx.node.map_arg(node.args, lambda a: constant_value(gm, a))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: constant_value(gm, a))
+        return node.target(*args, **kwargs).detach()
+    raise ValueError(f"{node.name} is not computed from parameters alone")
+
+
 def record_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], run: Callable[[], None]) -> dict[str, list]:
     """Every value the chosen nodes take while `run()` runs the module (e.g. over calibration
     batches): {key: [tensor per call]}. Probe nodes are inserted, then removed again."""

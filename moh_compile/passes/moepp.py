@@ -38,7 +38,7 @@ from moh_compile.ops.moepp import split_ffn_into_experts
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moepp_router import ExpertRouter, MoEPPConfig
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import insert_ffn, record_values
+from moh_compile.rewrite import constant_value, insert_ffn, record_values
 
 aten = torch.ops.aten
 
@@ -81,19 +81,10 @@ def _name(block: str) -> str:
 
 
 def _const_value(gm: fx.GraphModule, node):
-    """Value of a weight node (a parameter, or slices/transposes of one)."""
-    if not isinstance(node, fx.Node):
-        return node
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj.detach()
-    if node.op == "call_function":
-        args = fx.node.map_arg(node.args, lambda a: _const_value(gm, a))
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: _const_value(gm, a))
-        return node.target(*args, **kwargs)
-    raise MohCompileError(f"FFN weight {node.name} is not a constant of the model")
+    try:
+        return constant_value(gm, node)
+    except ValueError:
+        raise MohCompileError(f"FFN weight {node.name} is not a constant of the model") from None
 
 
 class MoEPPExperts(nn.Module):

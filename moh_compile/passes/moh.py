@@ -24,7 +24,7 @@ from moh_compile.match import graph as g
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moh_router import GATE_STYLES, KINDS, HeadRouter
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import record_values
+from moh_compile.rewrite import constant_value, record_values
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
@@ -192,19 +192,11 @@ def _op_of(router_node: fx.Node) -> fx.Node:
 
 
 def _const_value(gm: fx.GraphModule, node, m):
-    """Value of a node computed from parameters only (a weight, maybe sliced or transposed)."""
-    if not isinstance(node, fx.Node):
-        return node
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj.detach()
-    if node.op == "call_function":
-        args = [_const_value(gm, a, m) for a in node.args]
-        return node.target(*args, **node.kwargs).detach()
-    raise MohCompileError(f"the query projection of {m.block.name} is not a constant weight; "
-                          "the query_norm router needs one")
+    try:
+        return constant_value(gm, node)
+    except ValueError:
+        raise MohCompileError(f"the query projection of {m.block.name} is not a constant weight; "
+                              "the query_norm router needs one") from None
 
 
 def _norm_after(node: fx.Node):
