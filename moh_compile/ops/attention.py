@@ -22,6 +22,8 @@ Semantics (the reference below is the definition; fast kernels must match it):
 from __future__ import annotations
 
 import torch
+
+from moh_compile.ops.dispatch import FastKernels
 import torch.nn.functional as F
 
 from moh_compile.ops.recompute import register_recompute_autograd
@@ -137,12 +139,8 @@ def attention_reference(
     return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
 
 
-_FAST_KERNELS: list = []
-
-
-def register_fast_kernel(fn) -> None:
-    """Kernels take the op's arguments and return a tensor, or None when they do not apply."""
-    _FAST_KERNELS.append(fn)
+_FAST_KERNELS = FastKernels()
+register_fast_kernel = _FAST_KERNELS.register  # kernels take the op's arguments, return a tensor or None
 
 
 @torch.library.custom_op("moh_compile::attention", mutates_args=())
@@ -166,10 +164,9 @@ def attention(
 ) -> torch.Tensor:
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
             window_sink, window_alpha, window_beta, window_two_sided)
-    for kernel in _FAST_KERNELS:
-        out = kernel(*args)
-        if out is not None:
-            return out
+    out = _FAST_KERNELS.run(*args)
+    if out is not None:
+        return out
     return attention_reference(*args)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from moh_compile.ops.dispatch import FastKernels
+
 from moh_compile.ops.activations import ACTIVATIONS, apply_activation
 from moh_compile.ops.recompute import register_recompute_autograd
 
@@ -128,14 +130,8 @@ def moepp_ffn_reference(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx,
     return out.reshape(*x.shape[:-1], d_out)
 
 
-_FAST_KERNELS: list = []
-
-
-def register_fast_kernel(fn) -> None:
-    """Kernels take the op's arguments and return a tensor, or None when they do not apply
-    (the Triton GPU kernel claims CUDA tensors); the CPU sorted dispatch is the fallback."""
-    if fn not in _FAST_KERNELS:
-        _FAST_KERNELS.append(fn)
+_FAST_KERNELS = FastKernels()
+register_fast_kernel = _FAST_KERNELS.register  # kernels take the op's arguments, return a tensor or None
 
 
 @torch.library.custom_op("moh_compile::moepp_ffn", mutates_args=())
@@ -161,10 +157,9 @@ def moepp_ffn(
             const_vectors, const_gate_weight, n_zero, n_copy, activation)
     validate_moepp_args(*args)
     check_index_values(expert_idx, total_experts(w_in, n_zero, n_copy, const_vectors))
-    for kernel in _FAST_KERNELS:
-        out = kernel(*args)
-        if out is not None:
-            return out
+    out = _FAST_KERNELS.run(*args)
+    if out is not None:
+        return out
     return moepp_dispatch(*args)
 
 
