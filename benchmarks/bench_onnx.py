@@ -8,9 +8,11 @@
         --batch 1 --seq 128 --repeats 30
     python benchmarks/bench_onnx.py --demo     # builds a MiniLM-sized attention+FFN block itself
 
-Inputs are random: float inputs randn, bool inputs all True, integer inputs in [0, 100);
-the first symbolic dim of each input is the batch, the others the sequence.
-Pass a dict feed to `bench()` from Python for real inputs.
+--model tables feed held-out text (eval.txt sentences packed into documents of exactly SEQ
+tokens) when the model has a tokenizer, else random inputs (--inputs random forces them):
+float inputs randn, bool inputs all True, integer inputs in [0, 100); the first symbolic dim
+of each input is the batch, the others the sequence. Pass a dict feed to `bench()` from Python
+for other inputs. Sessions take turns on the same cores, so ORT thread spinning is off.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def session_runners(models: dict[str, str], feed: dict | None = None, batch: int
     """{name: zero-arg callable running that ONNX file once}; one feed shared when given."""
     runners = {}
     for name, path in models.items():
-        session = make_session(path, detect_form(path), intra_op_threads=threads)
+        session = make_session(path, detect_form(path), intra_op_threads=threads, spinning=False)
         f = feed if feed is not None else random_feed(session, batch, seq)
         runners[name] = functools.partial(session.run, None, f)
     return runners
@@ -198,8 +200,23 @@ def block_flops(program_module, args: tuple, kwargs: dict, batch: int, seq: int)
     return dense, compiled
 
 
+def text_feed(loaded, session, batch: int, seq: int) -> dict:
+    """`batch` held-out documents of exactly `seq` tokens (moh_compile/data/eval.txt sentences
+    concatenated): routers route real text differently from random token ids, so the work the
+    compiled model skips, and its plan, are only representative on text."""
+    from moh_compile.calibrate.data import Calibration, load_lines, tokenize_lines, tokenizer_for
+    from moh_compile.passes.sparse import pack_batches
+
+    batches = tokenize_lines(load_lines("example-eval"), tokenizer_for(loaded), batch_size=16, max_length=128)
+    docs = pack_batches(Calibration(batches=batches, tokenized=True), batches, seq, count=batch, batch_size=batch)
+    if not docs or next(iter(docs[0].values())).shape[0] < batch:
+        raise SystemExit(f"not enough held-out text for {batch} documents of {seq} tokens")
+    names = {i.name for i in session.get_inputs()}
+    return {k: v.numpy() for k, v in docs[0].items() if k in names}
+
+
 def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int, repeats: int, threads: int,
-                capacity: str) -> None:
+                capacity: str, inputs: str = "text", forms=("portable", "custom")) -> None:
     """Compile MODEL with the CLI, export dense / portable / custom ONNX, time them side by side."""
     import torch
 
@@ -210,15 +227,18 @@ def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int
     from moh_compile.loading import load_model
 
     torch.set_num_threads(threads)
-    try:
-        import onnxruntime_extensions  # noqa: F401
-        forms = ["portable", "custom"]
-    except ImportError:
-        forms = ["portable"]
-        print("onnxruntime-extensions is not installed: custom form skipped")
+    forms = list(forms)
+    if "custom" in forms:
+        try:
+            import onnxruntime_extensions  # noqa: F401
+        except ImportError:
+            forms.remove("custom")
+            print("onnxruntime-extensions is not installed: custom form skipped")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
-        code = cli([model, "--out", out, "--export", "onnx", "--capacity", capacity, *compile_args])
+        form_arg = forms[0] if len(forms) == 1 else "both"
+        code = cli([model, "--out", out, "--export", "onnx", "--onnx-form", form_arg, "--capacity", capacity,
+                    *compile_args])
         if code:
             raise SystemExit(f"moh-compile failed with exit code {code}")
         loaded = load_model(model)
@@ -227,13 +247,18 @@ def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int
         export_program(cap.program, dense_path, "portable", cap.args, cap.kwargs)
         paths = {"dense": dense_path, **{f: os.path.join(out, f"model.{f}.onnx") for f in forms}}
         program = torch.export.load(os.path.join(out, "model.pt2")).module()
+        if inputs == "text" and "hf_dir" not in loaded.extra:
+            print("no tokenizer for this model: random inputs")
+            inputs = "random"
         print(f"\n{model} {' '.join(compile_args) or '(identity)'}, capacity={capacity}, batch={batch}, "
-              f"threads={threads}, repeats={repeats} (median ms; ratio = dense / form)")
+              f"threads={threads}, repeats={repeats}, {inputs} inputs (median ms; ratio = dense / form)")
         head = f"{'seq':>5}{'dense ms':>11}" + "".join(f"{f + ' ms':>13}{'speedup':>9}" for f in forms) + f"{'ideal':>8}"
         print(head)
         for seq in seqs:
-            sessions = {name: make_session(p, detect_form(p), intra_op_threads=threads) for name, p in paths.items()}
-            feed = random_feed(sessions["dense"], batch, seq, seed=seq)
+            sessions = {name: make_session(p, detect_form(p), intra_op_threads=threads, spinning=False)
+                        for name, p in paths.items()}
+            feed = random_feed(sessions["dense"], batch, seq, seed=seq) if inputs == "random" else \
+                text_feed(loaded, sessions["dense"], batch, seq)
             runners = {name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}
             t = median_times(runners, repeats)
             kwargs = {k: torch.from_numpy(v) for k, v in feed.items()}
@@ -247,7 +272,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="name=path.onnx (first one is the baseline)")
     p.add_argument("--model", help="compile this MODEL (as moh-compile takes it) and run the dense/portable/custom table")
-    p.add_argument("--capacity", default="1.25", help="--capacity for the compiled model's export (default 1.25)")
+    p.add_argument("--capacity", default="dynamic",
+                   help="--capacity for the compiled model's export (default dynamic)")
+    p.add_argument("--forms", nargs="+", choices=["portable", "custom"], default=["portable", "custom"],
+                   help="--model table: which ONNX forms to time next to dense (default both)")
+    p.add_argument("--inputs", choices=["text", "random"], default="text",
+                   help="--model table: held-out text documents (default; needs the model's tokenizer) or "
+                        "random token ids")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, nargs="+", default=[128])
     p.add_argument("--repeats", type=int, default=20)
@@ -257,7 +288,7 @@ def main(argv=None) -> None:
     compile_args = argv[argv.index("--") + 1:] if "--" in argv else []
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if a.model:
-        model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity)
+        model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity, a.inputs, a.forms)
         return
     if a.demo:
         for seq in a.seq:

@@ -23,6 +23,7 @@ from moh_compile.match import MatchResult, find_blocks
 from moh_compile.plan import BlockPlan, Plan
 from moh_compile.report import Report, block_rows
 from moh_compile.rewrite import commit_verified, probe_values
+from moh_compile.backends.dispatch_plan import DEFAULT_CAPACITY
 
 
 @dataclass
@@ -97,11 +98,12 @@ class CompiledModel(torch.nn.Module):
                 codegen.pytree_info = info
                 gm.recompile()
 
-    def export_onnx(self, path: str | os.PathLike, form: str = "custom", capacity: str | float = 1.25,
+    def export_onnx(self, path: str | os.PathLike, form: str = "custom", capacity: str | float = DEFAULT_CAPACITY,
                     active_fraction: float | None = None, opset: int | None = None, program=None):
         """Write the model as ONNX ("custom": one node per project op; "portable": standard ops only).
 
-        capacity: routed dispatch capacity factor of the portable form, or "exact" (see docs/deploy.md).
+        capacity: routed dispatch of the portable form: "dynamic" (exact routing, run-time sizes), a
+        capacity factor (static sizes, may drop tokens) or "exact" (static, no saving); docs/deploy.md.
         """
         from moh_compile.backends.onnx_export import DEFAULT_OPSET, export_program
 
@@ -109,7 +111,7 @@ class CompiledModel(torch.nn.Module):
         return export_program(program or self.export(), path, form, args, kwargs, opset or DEFAULT_OPSET,
                               capacity, active_fraction)
 
-    def export_aoti(self, path: str | os.PathLike, capacity: str | float = 1.25, program=None) -> str:
+    def export_aoti(self, path: str | os.PathLike, capacity: str | float = DEFAULT_CAPACITY, program=None) -> str:
         """Write an AOTInductor package (.pt2) that loads with torch._inductor.aoti_load_package alone."""
         from moh_compile.backends.aoti import package_aoti
 
@@ -117,7 +119,7 @@ class CompiledModel(torch.nn.Module):
         return package_aoti(program or self.export(), path, args, kwargs, capacity)
 
     def save(self, out_dir: str | os.PathLike, force: bool = False, exports=(), onnx_forms=("custom", "portable"),
-             capacity: str | float = 1.25) -> Path:
+             capacity: str | float = DEFAULT_CAPACITY) -> Path:
         """Write model.pt2, plan.json, report.md and report.json atomically into out_dir.
 
         exports: any of "onnx" (model.<form>.onnx per onnx_forms), "aoti" (model.aoti.pt2),
@@ -221,7 +223,7 @@ EXPORTS = ("onnx", "aoti", "tensorrt")
 
 
 def write_outputs(compiled: CompiledModel, out_dir: Path, force: bool, exports: tuple = (),
-                  onnx_forms: tuple = ("custom", "portable"), capacity: str | float = 1.25) -> Path:
+                  onnx_forms: tuple = ("custom", "portable"), capacity: str | float = DEFAULT_CAPACITY) -> Path:
     """Atomic: everything is written to a temporary sibling directory, then renamed."""
     if out_dir.exists() and not force:
         raise MohCompileError(f"{out_dir} exists; pass --force (force=True) to replace it")

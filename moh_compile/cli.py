@@ -74,9 +74,10 @@ def build_compile_parser() -> argparse.ArgumentParser:
                         "AOTInductor package), tensorrt (engine; needs TensorRT); repeat or comma-separate")
     x.add_argument("--onnx-form", default="both", choices=["custom", "portable", "both"],
                    help="which ONNX forms --export onnx writes (default: both)")
-    x.add_argument("--capacity", default="1.25", metavar="FACTOR|exact",
-                   help="capacity factor of routed dispatch in the portable ONNX form and the AOTI package, "
-                        "or 'exact' (no token dropped, no work saved) (default: 1.25)")
+    x.add_argument("--capacity", default="dynamic", metavar="dynamic|FACTOR|exact",
+                   help="routed dispatch in the portable ONNX form and the AOTI package: 'dynamic' (exact "
+                        "routing, run-time sizes), a capacity factor such as 1.25 (static sizes; tokens over "
+                        "capacity are dropped) or 'exact' (static, no work saved) (default: dynamic)")
     for pass_ in passes.all_passes():
         pass_.add_arguments(p)
     return p

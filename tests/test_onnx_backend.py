@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import moh_compile  # noqa: F401  (registers the ops)
-from moh_compile.backends import onnx_portable
+from moh_compile.backends import dispatch_plan, onnx_portable
 from moh_compile.backends.onnx_custom import DOMAIN
 from moh_compile.backends.onnx_export import export_onnx
 from moh_compile.backends.ort_runtime import OnnxMismatchError, make_session, run_onnx, verify_onnx
@@ -116,7 +116,8 @@ def dynamic_shapes_for(mask_kind):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Every config exported once in both forms: {(config, form): (block, path, model)}."""
+    """Every config exported once in both forms: {(config, form): (block, path, model)}; the
+    portable form with the default dispatch ("dynamic": exact routing, run-time capacities)."""
     out = {}
     root = tmp_path_factory.mktemp("onnx")
     for name, (kwargs, mask_kind, _) in CONFIGS.items():
@@ -125,8 +126,7 @@ def exported(tmp_path_factory):
         example = inputs_for(block, mask_kind, 2, 9)
         for form in ("custom", "portable"):
             path = root / f"{name}_{form}.onnx"
-            model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for(mask_kind),
-                                capacity="exact")
+            model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for(mask_kind))
             out[name, form] = (block, path, model)
     return out
 
@@ -142,7 +142,7 @@ def test_custom_form_matches_pytorch(exported, name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_portable_form_matches_pytorch(exported, name):
-    """capacity='exact' (C = S): the routed portable form reproduces exact routing."""
+    """Dynamic dispatch (the default) reproduces exact routing, at shapes other than the example's."""
     block, path, _ = exported[name, "portable"]
     _, mask_kind, tol = CONFIGS[name]
     for b, s in SHAPES:
@@ -159,8 +159,15 @@ def test_node_counts(exported, name):
     assert not [n for n in portable.graph.node if n.domain not in ("", "ai.onnx")]
     assert not custom.functions and not portable.functions
     topk = [n for n in portable.graph.node if n.op_type == "TopK"]
-    # the module's own router has one TopK; routed dispatch adds one per routed attention call
-    assert len(topk) == (2 if kwargs["routed"] else 0)
+    if not kwargs["routed"]:
+        assert not topk
+        return
+    # the module's own router has one TopK; routed dispatch adds one per group of routed heads
+    block = exported[name, "portable"][0]
+    example = inputs_for(block, CONFIGS[name][1], 2, 9)
+    with torch.no_grad():
+        _, _, sizes, _ = onnx_portable.capacity_plan(block.head_gates(example[0]), "dynamic", None)
+    assert len(topk) == 1 + len(sizes) and sizes
 
 
 def test_custom_node_attributes(exported):
@@ -197,16 +204,19 @@ def test_capacity_drops_lowest_gates_per_head(tmp_path):
     path = tmp_path / "cap.onnx"
     export_onnx(block, example, path, form="portable", dynamic_shapes=dynamic_shapes_for("bool"), capacity=1.0)
 
+    with torch.no_grad():
+        dense, routed, sizes, caps = onnx_portable.capacity_plan(block.head_gates(example[0]), 1.0, None)
+    assert 0 in dense and routed  # the shared head takes the dense path, the others are dispatched
     for b, s in [(2, 16), (3, 24)]:
         x, mask = inputs_for(block, "bool", b, s, seed=5)
         with torch.no_grad():
             gates = block.head_gates(x)
-            frac = (block.head_gates(example[0])[..., 1:] != 0).float().mean().item()  # 2 of 3 routed heads
-            cap = min(s, math.ceil(s * math.ceil(frac * 1024) / 1024))
-            kept = torch.zeros_like(gates)
-            kept[..., 0] = gates[..., 0]  # shared head: never capacity-limited
-            top = gates[..., 1:].topk(cap, dim=1)  # per (batch, head): top-C tokens
-            kept[..., 1:] = torch.zeros_like(gates[..., 1:]).scatter(1, top.indices, top.values)
+            kept = gates.clone()
+            for heads, cap in dispatch_plan.iter_groups(routed, sizes, caps):
+                c = min(s, math.ceil(s * cap / dispatch_plan.CAPACITY_DENOMINATOR))
+                for h in heads:  # per (batch, head): top-C tokens by gate
+                    top = gates[..., h].topk(c, dim=1)
+                    kept[..., h] = torch.zeros_like(gates[..., h]).scatter(1, top.indices, top.values)
             assert (kept != gates).any(), "test setup must overflow some head"
             a_drop, a_exact = (_attention_of(block, x, mask, g) for g in (kept, gates))
         got = run_onnx(path, (x, mask))[0]
@@ -232,12 +242,48 @@ def test_capacity_plan_splits_shared_heads():
     gates[..., 0] = 0.5  # shared
     gates[:, :3, 1] = 1.0  # 30% active
     gates[:, :5, 2] = 1.0  # 50% active
-    dense, routed, num, den = onnx_portable.capacity_plan(gates, 1.0, None)
-    assert dense == [0] and routed == [1, 2, 3]
-    assert num / den == pytest.approx((0.3 + 0.5 + 0.0) / 3, abs=1 / den)
-    assert onnx_portable.capacity_plan(gates, "exact", None)[2:] == (1, 1)
+    dense, routed, sizes, caps = onnx_portable.capacity_plan(gates, 1.0, None)
+    assert dense == [0] and sorted(routed) == [1, 2, 3] and sum(sizes) == 3
+    for heads, cap in dispatch_plan.iter_groups(routed, sizes, caps):
+        mean = float((gates[..., heads] != 0).float().mean())
+        assert cap == max(1, math.ceil(mean * dispatch_plan.CAPACITY_DENOMINATOR))  # never 0 tokens
+    assert onnx_portable.capacity_plan(gates, "exact", None)[2:] == ([3], [dispatch_plan.CAPACITY_DENOMINATOR])
+    assert set(onnx_portable.capacity_plan(gates, "dynamic", None)[3]) == {dispatch_plan.DYNAMIC}
     with pytest.raises(ValueError, match="capacity"):
         onnx_portable.capacity_plan(gates, -1.0, None)
+
+
+def test_dynamic_dispatch_attends_only_active_queries(monkeypatch):
+    """The work really shrinks: each group's attention runs on the busiest row's active tokens, not S."""
+    torch.manual_seed(2)
+    b, s, e, h, d = 2, 24, 32, 4, 8
+    x, k, v = torch.randn(b, s, e), torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    qw, ow = torch.randn(e, e) / 6, torch.randn(e, e) / 6
+    gates = torch.zeros(b, s, h)
+    gates[:, :6, 0] = 1.0  # head 0: 6 tokens
+    gates[0, 5:12, 1] = 0.5  # head 1: 7 tokens in row 0, none in row 1
+    gates[:, :, 2] = 1.0  # head 2: every token (dense path)
+    gates[:, ::3, 3] = 1.0  # head 3: 8 tokens
+    dense, routed, sizes, caps = onnx_portable.capacity_plan(gates, "dynamic", None)
+    assert dense == [2]
+    seen = []
+    real_sdpa = onnx_portable.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, *args, **kwargs):
+        seen.append(tuple(q.shape[1:3]))
+        return real_sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_portable.F, "scaled_dot_product_attention", recording_sdpa)
+    got = onnx_portable.portable_attention(x, qw, None, k, v, None, None, None, ow, None, gates, d ** -0.5,
+                                           dense_heads=dense, routed_heads=routed, group_sizes=sizes,
+                                           group_caps=caps)
+    monkeypatch.undo()
+    want = attention_reference(x, qw, None, k, v, None, None, None, ow, None, gates, d ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    counts = {0: 6, 1: 7, 3: 8}
+    expected = [(1, s)] + [(len(g), max(counts[u] for u in g))
+                           for g, _ in dispatch_plan.iter_groups(routed, sizes, caps)]
+    assert seen == expected
 
 
 def test_verify_raises_on_mismatch(exported):
@@ -322,8 +368,7 @@ def test_moh_sparse_moepp_combined_both_forms(tmp_path):
     example = inputs_for(block.attn, "bool", 2, 9)
     for form in ["portable", "custom"] if HAS_EXT else ["portable"]:
         path = tmp_path / f"combined_{form}.onnx"
-        model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for("bool"),
-                            capacity="exact")
+        model = export_onnx(block, example, path, form=form, dynamic_shapes=dynamic_shapes_for("bool"))
         ours = sorted(n.op_type for n in model.graph.node if n.domain == DOMAIN)
         assert ours == (["MohFFN", "MohMoEppFFN", "MohRoutedAttention"] if form == "custom" else [])
         for b, s in SHAPES:

@@ -21,13 +21,14 @@ import torch
 
 from moh_compile.backends.onnx_export import attach_capacity_plans
 from moh_compile.backends.onnx_registry import portable_decompositions
+from moh_compile.backends.dispatch_plan import DEFAULT_CAPACITY
 
 # Faster C++ build of the generated wrapper (the kernels keep inductor's defaults).
 DEFAULT_INDUCTOR_CONFIGS = {"aot_inductor.compile_wrapper_opt_level": "O0"}
 
 
 def decompose_project_ops(ep: torch.export.ExportedProgram, args: tuple = (), kwargs: dict | None = None,
-                          capacity: str | float = 1.25) -> torch.export.ExportedProgram:
+                          capacity: str | float = DEFAULT_CAPACITY) -> torch.export.ExportedProgram:
     """A copy of `ep` with every moh_compile op replaced by aten ops (capacity plans attached)."""
     ep = copy.deepcopy(ep)
     attach_capacity_plans(ep, args, kwargs or {}, capacity, None)
@@ -40,7 +41,8 @@ def decompose_project_ops(ep: torch.export.ExportedProgram, args: tuple = (), kw
 
 
 def package_aoti(ep: torch.export.ExportedProgram, path: str | os.PathLike, args: tuple = (),
-                 kwargs: dict | None = None, capacity: str | float = 1.25, inductor_configs: dict | None = None) -> str:
+                 kwargs: dict | None = None, capacity: str | float = DEFAULT_CAPACITY,
+                 inductor_configs: dict | None = None) -> str:
     """Compile `ep` with AOTInductor into a .pt2 package at `path` (written atomically)."""
     program = decompose_project_ops(ep, args, kwargs, capacity)
     path = os.fspath(path)

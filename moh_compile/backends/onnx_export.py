@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moh_compile.backends.onnx_custom import DOMAIN
+from moh_compile.backends.dispatch_plan import CAPACITY_MODES, DEFAULT_CAPACITY, check_capacity
 from moh_compile.backends.onnx_registry import (
     LOWERINGS, bind_op_args, custom_translation_table, portable_decompositions,
 )
@@ -33,7 +34,7 @@ def export_onnx(
     form: str = "custom",
     dynamic_shapes=None,
     opset: int = DEFAULT_OPSET,
-    capacity: str | float = 1.25,
+    capacity: str | float = DEFAULT_CAPACITY,
     active_fraction: float | None = None,
 ) -> onnx.ModelProto:
     """Export `module(*example_inputs)` to `path` (written atomically) and return the checked model.
@@ -49,26 +50,25 @@ def export_onnx(
     return export_program(ep, path, form, example_inputs, {}, opset, capacity, active_fraction)
 
 
-def check_settings(form: str, opset: int = DEFAULT_OPSET, capacity: str | float = 1.25) -> None:
+def check_settings(form: str, opset: int = DEFAULT_OPSET, capacity: str | float = DEFAULT_CAPACITY) -> None:
     """Reject bad export settings before any work (ValueError; the CLI turns it into one line)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if opset < 18:
         raise ValueError(f"opset must be >= 18 for the dynamo exporter, got {opset}")
-    if capacity != "exact" and (isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or capacity <= 0):
-        raise ValueError(f"capacity must be 'exact' or a positive capacity factor, got {capacity!r}")
+    check_capacity(capacity)
 
 
 def parse_capacity(text: str) -> str | float:
-    """CLI spelling of a capacity: "exact" or a positive float such as 1.25."""
-    if text == "exact":
-        return "exact"
+    """CLI spelling of a capacity: "dynamic", "exact" or a positive float such as 1.25."""
+    if text in CAPACITY_MODES:
+        return text
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"capacity must be 'exact' or a positive number such as 1.25, got {text!r}")
+        raise ValueError(f"capacity must be 'dynamic', 'exact' or a positive number such as 1.25, got {text!r}")
     return value
 
 
@@ -79,7 +79,7 @@ def export_program(
     args: tuple = (),
     kwargs: dict | None = None,
     opset: int = DEFAULT_OPSET,
-    capacity: str | float = 1.25,
+    capacity: str | float = DEFAULT_CAPACITY,
     active_fraction: float | None = None,
 ) -> onnx.ModelProto:
     """Lower an ExportedProgram (dynamic dims kept) to one ONNX form; `ep` is not modified.

@@ -1,22 +1,22 @@
 """ONNX lowering of `moh_compile::moepp_ffn` (MoE++ experts): custom node + portable capacity dispatch.
 
 Portable form: routing is an input of the op (expert_idx / expert_weight), so per-expert
-weights are scatter-added into a (T, E_total) table; each FFN expert then takes its top-C
-tokens by weight (TopK over tokens), runs on just those rows (batched MatMul over experts)
-and scatter-adds back, weighted (weight 0 slots add exactly 0). Zero experts cost nothing,
-copy and constant experts are elementwise. C = min(T, ceil(capacity_factor * f * T)) over the
-T = batch*seq tokens with f the mean chosen fraction of the FFN experts (measured per call
-site at export, like attention); capacity="exact" sets C = T. Overflowing tokens drop that
-expert (output then differs from exact routing).
+weights are scatter-added into a (T, E_total) table over the T = batch*seq tokens. Zero experts
+cost nothing; copy and constant experts are elementwise. FFN experts follow the call site's
+plan (dispatch_plan.py): heavy experts run densely on every token, weighted; the others run in
+groups of similar load, each one batched dispatch (TopK over tokens -> Gather -> batched MatMul
+-> ScatterND add) with C tokens per expert: the group's largest load at run time ("dynamic",
+exact), a capacity factor (static shapes; tokens over capacity drop that expert) or T ("exact").
+Rows are weighted before the output projection, so weight-0 slots add exactly 0.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from moh_compile.backends.onnx_custom import _A, Port, _moh, _plugin_attrs, make_schema
-from moh_compile.backends.onnx_portable import CAPACITY_DENOMINATOR
+from moh_compile.backends.dispatch_plan import group_capacity, iter_groups, plan_dispatch
+from moh_compile.backends.onnx_portable import _const
 from moh_compile.ops.activations import apply_activation
 
 MOEPP_OP = "MohMoEppFFN"
@@ -49,11 +49,58 @@ def moepp_kernel(inputs: dict, attrs: dict) -> torch.Tensor:
     return torch.ops.moh_compile.moepp_ffn(*args, int(attrs["n_zero"]), int(attrs["n_copy"]), str(attrs["activation"]))
 
 
+def _expert_ffn(xg, w_in, b_in, w_gate, b_gate, w_out, weights, activation):
+    """FFN expert(s) on gathered rows xg (..., R, d), weighted per row before the (wide) output
+    projection, so weight-0 padding rows add exactly 0 at the cost of the narrow hidden tensor."""
+    h = torch.matmul(xg, w_in.transpose(-1, -2))
+    if b_in is not None:
+        h = h + b_in.unsqueeze(-2)
+    if w_gate is not None:
+        g = torch.matmul(xg, w_gate.transpose(-1, -2))
+        if b_gate is not None:
+            g = g + b_gate.unsqueeze(-2)
+        h = apply_activation(activation, g) * h
+    else:
+        h = apply_activation(activation, h)
+    return torch.matmul(h * weights.unsqueeze(-1), w_out.transpose(-1, -2))
+
+
+def _select(t, units: list[int]):
+    """t[units] along dim 0 (None stays None); one Gather of a constant index."""
+    return None if t is None else t.index_select(0, _const(units, torch.int64, t.device))
+
+
+def _expert_group(xf, table, units: list[int], w_in, b_in, w_gate, b_gate, w_out, activation, cap, out):
+    """One group of FFN experts, batched: top-C tokens per expert by weight, scatter-added into out."""
+    t = xf.shape[0]
+    weights = table.index_select(1, _const(units, torch.int64, xf.device)).transpose(0, 1)  # (G, T)
+    vals, idx = torch.topk(weights, group_capacity(weights != 0, t, cap), dim=-1)  # (G, C)
+    xg = xf.index_select(0, idx.reshape(-1)).view(len(units), -1, xf.shape[-1])
+    y = _expert_ffn(xg, *(_select(w, units) for w in (w_in, b_in, w_gate, b_gate, w_out)), vals, activation)
+    return out.index_add(0, idx.reshape(-1), y.reshape(-1, y.shape[-1]))
+
+
+def _dense_experts(xf, table, units: list[int], w_in, b_in, w_gate, b_gate, w_out, activation, out):
+    """Heavy experts on every token as one FFN of their joint width (two wide GEMMs, no gather or
+    scatter); each expert's hidden slice is scaled by the token's weight for it (0 if not chosen)."""
+    g, f_e, d = len(units), w_in.shape[1], w_in.shape[2]
+    weights = table.index_select(1, _const(units, torch.int64, xf.device))  # (T, G)
+
+    def wide(w, b):
+        y = torch.matmul(xf, _select(w, units).reshape(g * f_e, d).t())
+        return y if b is None else y + _select(b, units).reshape(g * f_e)
+    h = wide(w_in, b_in)
+    h = apply_activation(activation, h) if w_gate is None else apply_activation(activation, wide(w_gate, b_gate)) * h
+    h = (h.view(-1, g, f_e) * weights.unsqueeze(-1)).reshape(-1, g * f_e)
+    return out + torch.matmul(h, _select(w_out, units).permute(1, 0, 2).reshape(w_out.shape[1], g * f_e).t())
+
+
 def portable_moepp(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight, const_vectors,
-                   const_gate_weight, n_zero, n_copy, activation, cap_num=1, cap_den=1):
-    """Capacity dispatch of the FFN experts; zero/copy/constant experts elementwise."""
+                   const_gate_weight, n_zero, n_copy, activation, dense_experts=None, routed_experts=None,
+                   group_sizes=None, group_caps=None):
+    """FFN experts by the call site's plan (default: all dense); zero/copy/constant experts elementwise."""
     d = x.shape[-1]
-    n, f_e, _ = w_in.shape
+    n = w_in.shape[0]
     d_out = w_out.shape[1]
     k = expert_idx.shape[-1]
     xf = x.reshape(-1, d)
@@ -62,23 +109,14 @@ def portable_moepp(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     total = n + n_zero + n_copy + n_const
     table = torch.zeros(t, total, dtype=x.dtype, device=x.device)
     table = table.scatter_add(1, expert_idx.reshape(t, k), expert_weight.reshape(t, k).to(x.dtype))
-    capacity = torch.sym_min(t, (t * cap_num + cap_den - 1) // cap_den)
-    vals, idx = torch.topk(table[:, :n].transpose(0, 1), capacity, dim=-1)  # (N, C)
-    xg = xf[idx]  # (N, C, d)
-    h = torch.matmul(xg, w_in.transpose(1, 2))
-    if b_in is not None:
-        h = h + b_in.unsqueeze(1)
-    if w_gate is not None:
-        g = torch.matmul(xg, w_gate.transpose(1, 2))
-        if b_gate is not None:
-            g = g + b_gate.unsqueeze(1)
-        h = apply_activation(activation, g) * h
-    else:
-        h = apply_activation(activation, h)
-    y = torch.matmul(h, w_out.transpose(1, 2))  # (N, C, d_out)
-    w = vals.unsqueeze(-1)
-    y = torch.where(w != 0, y * w, torch.zeros_like(y))
-    out = torch.zeros(t, d_out, dtype=x.dtype, device=x.device).index_add(0, idx.reshape(-1), y.reshape(-1, d_out))
+    if routed_experts is None:
+        dense_experts, routed_experts, group_sizes, group_caps = list(range(n)), [], [], []
+    experts = (w_in, b_in, w_gate, b_gate, w_out, activation)
+    out = torch.zeros(t, d_out, dtype=x.dtype, device=x.device)
+    if dense_experts:
+        out = _dense_experts(xf, table, list(dense_experts), *experts, out)
+    for units, cap in iter_groups(routed_experts, group_sizes, group_caps):
+        out = _expert_group(xf, table, units, *experts, cap, out)
     if n_copy:
         out = out + table[:, n + n_zero: n + n_zero + n_copy].sum(-1, keepdim=True) * xf
     if n_const:
@@ -90,19 +128,14 @@ def portable_moepp(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     return out.reshape(*x.shape[:-1], d_out)
 
 
-def moepp_capacity_plan(expert_idx: torch.Tensor, num_ffn_experts: int, capacity, active_fraction):
-    """(cap_num, cap_den) for one call site from its observed routing."""
-    if capacity != "exact" and (not isinstance(capacity, (int, float)) or capacity <= 0):
-        raise ValueError(f"capacity must be 'exact' or a positive capacity factor, got {capacity!r}")
-    if capacity == "exact":
-        return 1, 1
+def moepp_capacity_plan(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_ffn_experts: int, capacity,
+                        active_fraction):
+    """(dense_experts, routed_experts, group_sizes, group_caps) for one call site from its observed routing."""
     idx = expert_idx.reshape(-1, expert_idx.shape[-1])
-    chosen = torch.zeros(idx.shape[0], num_ffn_experts, dtype=torch.bool)
-    ffn = idx < num_ffn_experts
-    chosen[torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[ffn], idx[ffn]] = True
-    frac = active_fraction if active_fraction is not None else float(chosen.float().mean())
-    num = max(1, math.ceil(capacity * frac * CAPACITY_DENOMINATOR))
-    return min(num, CAPACITY_DENOMINATOR), CAPACITY_DENOMINATOR
+    live = (expert_weight.reshape(idx.shape) != 0).unsqueeze(-1)
+    chosen = (idx.unsqueeze(-1) == torch.arange(num_ffn_experts)) & live  # (T, k, N)
+    usage = chosen.any(1).float().mean(0)  # (N,) fraction of tokens per FFN expert
+    return plan_dispatch(usage.tolist(), capacity, active_fraction)
 
 
 @torch.library.custom_op("moh_compile_onnx::moepp_capacity", mutates_args=())
@@ -110,11 +143,13 @@ def moepp_capacity(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_gate: torch.Tensor | None,
     b_gate: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None, expert_idx: torch.Tensor,
     expert_weight: torch.Tensor, const_vectors: torch.Tensor | None, const_gate_weight: torch.Tensor | None,
-    n_zero: int, n_copy: int, activation: str, cap_num: int, cap_den: int,
+    n_zero: int, n_copy: int, activation: str, dense_experts: list[int], routed_experts: list[int],
+    group_sizes: list[int], group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::moepp_ffn with its capacity plan attached (export-time only)."""
     return portable_moepp(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight, const_vectors,
-                          const_gate_weight, n_zero, n_copy, activation, cap_num, cap_den)
+                          const_gate_weight, n_zero, n_copy, activation, dense_experts, routed_experts,
+                          group_sizes, group_caps)
 
 
 @moepp_capacity.register_fake

@@ -5,31 +5,28 @@ custom ops (ExportedProgram.run_decompositions), so the stock exporter emits sta
 dynamic batch/sequence dims survive (every size comes from a symbolic shape), and the same
 functions run eagerly for tests.
 
-Routed heads (head_gates given) use capacity-based dispatch, the static-shape way to skip
-work: per routed head, TopK over tokens keeps the C tokens with the largest gates, only
-their rows are projected/attended/projected back, weighted by the gate (a slot whose gate
-is 0 contributes exactly 0) and scatter-added into the output.
-    C = min(S, ceil(capacity_factor * f * S)),  f = mean active fraction of the routed heads,
-measured per call site on the export's example inputs (or given). A head chosen by more than
-C tokens drops the lowest-gate ones: those tokens lose that head and the output differs from
-exact routing. capacity="exact" sets C = S (exact routing, no work saved). Heads active for
-(almost) every token (shared heads) are never capacity-limited: they take a dense path.
+Routed heads (head_gates given) are dispatched by the call site's plan (dispatch_plan.py): heavy
+heads take the dense path, the others run in groups; per (batch row, head of a group), TopK over
+tokens keeps the C tokens with the largest gates, only their rows are projected, attend and are
+projected back, weighted by the gate (a slot whose gate is 0 contributes exactly 0), and
+scatter-added into the output. C per group is run-time ("dynamic", exact), a capacity factor
+(static, may drop tokens) or S ("exact").
 
 Windowed heads: the window pattern is computed from (gathered) query positions as a mask
 over all keys (dense masked attention), not a gathered key band: exact, but no key-side saving.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from moh_compile.backends.dispatch_plan import group_capacity, iter_groups, plan_dispatch
 from moh_compile.ops.attention import rotate_half
 from moh_compile.ops.ffn import ffn_reference
 
-CAPACITY_DENOMINATOR = 1024  # capacity fraction is rounded up to k / 1024 so C stays an integer SymInt expression
-SHARED_HEAD_FRACTION = 0.999  # heads active for at least this fraction of tokens take the dense path
+
 
 
 def _const(values, dtype, device) -> torch.Tensor:
@@ -64,9 +61,13 @@ def _window_visible(q_pos: torch.Tensor, s_k: int, heads: list[int], sink, alpha
 
 def _full_rows(mask: torch.Tensor | None, s_q) -> torch.Tensor | None:
     """ORT's Attention op wants the mask's query dim spelled out (it does not broadcast a 1 there)."""
-    if mask is None or mask.shape[-2] != 1:
+    if mask is None or not statically_known_true(mask.shape[-2] == 1):  # a gathered row count is never a broadcast 1
         return mask
-    return mask.expand(*mask.shape[:-2], s_q, mask.shape[-1])
+    # broadcasting against a (.., s_q, 1) tensor instead of expand: s_q may be a run-time
+    # (data-dependent) capacity, and expand would need to know whether it is 1
+    rows = mask.new_ones((*mask.shape[:-2], s_q, 1)) if mask.dtype == torch.bool else \
+        mask.new_zeros((*mask.shape[:-2], s_q, 1))
+    return mask & rows if mask.dtype == torch.bool else mask + rows
 
 
 def _combine(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,22 +127,51 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
 
 
 def _gather_rows(t: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
-    """t (N, F) rows at flat_idx (any shape) -> (*flat_idx.shape, F): one ONNX Gather."""
-    return t[flat_idx]
+    """t (N, F) rows at flat_idx (any shape) -> (*flat_idx.shape, F): one ONNX Gather on axis 0
+    (index_select of the flattened index; advanced indexing exports as the slower GatherND)."""
+    return t.index_select(0, flat_idx.reshape(-1)).view(*flat_idx.shape, t.shape[-1])
+
+
+def weight_slots(t: torch.Tensor, weights: torch.Tensor, guard_nan: bool) -> torch.Tensor:
+    """t * weights on the narrowest tensor of a dispatch; slots with weight 0 then add exactly 0.
+    `guard_nan`: a slot may hold NaN (a query row with every key masked), so zero it by Where."""
+    w = weights.unsqueeze(-1).to(t.dtype)
+    return torch.where(w != 0, t * w, 0.0) if guard_nan else t * w
+
+
+def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
+    """Attention of gathered queries q (B, Hr, C, D) at token positions idx (B, Hr, C) over all keys,
+    with the mask rows and window pattern of exactly those queries; -> (ctx, whether masked)."""
+    b, hr = idx.shape[0], idx.shape[1]
+    s_k = kh.shape[2]
+    mask = None
+    if attn_mask is not None:
+        mask = _mask4d(attn_mask)
+        if mask.shape[1] != 1:
+            mask = mask.index_select(1, _const(heads, torch.int64, q.device))
+        if mask.shape[2] != 1:  # per-query rows: gather the chosen queries' rows
+            mh, s = mask.shape[1], mask.shape[2]  # mh is 1 or Hr
+            mask = torch.broadcast_to(mask, (b, mh, s, s_k)).reshape(b * mh * s, s_k)
+            base = ((torch.arange(b, device=q.device) * mh).view(b, 1, 1)
+                    + torch.arange(mh, device=q.device).view(1, mh, 1)) * s
+            mask = _gather_rows(mask, idx + base)
+    if window is not None:
+        mask = _combine(mask, _window_visible(idx, s_k, heads, *window, q.device))
+    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
+    return ctx, mask is not None
 
 
 def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window,
-                  heads: list[int], num_heads: int, cap_num: int, cap_den: int):
-    """Capacity dispatch for the routed heads: top-C tokens per head, gathered compute, scatter-add."""
+                  heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
+    """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
+    into `out` (B, S, E_out) or zeros."""
     b, s, e = x.shape
     d = k.shape[-1]
     hr = len(heads)
-    capacity = torch.sym_min(s, (s * cap_num + cap_den - 1) // cap_den)
     g = gates if hr == num_heads else gates.index_select(-1, _const(heads, torch.int64, x.device))
     g = g.transpose(1, 2)  # (B, Hr, S)
-    vals, idx = torch.topk(g, capacity, dim=-1)  # (B, Hr, C)
-    base = (torch.arange(b, device=x.device) * s).view(b, 1, 1)
-    flat = idx + base
+    vals, idx = torch.topk(g, group_capacity(g != 0, s, cap), dim=-1)  # (B, Hr, C)
+    flat = idx + (torch.arange(b, device=x.device) * s).view(b, 1, 1)
     wq, bq, wo = _head_weights(q_weight, q_bias, o_weight, heads, num_heads, d)
     q = torch.matmul(_gather_rows(x.reshape(b * s, e), flat), wq.transpose(1, 2))  # (B, Hr, C, D)
     if bq is not None:
@@ -151,49 +181,26 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
         sin = torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d)
         q = q * _gather_rows(cos, flat) + rotate_half(q) * _gather_rows(sin, flat)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
-    s_k = k.shape[2]
-    mask = None
-    if attn_mask is not None:
-        mask = _mask4d(attn_mask)
-        if mask.shape[1] != 1:
-            mask = mask.index_select(1, _const(heads, torch.int64, x.device))
-        if mask.shape[2] != 1:  # per-query rows: gather the chosen queries' rows
-            mh = mask.shape[1]
-            mask = torch.broadcast_to(mask, (b, mh, s, s_k))
-            if mh == 1:
-                mask = _gather_rows(mask.reshape(b * s, s_k), flat)
-            else:
-                head_base = ((torch.arange(b, device=x.device) * hr).view(b, 1, 1)
-                             + torch.arange(hr, device=x.device).view(1, hr, 1)) * s
-                mask = _gather_rows(mask.reshape(b * hr * s, s_k), idx + head_base)
-    if window is not None:
-        mask = _combine(mask, _window_visible(idx, s_k, heads, *window, x.device))
-    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
-    y = torch.matmul(ctx, wo)  # (B, Hr, C, E_out)
-    w = vals.unsqueeze(-1).to(y.dtype)
-    y = torch.where(w != 0, y * w, torch.zeros_like(y))  # padding slots (gate 0) add exactly 0, even if NaN
+    ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale)
+    y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
     e_out = y.shape[-1]
-    out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device)
-    out = out.index_add(0, flat.reshape(-1), y.reshape(-1, e_out))
-    return out.view(b, s, e_out)
+    out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device) if out is None else out.reshape(b * s, e_out)
+    return out.index_add(0, flat.reshape(-1), y.reshape(-1, e_out)).view(b, s, e_out)
 
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                       dense_heads=None, routed_heads=None, cap_num=1, cap_den=1):
-    """moh_compile::attention in export-friendly torch. Without dense/routed lists every head is dense."""
+                       dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
+    """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
     num_heads = q_weight.shape[0] // d
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
     args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window)
     if routed_heads is None or head_gates is None:
-        dense_heads, routed_heads = list(range(num_heads)), []
-    out = None
-    if dense_heads:
-        out = _dense_heads(x, *args, list(dense_heads), num_heads)
-    if routed_heads:
-        routed = _routed_heads(x, *args, list(routed_heads), num_heads, cap_num, cap_den)
-        out = routed if out is None else out + routed
+        dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
+    out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
+    for heads, cap in iter_groups(routed_heads, group_sizes, group_caps):
+        out = _routed_heads(x, *args, heads, num_heads, cap, out)
     if o_bias is not None:
         out = out + o_bias
     return out
@@ -205,12 +212,13 @@ def attention_capacity(
     attn_mask: torch.Tensor | None, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
-    window_two_sided: bool, dense_heads: list[int], routed_heads: list[int], cap_num: int, cap_den: int,
+    window_two_sided: bool, dense_heads: list[int], routed_heads: list[int], group_sizes: list[int],
+    group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              dense_heads, routed_heads, cap_num, cap_den)
+                              dense_heads, routed_heads, group_sizes, group_caps)
 
 
 @attention_capacity.register_fake
@@ -219,17 +227,9 @@ def _attention_capacity_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rop
 
 
 def capacity_plan(head_gates: torch.Tensor, capacity: str | float, active_fraction: float | None):
-    """(dense_heads, routed_heads, cap_num, cap_den) for one call site from its observed gates."""
-    if capacity != "exact" and (not isinstance(capacity, (int, float)) or capacity <= 0):
-        raise ValueError(f"capacity must be 'exact' or a positive capacity factor, got {capacity!r}")
-    per_head = (head_gates != 0).float().mean(dim=tuple(range(head_gates.dim() - 1)))  # (H,)
-    dense = [h for h, f in enumerate(per_head.tolist()) if f >= SHARED_HEAD_FRACTION]
-    routed = [h for h in range(per_head.numel()) if h not in dense]
-    if capacity == "exact" or not routed:
-        return dense, routed, 1, 1
-    frac = active_fraction if active_fraction is not None else float(per_head[routed].mean())
-    num = max(1, math.ceil(capacity * frac * CAPACITY_DENOMINATOR))
-    return dense, routed, min(num, CAPACITY_DENOMINATOR), CAPACITY_DENOMINATOR
+    """(dense_heads, routed_heads, group_sizes, group_caps) for one call site from its observed gates."""
+    usage = (head_gates != 0).float().mean(dim=tuple(range(head_gates.dim() - 1)))  # (H,)
+    return plan_dispatch(usage.tolist(), capacity, active_fraction)
 
 
 def portable_ffn(x, w_in, b_in, w_out, b_out, w_gate, b_gate, activation):

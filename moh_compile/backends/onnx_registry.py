@@ -90,5 +90,6 @@ else:
         torch.ops.moh_compile.moepp_ffn.default, moepp.MOEPP_OP, moepp.MOEPP_SCHEMA, moepp.MOEPP_PORTS,
         moepp.translate_moepp, moepp.portable_moepp, moepp.moepp_kernel,
         torch.ops.moh_compile_onnx.moepp_capacity.default,
-        lambda a, cap, frac: moepp.moepp_capacity_plan(a["expert_idx"], a["w_in"].shape[0], cap, frac),
+        lambda a, cap, frac: moepp.moepp_capacity_plan(a["expert_idx"], a["expert_weight"], a["w_in"].shape[0], cap,
+                                                       frac),
     ))

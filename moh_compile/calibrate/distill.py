@@ -7,7 +7,6 @@ Generic: any pair of nn.Modules whose forward returns a tensor or an HF-style ou
 """
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable
 
@@ -28,25 +27,6 @@ def default_loss(student_out, teacher_out, batch) -> torch.Tensor:
     cos = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
     mse = (s - t).pow(2).mean(-1) / t.pow(2).mean().clamp_min(1e-12)
     return ((cos + mse) * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-class SentenceBatches:
-    """Re-iterable, reshuffled each epoch: tokenised batches of sentences (dicts of tensors)."""
-
-    def __init__(self, tokenizer, sentences: list[str], batch_size: int = 32, seed: int = 0, max_length: int = 128):
-        self.tok, self.sentences, self.batch_size, self.max_length = tokenizer, list(sentences), batch_size, max_length
-        self.rng = random.Random(seed)
-
-    def __iter__(self):
-        order = self.sentences[:]
-        self.rng.shuffle(order)
-        for i in range(0, len(order), self.batch_size):
-            yield dict(self.tok(order[i:i + self.batch_size], padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt"))
-
-
-def sentence_batches(tokenizer, sentences, batch_size=32, seed=0, max_length=128) -> SentenceBatches:
-    return SentenceBatches(tokenizer, sentences, batch_size, seed, max_length)
 
 
 def _call(model: nn.Module, batch):
@@ -172,4 +152,4 @@ def distill(
             "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
 
 
-__all__ = ["distill", "default_loss", "sentence_batches", "SentenceBatches"]
+__all__ = ["distill", "default_loss"]

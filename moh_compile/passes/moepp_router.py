@@ -126,11 +126,12 @@ class ExpertRouter(Router):
 
     def _compensation(self, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         n = self.config.n_ffn
-        is_ffn = idx < n
-        chosen = self.comp_table[idx.clamp(max=n - 1)] * is_ffn.unsqueeze(-1)
-        # a chosen group with weight w leaves (1 - w) of its mean uncovered; binary w == 1 forward
-        used = (chosen * weight.detach().unsqueeze(-1)).sum(dim=-2)
-        return self.comp_table.sum(dim=0) - used
+        # a chosen group with weight w leaves (1 - w) of its mean uncovered; binary w == 1 forward.
+        # Per-token weights over the n groups, then one (.., n) @ (n, d) matmul: gathering the
+        # table rows per slot would build a (.., top_k, d) tensor (slow in every runtime).
+        w = torch.where(idx < n, weight.detach(), 0.0).to(self.comp_table.dtype)
+        per_group = w.new_zeros((*idx.shape[:-1], n)).scatter_add(-1, idx.clamp(max=n - 1), w)
+        return self.comp_table.sum(dim=0) - per_group @ self.comp_table
 
     def _load_balance(self, logits, idx, empty) -> torch.Tensor:
         """Heterogeneous MoE++ loss sum_i eta_i f_i P_i (eta = tau for zero-computation experts);
