@@ -69,4 +69,5 @@ def test_group_capacity_dynamic_and_static():
     assert dp.group_capacity(active, 10, dp.DYNAMIC) == 7  # the busiest row
     assert dp.group_capacity(torch.zeros(2, 10, dtype=torch.bool), 10, dp.DYNAMIC) == 1  # never 0
     assert dp.group_capacity(active, 10, 512) == 5
+    assert dp.group_capacity(active, 10, 1) == 2  # static capacities never go below 2 (see group_capacity)
     assert dp.group_capacity(active, 10, dp.CAPACITY_DENOMINATOR) == 10

@@ -196,16 +196,18 @@ def test_checker_shape_inference_and_dynamic_dims(exported, form):
     assert all(x_dims)
 
 
-def test_capacity_drops_lowest_gates_per_head(tmp_path):
-    """With a capacity factor, each routed head keeps its top-C tokens; a shared head keeps all."""
+@pytest.mark.parametrize("factor", [1.0, 0.1])
+def test_capacity_drops_lowest_gates_per_head(tmp_path, factor):
+    """With a capacity factor, each routed head keeps its top-C tokens; a shared head keeps all.
+    0.1: C on the export's sample is the floor of 2, and other shapes must still get their own C."""
     torch.manual_seed(1)
     block = Block(rope=True, hkv=2, routed=True, shared=1, top_k=2, window=WINDOW).eval()
     example = inputs_for(block, "bool", 2, 16)
     path = tmp_path / "cap.onnx"
-    export_onnx(block, example, path, form="portable", dynamic_shapes=dynamic_shapes_for("bool"), capacity=1.0)
+    export_onnx(block, example, path, form="portable", dynamic_shapes=dynamic_shapes_for("bool"), capacity=factor)
 
     with torch.no_grad():
-        dense, routed, sizes, caps = onnx_portable.capacity_plan(block.head_gates(example[0]), 1.0, None)
+        dense, routed, sizes, caps = onnx_portable.capacity_plan(block.head_gates(example[0]), factor, None)
     assert 0 in dense and routed  # the shared head takes the dense path, the others are dispatched
     for b, s in [(2, 16), (3, 24)]:
         x, mask = inputs_for(block, "bool", b, s, seed=5)
@@ -213,7 +215,7 @@ def test_capacity_drops_lowest_gates_per_head(tmp_path):
             gates = block.head_gates(x)
             kept = gates.clone()
             for heads, cap in dispatch_plan.iter_groups(routed, sizes, caps):
-                c = min(s, math.ceil(s * cap / dispatch_plan.CAPACITY_DENOMINATOR))
+                c = min(s, max(2, math.ceil(s * cap / dispatch_plan.CAPACITY_DENOMINATOR)))
                 for h in heads:  # per (batch, head): top-C tokens by gate
                     top = gates[..., h].topk(c, dim=1)
                     kept[..., h] = torch.zeros_like(gates[..., h]).scatter(1, top.indices, top.values)

@@ -13,7 +13,7 @@ One plan per call site, made at export from the routing observed on the sample i
 Capacity of a group (`capacity`):
 - "dynamic" (default): C = the most tokens any unit of the group has (per batch row for heads),
   computed at run time. Exact routing, nothing dropped.
-- a factor: C = min(S, ceil(factor * u * S)) with u the group's mean observed usage (or
+- a factor: C = min(S, max(2, ceil(factor * u * S))) with u the group's mean observed usage (or
   `active_fraction`). Static shapes, but a unit chosen by more than C tokens drops the
   lowest-weight ones (those tokens lose that unit: the output differs from exact routing).
 - "exact": C = S (exact routing, no work saved).
@@ -32,6 +32,7 @@ DEFAULT_CAPACITY = "dynamic"
 CAPACITY_DENOMINATOR = 1024
 DYNAMIC = 0
 DENSE_PATH_FRACTION = 0.7
+MIN_STATIC_CAPACITY = 2
 MAX_GROUPS = 3
 
 
@@ -99,7 +100,10 @@ def group_capacity(active: torch.Tensor, tokens, cap: int):
     a data-dependent size under export, bounded so shapes stay provably valid) or a fixed
     fraction of `tokens`."""
     if cap != DYNAMIC:
-        return torch.sym_min(tokens, (tokens * cap + CAPACITY_DENOMINATOR - 1) // CAPACITY_DENOMINATOR)
+        # at least 2: a C that is 1 on the export's sample would be specialised to the constant 1
+        # by the exporter's single-query attention path, breaking every other shape
+        wanted = torch.sym_max(MIN_STATIC_CAPACITY, (tokens * cap + CAPACITY_DENOMINATOR - 1) // CAPACITY_DENOMINATOR)
+        return torch.sym_min(tokens, wanted)
     capacity = active.sum(-1).max().clamp(min=1).item()
     torch._check(capacity >= 1)
     torch._check(capacity <= tokens)
