@@ -77,7 +77,8 @@ def build_compile_parser() -> argparse.ArgumentParser:
     x.add_argument("--capacity", default="dynamic", metavar="dynamic|FACTOR|exact",
                    help="routed dispatch in the portable ONNX form and the AOTI package: 'dynamic' (exact "
                         "routing, run-time sizes), a capacity factor such as 1.25 (static sizes; tokens over "
-                        "capacity are dropped) or 'exact' (static, no work saved) (default: dynamic)")
+                        "capacity are dropped) or 'exact' (static, no work saved) (default: dynamic; AOTI packages "
+                        "use 'exact' for it)")
     for pass_ in passes.all_passes():
         pass_.add_arguments(p)
     return p

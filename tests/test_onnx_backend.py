@@ -1,6 +1,7 @@
 """ONNX lowering of moh_compile ops in both forms, run in ONNX Runtime against PyTorch."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -13,7 +14,9 @@ import torch.nn as nn
 import moh_compile  # noqa: F401  (registers the ops)
 from moh_compile.backends import dispatch_plan, onnx_portable
 from moh_compile.backends.onnx_custom import DOMAIN
-from moh_compile.backends.onnx_export import export_onnx
+from moh_compile.backends.aoti import decompose_project_ops
+from moh_compile.backends.onnx_export import attach_capacity_plans, export_onnx
+from moh_compile.backends.onnx_registry import portable_decompositions
 from moh_compile.backends.ort_runtime import OnnxMismatchError, make_session, run_onnx, verify_onnx
 from moh_compile.ops.attention import attention_reference
 
@@ -375,3 +378,25 @@ def test_moh_sparse_moepp_combined_both_forms(tmp_path):
         assert ours == (["MohFFN", "MohMoEppFFN", "MohRoutedAttention"] if form == "custom" else [])
         for b, s in SHAPES:
             assert verify_onnx(block, inputs_for(block.attn, "bool", b, s), path, atol=1e-4) <= 1e-4
+
+
+def test_aoti_decomposition_uses_static_exact_dispatch_for_dynamic():
+    """Inductor cannot lower run-time capacities, so an AOTI package asked for "dynamic" gets the
+    static exact dispatch (no data-dependent sizes) and still equals the routed PyTorch block."""
+    torch.manual_seed(6)
+    block = Block(rope=True, hkv=2, routed=True, shared=1, top_k=2).eval()
+    example = inputs_for(block, "bool", 2, 16)
+    ep = torch.export.export(block, example, dynamic_shapes=dynamic_shapes_for("bool"), strict=False)
+
+    def item_calls(program):
+        return [n for n in program.graph.nodes if n.op == "call_function"
+                and ("local_scalar_dense" in str(n.target) or str(n.target).endswith("item.default"))]
+
+    dynamic = copy.deepcopy(ep)
+    attach_capacity_plans(dynamic, example, {}, "dynamic", None)
+    assert item_calls(dynamic.run_decompositions(portable_decompositions()))  # the ONNX path: run-time sizes
+    packaged = decompose_project_ops(ep, example, {}, "dynamic")
+    assert not item_calls(packaged)
+    x = inputs_for(block, "bool", 3, 20, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(packaged.module()(*x), block(*x), atol=1e-5, rtol=0)

@@ -19,17 +19,25 @@ import tempfile
 
 import torch
 
+from moh_compile.backends.dispatch_plan import DEFAULT_CAPACITY
 from moh_compile.backends.onnx_export import attach_capacity_plans
 from moh_compile.backends.onnx_registry import portable_decompositions
-from moh_compile.backends.dispatch_plan import DEFAULT_CAPACITY
 
 # Faster C++ build of the generated wrapper (the kernels keep inductor's defaults).
 DEFAULT_INDUCTOR_CONFIGS = {"aot_inductor.compile_wrapper_opt_level": "O0"}
 
 
+def aoti_capacity(capacity: str | float) -> str | float:
+    """Inductor cannot lower the run-time ("dynamic") capacities: it guards on the data-dependent
+    size (`Eq(u0, 1)`). Packages then use static exact dispatch (C = S: exact, no work saved); a
+    capacity factor skips work (and may drop tokens) as in the portable ONNX form."""
+    return "exact" if capacity == "dynamic" else capacity
+
+
 def decompose_project_ops(ep: torch.export.ExportedProgram, args: tuple = (), kwargs: dict | None = None,
                           capacity: str | float = DEFAULT_CAPACITY) -> torch.export.ExportedProgram:
     """A copy of `ep` with every moh_compile op replaced by aten ops (capacity plans attached)."""
+    capacity = aoti_capacity(capacity)
     ep = copy.deepcopy(ep)
     attach_capacity_plans(ep, args, kwargs or {}, capacity, None)
     out = ep.run_decompositions(portable_decompositions())
