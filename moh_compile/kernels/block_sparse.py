@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moh_compile.ops.attention import register_fast_kernel, rotate_half, window_spans
 
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 64  # measured on 2 CPU threads: 5-15% faster than 128 at 10-25% density, N 8k-16k
 
 
 def _mask4(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -93,12 +93,14 @@ def _flash(q, k, v, mask, scale):
     return out, lse
 
 
-def _merge_parts(o1, l1, o2, l2):
-    """Combine two softmax-normalised partial attentions by their log-sum-exps (exact)."""
+def _merge_parts_into(out, o1, l1, o2, l2):
+    """out = the exact combination of two softmax-normalised partial attentions, by their
+    log-sum-exps; written straight into `out` (a view of the result), no scratch copy."""
     lse = torch.logaddexp(l1, l2)
     w1 = torch.exp(l1 - lse).nan_to_num_(0.0).unsqueeze(-1)
     w2 = torch.exp(l2 - lse).nan_to_num_(0.0).unsqueeze(-1)
-    return o2.mul_(w2).addcmul_(o1, w1)  # in place: o2 is a scratch buffer of the caller
+    torch.mul(o2, w2, out=out)
+    out.addcmul_(o1, w1)
 
 
 def _band_pattern(q0, q1, lo, hi, span, two_sided, causal, device):
@@ -128,7 +130,9 @@ _MASK_CHUNK_ELEMS = 1 << 24  # bound on the float mask materialised per call (64
 
 
 def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, scale, block, count):
-    """Attention of rows [n_global, S) over their local band (sink keys excluded), with lse.
+    """Attention of rows [n_global, S) over their local band (sink keys excluded), with lse, as
+    a list of (rows, out, lse) pieces that together cover the rows (the caller writes each into
+    the result, so no band-sized intermediate is copied).
 
     Interior blocks (full block, band inside [n_sink, S_k)) share one relative pattern, so they
     run as ONE flash call on an overlapping strided view of K/V (blocks folded into the head
@@ -136,8 +140,7 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
     """
     b, hg, s_q, d = qg.shape
     s_k = kg.shape[2]
-    o_band = qg.new_empty(b, hg, s_q - n_global, d)
-    l_band = qg.new_empty(b, hg, s_q - n_global)
+    pieces = []
     starts = list(range(n_global, s_q, block))
     off_lo, off_hi = (-(span // 2), block + span // 2) if two_sided else (1 - span, block)
     interior = [q0 for q0 in starts if q0 + off_lo >= n_sink and q0 + off_hi <= s_k and q0 + block <= s_q]
@@ -152,14 +155,13 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
         kb = kc.as_strided(shape, strides, kc.storage_offset() + (first + off_lo) * d)
         vb = vc.as_strided(shape, strides, vc.storage_offset() + (first + off_lo) * d)
         qb = qg[:, :, first:first + nb * block].reshape(b * hg, nb, block, d)
-        r0 = first - n_global
         if mask_g is None:
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qb, kb, vb, 0.0, False, attn_mask=_additive(pat, qg.dtype), scale=scale)[:2]
             if not pat.any(-1).all():
                 lse = lse.masked_fill(~pat.any(-1), float("-inf"))
-            o_band[:, :, r0:r0 + nb * block] = o.reshape(b, hg, nb * block, d)
-            l_band[:, :, r0:r0 + nb * block] = lse.reshape(b, hg, nb * block)
+            pieces.append((slice(first, first + nb * block), o.reshape(b, hg, nb * block, d),
+                           lse.reshape(b, hg, nb * block)))
         else:
             mview = _diagonal_blocks(mask_g, first, first + off_lo, nb, block, width, block)
             per = max(1, _MASK_CHUNK_ELEMS // (b * hg * block * width))
@@ -170,9 +172,8 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
                                 kb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 vb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 m.reshape(b * hg, c1 - c0, block, width), scale)
-                rs = slice(r0 + c0 * block, r0 + c1 * block)
-                o_band[:, :, rs] = o.reshape(b, hg, -1, d)
-                l_band[:, :, rs] = lse.reshape(b, hg, -1)
+                pieces.append((slice(first + c0 * block, first + c1 * block), o.reshape(b, hg, -1, d),
+                               lse.reshape(b, hg, -1)))
         count(nb * block * width)
     else:
         edge = starts
@@ -186,11 +187,10 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
         if mask_g is not None:
             model = mask_g[:, :, q0:q1] if mask_g.shape[2] > 1 else mask_g
             model = model[..., lo:hi] if model.shape[3] > 1 else model
-        r = slice(q0 - n_global, q1 - n_global)
-        o_band[:, :, r], l_band[:, :, r] = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi],
-                                                  _merge(model, pat), scale)
+        o, lse = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi], _merge(model, pat), scale)
+        pieces.append((slice(q0, q1), o, lse))
         count((q1 - q0) * (hi - lo))
-    return o_band, l_band
+    return pieces
 
 
 def sparse_attention_core(
@@ -272,9 +272,13 @@ def sparse_attention_core(
             m = _mask_slice(mask, hidx, rows, slice(0, n_sink))
             o_sink, l_sink = _flash(qg[:, :, rows], kg[:, :, :n_sink], vg[:, :, :n_sink], m, scale)
             count((s_q - n_global) * n_sink)
-            o_band, l_band = _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, scale,
-                                        block, count)
-            og[:, :, rows] = o_band if n_sink == 0 else _merge_parts(o_sink, l_sink, o_band, l_band)
+            for rs, o_band, l_band in _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal,
+                                                 scale, block, count):
+                if n_sink == 0:
+                    og[:, :, rs] = o_band
+                else:
+                    sink_rows = slice(rs.start - n_global, rs.stop - n_global)
+                    _merge_parts_into(og[:, :, rs], o_sink[:, :, sink_rows], l_sink[:, :, sink_rows], o_band, l_band)
         if not contiguous:
             out[:, hidx] = og
     return out
