@@ -35,6 +35,11 @@ def main() -> None:
     ap.add_argument("--comp-rank", type=int, default=0, help="compensation rank of the learned router")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate, router-only fine-tune")
     ap.add_argument("--lr-all", type=float, default=2e-5, help="learning rate, fine-tune of every weight")
+    ap.add_argument("--pooled-weight", type=float, default=None,
+                    help="weight of the pooled-output term of the distillation loss (default: finetune's)")
+    ap.add_argument("--finetune-lines", type=int, default=None,
+                    help="calibration lines to fine-tune on (default: the --calib-lines used to compile; "
+                         "0 = all bundled lines)")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -43,6 +48,9 @@ def main() -> None:
     teacher = loaded.model.eval()
     cal = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_lines)
     heads = 12
+    tune = cal if args.finetune_lines is None else as_calibration(
+        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
+    pooled = {} if args.pooled_weight is None else {"pooled_weight": args.pooled_weight}
     rows = []
 
     def compile_row(name, active, opts):
@@ -65,9 +73,11 @@ def main() -> None:
         for train in args.train if args.minutes else []:
             student = copy.deepcopy(base)
             lr = args.lr if train == "router" else args.lr_all
-            r = moh_compile.finetune(student, teacher, cal, train=train, minutes=args.minutes, lr=lr, progress=False)
+            r = moh_compile.finetune(student, teacher, tune, train=train, minutes=args.minutes, lr=lr, progress=False,
+                                     **pooled)
             f = r["fidelity"]
-            rows.append((f"  + fine-tune {train}, lr {lr:g}", active, f["cosine"], f["cosine_min"], f["knn10"],
+            rows.append((f"  + fine-tune {train}, lr {lr:g}, pooled weight {r['pooled_weight']:g}, "
+                         f"{tune.num_examples} lines", active, f["cosine"], f["cosine_min"], f["knn10"],
                          r["wall_s"], f"{r['steps']} steps"))
             print(rows[-1], flush=True)
     load = os.getloadavg()[0]

@@ -68,6 +68,9 @@ def build_compile_parser() -> argparse.ArgumentParser:
                    help="train the routers only, or every parameter (default: router)")
     f.add_argument("--finetune-lr", type=float, default=None,
                    help="Adam learning rate (default: 1e-3 for routers, 2e-5 for all)")
+    f.add_argument("--finetune-pooled-weight", type=float, default=None, metavar="W",
+                   help="weight of the mean-pooled output cosine in the distillation loss, next to the "
+                        "per-token loss (default: 10; 0 for language models)")
     x = p.add_argument_group("deployment artifacts (docs/deploy.md)")
     x.add_argument("--export", action="append", default=[], metavar="KIND",
                    help="also write: onnx (model.custom.onnx / model.portable.onnx), aoti (model.aoti.pt2, an "
@@ -172,6 +175,8 @@ def run_compile(argv: list[str]) -> int:
             raise MohCompileError(f"--{name.replace('_', '-')} must be at least 1")
     if args.finetune_minutes < 0:
         raise MohCompileError("--finetune-minutes must not be negative")
+    if args.finetune_pooled_weight is not None and args.finetune_pooled_weight < 0:
+        raise MohCompileError("--finetune-pooled-weight must not be negative")
     if args.finetune_minutes and not args.calib:
         raise MohCompileError("--finetune-minutes needs --calib data to train on")
     options = {}
@@ -204,8 +209,9 @@ def run_compile(argv: list[str]) -> int:
     if args.finetune_minutes:
         from moh_compile.finetune import finetune
 
+        pooled = {} if args.finetune_pooled_weight is None else {"pooled_weight": args.finetune_pooled_weight}
         result = finetune(compiled, loaded.model, calibration, train=args.finetune_train,
-                          minutes=args.finetune_minutes, lr=args.finetune_lr)
+                          minutes=args.finetune_minutes, lr=args.finetune_lr, **pooled)
         print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s", file=sys.stderr)
     fid = compiled.report.sections.get("finetune", {}).get("fidelity") or compiled.report.sections.get("fidelity")
     if fid:

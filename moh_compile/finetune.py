@@ -1,25 +1,32 @@
-"""Short distillation fine-tune of a compiled model against the original (for users who can afford it).
+"""Short distillation fine-tune of a compiled model against the original (for users who can afford it),
+and the MoE++ budget re-set that follows it.
 
 Why: training-free calibration fits each block in isolation; a few minutes of end-to-end
 gradient steps on the routers (or everything) repair the errors that compound across blocks.
+Training also moves the router logits, and with them the FFN work the zero experts leave, so
+the budget is re-set on the calibration data afterwards.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
+from moh_compile.calibrate.budget import set_ffn_budget as _set_router_budgets
 from moh_compile.calibrate.data import as_calibration
-from moh_compile.calibrate.distill import TRAIN_MODES, distill
+from moh_compile.calibrate.distill import DEFAULT_POOLED_WEIGHT, TRAIN_MODES, default_loss, distill
 from moh_compile.calibrate.metrics import embeddings, fidelity
 from moh_compile.errors import MohCompileError
+from moh_compile.passes.moepp import router_budgets
 
 DEFAULT_LR = {"router": 1e-3, "all": 2e-5}
 
 
 def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "router", minutes: float | None = 5.0,
              steps: int = 100_000, lr: float | None = None, load_balance_beta: float = 0.01, tokenizer=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, reset_budget: bool = True,
+             pooled_weight: float = DEFAULT_POOLED_WEIGHT) -> dict:
     """Distil `compiled` (a CompiledModel) towards `original` on calibration batches, in place.
 
     train: "router" (router and compensation parameters only) or "all" (every parameter).
@@ -27,13 +34,19 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
     of MiniLM dropped its fidelity from 0.986 to 0.885, see docs/moh.md).
     Stops after `minutes` of wall time or `steps`, whichever comes first. Adds the routers'
     load-balance losses with weight `load_balance_beta`. Binary gates train through their
-    straight-through estimators. The result (cost, losses, fidelity on the held-out set when
-    there is one) is returned and recorded in the compiled model's report.
+    straight-through estimators. The loss matches the last hidden state per token plus, with
+    weight `pooled_weight`, the mean-pooled output per sequence (0 for token outputs only, e.g.
+    language models). reset_budget: afterwards, re-set the MoE++ zero-expert
+    thresholds so each block's FFN work on the calibration data is its ffn_keep again
+    (`set_ffn_budget`). The result (cost, losses, fidelity on the held-out set when there is
+    one) is returned and recorded in the compiled model's report.
     """
     if train not in TRAIN_MODES:
         raise MohCompileError(f"train must be one of {', '.join(TRAIN_MODES)}, not {train!r}")
     if minutes is not None and minutes <= 0:
         raise MohCompileError("minutes must be positive")
+    if pooled_weight < 0:
+        raise MohCompileError(f"pooled_weight must be >= 0, got {pooled_weight}")
     lr = DEFAULT_LR[train] if lr is None else lr
     args, kwargs, _ = compiled._example
     calib = as_calibration(calibration, tokenizer).match_inputs(kwargs if kwargs else args)
@@ -44,11 +57,15 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
     try:
         history = distill(student, original, calib.batches, steps=steps, lr=lr, train=train,
                           load_balance_beta=load_balance_beta,
-                          time_budget_s=None if minutes is None else 60.0 * minutes, progress=progress)
+                          time_budget_s=None if minutes is None else 60.0 * minutes, progress=progress,
+                          loss_fn=functools.partial(default_loss, pooled_weight=pooled_weight))
     except ValueError as err:
         raise MohCompileError(str(err)) from err
-    result = {"train": train, "lr": lr, "load_balance_beta": load_balance_beta, "threads": torch.get_num_threads(),
+    result = {"train": train, "lr": lr, "load_balance_beta": load_balance_beta, "pooled_weight": pooled_weight,
+              "threads": torch.get_num_threads(),
               **history, "wall_s": time.perf_counter() - t0}
+    if reset_budget and router_budgets(compiled.plan, student):
+        result["ffn_budget"] = set_ffn_budget(compiled, calib, progress=progress)
     if calib.eval_batches:
         result["fidelity"] = fidelity(embeddings(original, calib.eval_batches),
                                       embeddings(student, calib.eval_batches))
@@ -56,4 +73,35 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
     return result
 
 
-__all__ = ["finetune"]
+def set_ffn_budget(compiled, data, ffn_keep: float | None = None, tokenizer=None, progress: bool = True) -> dict:
+    """Shift each MoE++ block's zero-expert threshold so that its FFN work on `data` (calibration
+    data in any form `as_calibration` takes) is `ffn_keep` (default: the block's planned
+    ffn_keep), in place. Use it after fine-tuning, or with text like your deployment text, since
+    the compile-time threshold meets the budget on the calibration text only.
+    Returns {router: {"before", "after", "shift"}}, also recorded in the report.
+    """
+    budgets = router_budgets(compiled.plan, compiled.graph_module)
+    if not budgets:
+        raise MohCompileError("the model has no MoE++ blocks: there is no FFN budget to set")
+    if ffn_keep is not None:
+        if not 0.0 < ffn_keep <= 1.0:
+            raise MohCompileError(f"ffn_keep must be in (0, 1], got {ffn_keep}")
+        budgets = dict.fromkeys(budgets, float(ffn_keep))
+    args, kwargs, _ = compiled._example
+    calib = as_calibration(data, tokenizer).match_inputs(kwargs if kwargs else args)
+    if not calib.batches:
+        raise MohCompileError("setting the FFN budget needs calibration batches, not a forward loop")
+    try:
+        result = _set_router_budgets(compiled.graph_module, calib.batches, budgets, calib.token_mask, progress)
+    except ValueError as err:
+        raise MohCompileError(str(err)) from err
+    rows = [f"| {name} | {r['before']:.3f} | {r['after']:.3f} |" for name, r in result.items()]
+    compiled.report.sections["ffn_budget"] = {
+        "routers": result, "source": calib.source,
+        "markdown": "\n".join([f"Zero-expert thresholds re-set on {calib.source or 'the given data'} "
+                               "(FFN work fraction per router, before and after):", "",
+                               "| router | before | after |", "|---|---|---|", *rows])}
+    return result
+
+
+__all__ = ["finetune", "set_ffn_budget"]

@@ -184,6 +184,7 @@ def _one_line_error(capsys, code, needle):
     (["--experts", "512"], "only 256 hidden neurons"),
     (["--experts", "3"], "not divisible"),
     (["--ffn-keep", "0.5"], "calibration data"),
+    (["--finetune-pooled-weight", "-1"], "--finetune-pooled-weight"),
 ])
 def test_invalid_settings_are_one_line_errors(capsys, tmp_path, args, needle):
     out = tmp_path / "x"
@@ -214,9 +215,36 @@ def test_cli_options_calibration_file_and_plan(tmp_path, capsys):
     assert abs(section["mean_ffn_fraction"] - 0.25) < 0.03
     assert (out / "moepp_experts.png").exists()
     out2 = tmp_path / "o2"
-    assert main([*args, "--out", str(out2), "--plan", str(out / "plan.json")]) == 0
+    assert main([*args, "--out", str(out2), "--plan", str(out / "plan.json"), "--finetune-minutes", "0.01",
+                 "--finetune-train", "all", "--finetune-pooled-weight", "0.5"]) == 0
     plan2 = json.loads((out2 / "plan.json").read_text())
     assert [b["settings"].get("groups") for b in plan2["blocks"]] == [b["settings"].get("groups") for b in plan["blocks"]]
+    sections = json.loads((out2 / "report.json").read_text())["sections"]
+    assert sections["finetune"]["pooled_weight"] == 0.5 and sections["finetune"]["steps"] >= 1
+    assert [round(r["after"], 2) for r in sections["ffn_budget"]["routers"].values()] == [0.25]  # budget re-set
+
+
+def _work(compiled, batches, calib) -> list[float]:
+    return [u["ffn_fraction"] for u in expert_usage(compiled.graph_module, batches, calib.token_mask).values()]
+
+
+def test_set_ffn_budget_meets_a_new_budget_on_new_data(bert_fitted):
+    """Re-setting the zero-expert thresholds on other data hits the budget there, measured by the
+    compiled model's own routing (both routers, the second on inputs the first one changed)."""
+    model, inputs, calib, compiled = bert_fitted
+    data = Calibration(batches=calib.eval_batches)
+    result = moh_compile.set_ffn_budget(compiled, data, ffn_keep=0.25, progress=False)
+    assert list(result) == ["moepp_encoder_layer_0_router", "moepp_encoder_layer_1_router"]  # graph order
+    tokens, n_ffn = 2 * (8 * 12 - 9), 8
+    for measured, r in zip(_work(compiled, data.batches, calib), result.values()):
+        assert r["after"] == pytest.approx(measured, abs=1e-6)
+        assert 0.25 - 2 / (tokens * n_ffn) - 1e-6 <= measured <= 0.25 + 1e-6  # as close as whole counts allow
+    assert "ffn_budget" in compiled.report.sections and "| router |" in compiled.report.markdown()
+    with pytest.raises(MohCompileError, match="ffn_keep must be in"):
+        moh_compile.set_ffn_budget(compiled, data, ffn_keep=1.5)
+    plain = moh_compile.compile(model, inputs, CompileConfig(attention="keep", ffn="keep"))
+    with pytest.raises(MohCompileError, match="no MoE\\+\\+ blocks"):
+        moh_compile.set_ffn_budget(plain, data)
 
 
 def test_finetune_all_trains_experts_and_routers(bert_fitted):
@@ -232,6 +260,9 @@ def test_finetune_all_trains_experts_and_routers(bert_fitted):
     assert result["steps"] == 3 and "fidelity" in result
     assert not torch.equal(experts.w_in.detach(), before[0])
     assert not torch.equal(router.proj.weight.detach(), before[1])
+    # training moved the logits; the budget is re-set to the plan's ffn_keep on the calibration data
+    assert set(result["ffn_budget"]) == {"moepp_encoder_layer_0_router", "moepp_encoder_layer_1_router"}
+    assert all(abs(w - 0.5) <= 2 / (4 * (8 * 12 - 9) * 8) + 1e-6 for w in _work(compiled, calib.batches, calib))
 
 
 # measured through compile on real MiniLM (96 calibration sentences, keep 0.5, 16 experts, first 128

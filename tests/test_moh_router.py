@@ -207,3 +207,29 @@ def test_distill_trains_router_toward_teacher():
     assert hist["steps"] == 150
     assert after < 0.7 * before
     assert not student.heads.requires_grad or teacher.heads.requires_grad   # flags restored
+
+
+def test_default_loss_token_and_pooled_terms():
+    """The distillation loss: per-token (1 - cos) + relative MSE over real tokens, plus the weighted
+    (1 - cos) of the mean-pooled outputs; padding never counts. Checked against explicit loops."""
+    from moh_compile.calibrate.distill import DEFAULT_POOLED_WEIGHT, default_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    batch = {"attention_mask": mask}
+    energy = t.pow(2).mean()
+    tok, n, pooled = 0.0, 0, 0.0
+    for b in range(2):
+        real = [i for i in range(5) if mask[b, i]]
+        for i in real:
+            tok += 1 - torch.nn.functional.cosine_similarity(s[b, i], t[b, i], dim=0) + (s[b, i] - t[b, i]).pow(2).mean() / energy
+            n += 1
+        pooled += 1 - torch.nn.functional.cosine_similarity(s[b, real].mean(0), t[b, real].mean(0), dim=0)
+    assert default_loss(s, t, batch, pooled_weight=0) == pytest.approx(float(tok / n), rel=1e-5)
+    assert default_loss(s, t, batch, pooled_weight=3.0) == pytest.approx(float(tok / n + 3.0 * pooled / 2), rel=1e-5)
+    assert default_loss(s, t, batch) == pytest.approx(float(tok / n + DEFAULT_POOLED_WEIGHT * pooled / 2), rel=1e-5)
+    s2 = s.clone()
+    s2[0, 3:] = 1e3  # padding positions: no effect
+    assert default_loss(s2, t, batch) == pytest.approx(default_loss(s, t, batch).item(), rel=1e-6)
+    assert default_loss(t, t, batch).item() == pytest.approx(0.0, abs=1e-6)

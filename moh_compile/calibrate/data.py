@@ -271,5 +271,20 @@ def as_calibration(source, loaded=None, eval_source=None, batch_size: int = 16, 
     return Calibration(batches=batches, eval_batches=evals, source=what, tokenized=text)
 
 
+def real_tokens(values: list, masks: list) -> torch.Tensor:
+    """(T, d) rows of recorded (..., d) values at real tokens: masks[i] is batch i's (B, S) token mask
+    (or None), applied when it fits the value's layout, batch-first or sequence-first."""
+    out = []
+    for i, v in enumerate(values):
+        mask = masks[i] if i < len(masks) else None
+        if mask is not None and v.dim() == 3 and v.shape[:2] == mask.shape:
+            out.append(v[mask])
+        elif mask is not None and v.dim() == 3 and v.shape[:2] == mask.T.shape:
+            out.append(v[mask.T])
+        else:
+            out.append(v.reshape(-1, v.shape[-1]))
+    return torch.cat(out).float()
+
+
 __all__ = ["Calibration", "as_calibration", "load_lines", "tokenize_lines", "tokenizer_for", "progress_bar",
-           "DATA_DIR"]
+           "DATA_DIR", "real_tokens"]

@@ -19,14 +19,29 @@ from moh_compile.passes.routing import find_routers
 TRAIN_MODES = ("router", "all")
 
 
-def default_loss(student_out, teacher_out, batch) -> torch.Tensor:
-    """Per-token (1 - cosine) + MSE / mean teacher energy on the last hidden state, over real tokens."""
+DEFAULT_POOLED_WEIGHT = 10.0
+
+
+def default_loss(student_out, teacher_out, batch, pooled_weight: float = DEFAULT_POOLED_WEIGHT) -> torch.Tensor:
+    """Per-token (1 - cosine) + MSE / mean teacher energy on the last hidden state, over real tokens,
+    plus pooled_weight * (1 - cosine) of the mean-pooled outputs (per sequence).
+
+    Why the pooled term: it is what the fidelity figures (and sentence-embedding users) measure;
+    on MiniLM at 9/12 heads it lifted the held-out cosine after 2 minutes from 0.9887 to 0.9903
+    (docs/moh.md). pooled_weight=0 gives the token-level loss alone (e.g. for language models).
+    """
     s, t = last_hidden(student_out), last_hidden(teacher_out)
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     mask = torch.ones(s.shape[:-1], dtype=s.dtype) if mask is None else mask.to(s.dtype)
     cos = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
     mse = (s - t).pow(2).mean(-1) / t.pow(2).mean().clamp_min(1e-12)
-    return ((cos + mse) * mask).sum() / mask.sum().clamp_min(1.0)
+    loss = ((cos + mse) * mask).sum() / mask.sum().clamp_min(1.0)
+    if pooled_weight and s.dim() == 3 and mask.shape == s.shape[:2]:
+        m = mask.unsqueeze(-1)
+        denom = m.sum(1).clamp_min(1.0)
+        pooled = torch.nn.functional.cosine_similarity((s * m).sum(1) / denom, (t * m).sum(1) / denom, dim=-1)
+        loss = loss + pooled_weight * (1.0 - pooled).mean()
+    return loss
 
 
 def _call(model: nn.Module, batch):
@@ -152,4 +167,4 @@ def distill(
             "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
 
 
-__all__ = ["distill", "default_loss"]
+__all__ = ["distill", "default_loss", "DEFAULT_POOLED_WEIGHT"]

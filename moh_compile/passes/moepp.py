@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from moh_compile.calibrate.data import real_tokens
 from moh_compile.errors import MohCompileError
 from moh_compile.flops import ffn_flops
 from moh_compile.ops.activations import apply_activation
@@ -225,8 +226,8 @@ class MoEPPPass(Pass):
             watch["prev"] = rnode.args[1]
         rec = record_values(gm, watch, lambda: calibration.run(gm, desc=f"moepp {m.block.name}"))
         masks = [calibration.token_mask(b) for b in calibration.batches] if calibration.batches else []
-        x = _real_tokens(rec["x"], masks)
-        prev = _real_tokens(rec["prev"], masks) if "prev" in rec else None
+        x = real_tokens(rec["x"], masks)
+        prev = real_tokens(rec["prev"], masks) if "prev" in rec else None
         gen = torch.Generator().manual_seed(st["seed"])
         if x.shape[0] > st["max_tokens"]:
             pick = torch.randperm(x.shape[0], generator=gen)[: st["max_tokens"]]
@@ -299,18 +300,15 @@ class MoEPPPass(Pass):
                 "flops_moepp": after_total, "markdown": "\n".join(md), "files": files}
 
 
-def _real_tokens(values: list, masks: list) -> torch.Tensor:
-    """(T, d) rows of recorded (…, d) values at real tokens (mask per batch when it fits the layout)."""
-    out = []
-    for i, v in enumerate(values):
-        mask = masks[i] if i < len(masks) else None
-        if mask is not None and v.dim() == 3 and v.shape[:2] == mask.shape:
-            out.append(v[mask])
-        elif mask is not None and v.dim() == 3 and v.shape[:2] == mask.T.shape:
-            out.append(v[mask.T])
-        else:
-            out.append(v.reshape(-1, v.shape[-1]))
-    return torch.cat(out).float()
+def router_budgets(plan, module: nn.Module) -> dict[str, float]:
+    """{router module name: the plan's ffn_keep} for every MoE++ block of a compiled model."""
+    names = {n for n, m in module.named_modules() if isinstance(m, ExpertRouter)}
+    out = {}
+    for bp in plan.blocks:
+        name = _name(bp.name) + "_router"
+        if bp.transform == "moepp" and name in names:
+            out[name] = float(bp.settings["ffn_keep"])
+    return out
 
 
 def _drop_unused_params(gm, matches) -> None:
@@ -346,7 +344,7 @@ def expert_usage(module: nn.Module, batches: list, token_mask=None) -> dict:
             mask = token_mask(batch) if token_mask else None
             for n, r in routers.items():
                 for idx, _w in seen[n]:
-                    idx = _real_tokens([idx.float()], [mask]).long()
+                    idx = real_tokens([idx.float()], [mask]).long()
                     counts[n].append(idx)
     finally:
         for h in hooks:

@@ -100,9 +100,10 @@ class ExpertRouter(Router):
             out = out + self.residual(prev_logits)
         return out
 
-    def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top values, expert index per slot, empty slots): slots ranked below the best zero
+        expert become that zero expert."""
         cfg = self.config
-        logits = self.logits(x, prev_logits)
         top_val, top_idx = logits.topk(cfg.top_k, dim=-1)
         if cfg.n_zero:
             zero_logits = logits[..., cfg.n_ffn:cfg.n_ffn + cfg.n_zero]
@@ -113,6 +114,12 @@ class ExpertRouter(Router):
             top_idx = torch.where(empty, best_zero + cfg.n_ffn, top_idx)
         else:
             empty = torch.zeros_like(top_idx, dtype=torch.bool)
+        return top_val, top_idx, empty
+
+    def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
+        cfg = self.config
+        logits = self.logits(x, prev_logits)
+        top_val, top_idx, empty = self.select(logits)
         if cfg.weighting == "binary":
             weight = 1.0 + (top_val - top_val.detach())  # forward: exactly 1; backward: d/dlogit
         else:
