@@ -125,6 +125,16 @@ def test_random_routing_matches_reference_and_formula(seed):
             torch.testing.assert_close(got[b, s], want, atol=ATOL, rtol=0)
 
 
+def test_output_does_not_alias_the_shared_workspace():
+    """The sorted kernel gathers into a reused per-thread buffer; a result must survive later
+    calls of any kernel that takes the buffer (here the MoE++ op again, larger)."""
+    gen = torch.Generator().manual_seed(5)
+    first = moepp_dispatch(*routed_case(gen))
+    kept = first.clone()
+    moepp_dispatch(*routed_case(gen, shape=(4, 33)))
+    assert torch.equal(first, kept)
+
+
 def test_zero_copy_const_experts_exact():
     gen = torch.Generator().manual_seed(3)
     args = list(routed_case(gen, n=6, n_zero=2, n_copy=1, n_const=2, k=1, shape=(5,)))

@@ -7,22 +7,23 @@ and are folded into the combine as two vectorised terms (a per-token multiple of
 (T, n_const) @ (n_const, d) product).
 
 Two layouts for the FFN part (`moepp_dispatch(..., layout=...)`):
-  "sorted"   (default) per expert: gather its rows, run its matmul chain, index_add the
-             weighted result back to the tokens (chunks of at most 4096 rows).
+  "sorted"   (default) gather every FFN (token, slot) pair once, sorted by expert, into a
+             reused workspace; per expert one matmul chain on its contiguous slice, written
+             into a contributions buffer; then one weighted per-token sum (embedding_bag).
   "capacity" pad every expert to the largest expert's token count and run batched bmm.
-benchmarks/bench_moepp.py measures both side by side. "sorted" is the default: on a quiet
-2-thread run (its earlier flat variant, below) beat "capacity" on all 12 shapes by 1.03-1.7x;
-single-threaded (the current variant) it is up to
-2x faster at keep 0.5 and within noise at keep 0.25 with d_model 384 (padding waste, the
-pad/unpad copies and CPU bmm efficiency outweigh the fewer op launches).
-An earlier "sorted" variant that gathered all routed rows into one
-(pairs, d) buffer was 10-40% slower: buffers that large are freshly mapped by the allocator
-on every call and page-faulted in, while per-expert buffers get reused.
+benchmarks/bench_moepp.py measures them side by side ("op" is the op, i.e. "sorted").
+The current "sorted" replaced a per-expert gather / weight / index_add variant: side by side on
+2 threads it was 0.96-1.3x as fast at d_model 384 (2048 tokens, keep 0.5: 52.6 -> 40.0 ms) and
+1.0-1.1x at 1024 (benchmarks/results/moepp_cpu_2026-11-22.md). A single gathered buffer
+without the workspace had been 10-40% slower than per-expert buffers: buffers that large are
+freshly mapped by the allocator on every call and page-faulted in.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from moh_compile.kernels.workspace import WORKSPACE
 from moh_compile.ops.activations import apply_activation
 
 
@@ -51,25 +52,36 @@ def _expert_hidden(xe, e, w_in, b_in, w_gate, b_gate, activation):
     return apply_activation(activation, h)
 
 
-def _ffn_sorted(xf, out, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation,
-                max_rows: int = 4096):
-    """Per expert: gather its rows, run its matmul chain, index_add back.
+def _ffn_sorted(xf, counts_list, order, tokens, flat_idx, flat_w, n, w_in, b_in, w_gate, b_gate, w_out,
+                activation):
+    """All FFN pairs gathered once (sorted by expert, so each expert's rows are one contiguous
+    slice), one matmul chain per expert written into a contributions buffer, then one weighted
+    per-token sum (embedding_bag over the token-major order of the pairs). Returns (T, d_out).
 
-    Buffers stay per expert (and per `max_rows` chunk) rather than one (pairs, d) buffer, so
-    they are small enough to be reused by the allocator instead of being freshly mapped
-    (page-faulted) on every call. The routing weight scales the hidden activations (F_e wide)
-    instead of the output rows (d_out wide).
+    Both buffers live in the shared workspace: large per-call allocations are page-faulted in
+    on every call (an earlier single-buffer variant without it was 10-40% slower than per-expert
+    buffers), and three ops per expert replace the gather / weight / scatter-add of each.
     """
+    t, d = xf.shape
+    d_out = w_out.shape[1]
+    n_pairs = sum(counts_list[:n])  # FFN ids sort first, so their pairs lead the sorted order
+    ws = WORKSPACE.take(n_pairs * (d + d_out), xf.dtype, xf.device)
+    xg = torch.index_select(xf, 0, tokens[:n_pairs], out=ws[: n_pairs * d].view(n_pairs, d))
+    contrib = ws[n_pairs * d:].view(n_pairs, d_out)
     start = 0
-    for e in range(w_in.shape[0]):
+    for e in range(n):
         c = counts_list[e]
-        for lo in range(start, start + c, max_rows):
-            hi = min(lo + max_rows, start + c)
-            tok = tokens[lo:hi]
-            h = _expert_hidden(xf.index_select(0, tok), e, w_in, b_in, w_gate, b_gate, activation)
-            h.mul_(weights[lo:hi].unsqueeze(1))
-            out.index_add_(0, tok, torch.mm(h, w_out[e].t()))
+        if c:
+            h = _expert_hidden(xg[start:start + c], e, w_in, b_in, w_gate, b_gate, activation)
+            torch.mm(h, w_out[e].t(), out=contrib[start:start + c])
         start += c
+    # position in the sorted order of every (token, slot) pair, read back in token-major order
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    is_ffn = flat_idx < n
+    per_token = is_ffn.view(t, -1).sum(1)
+    offsets = torch.cumsum(per_token, 0) - per_token
+    return F.embedding_bag(pos[is_ffn], contrib, offsets, mode="sum", per_sample_weights=flat_w[is_ffn])
 
 
 def _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation):
@@ -142,18 +154,21 @@ def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     t = xf.shape[0]
     idx = expert_idx.reshape(t, k)
     wts = expert_weight.reshape(t, k).to(x.dtype)
-    out = xf.new_zeros((t, d_out))
+    if layout not in ("sorted", "capacity"):
+        raise ValueError(f"unknown layout {layout!r}; use 'sorted' or 'capacity'")
     if t and k:
-        _, counts, tokens, weights = _route(idx, wts, n, total)
+        order, counts, tokens, weights = _route(idx, wts, n, total)
         counts_list = counts.tolist()
         if layout == "sorted":
-            _ffn_sorted(xf, out, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation)
-        elif layout == "capacity":
-            _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation)
+            out = _ffn_sorted(xf, counts_list, order, tokens, idx.reshape(-1), wts.reshape(-1), n, w_in, b_in,
+                              w_gate, b_gate, w_out, activation)
         else:
-            raise ValueError(f"unknown layout {layout!r}; use 'sorted' or 'capacity'")
+            out = xf.new_zeros((t, d_out))
+            _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation)
         if n_copy or n_const:
             _zero_compute(xf, out, idx, wts, n, n_zero, n_copy, const_vectors, const_gate_weight)
+    else:
+        out = xf.new_zeros((t, d_out))
     if b_out is not None:
         out.add_(b_out)
     return out.reshape(*x.shape[:-1], d_out)

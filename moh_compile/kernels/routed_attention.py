@@ -12,12 +12,12 @@ Imported for its side effect: `register_fast_kernel(routed_attention_cpu)`.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import merge_masks, register_fast_kernel, rotate_half, window_mask
 
 
@@ -37,31 +37,7 @@ STATS = KernelStats()
 MASK_CHUNK_BYTES = 64 << 20   # gathered mask rows are built this many bytes at a time (heads loop)
 
 
-class _Workspace(threading.local):
-    """One grow-only scratch buffer per thread.
-
-    Why: the gathered-x and per-head output tensors are (active heads) x the size of x. Fresh
-    CPU allocations that large are mmap'ed by malloc and page-fault on every call, which cost
-    as much as the matmuls here; reusing one buffer removes that. Memory stays held until
-    `release_workspace()`.
-    """
-
-    def __init__(self):
-        self.buf: torch.Tensor | None = None
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if self.buf is None or self.buf.numel() < nbytes or self.buf.device != device:
-            self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return self.buf[:nbytes].view(dtype)
-
-
-_WS = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free this thread's scratch buffer (it is re-created on the next call)."""
-    _WS.buf = None
+_WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
