@@ -25,6 +25,8 @@ from moh_compile.report import Report, block_rows
 from moh_compile.rewrite import commit_verified, probe_values
 from moh_compile.backends.dispatch_plan import DEFAULT_CAPACITY
 
+DISPATCH_PLAN_BATCHES = 8  # calibration batches kept to plan the portable ONNX dispatch (~128 texts)
+
 
 @dataclass
 class Inspection:
@@ -73,6 +75,7 @@ class CompiledModel(torch.nn.Module):
         self.plan = plan
         self.report = report
         self._example = (captured.args, captured.kwargs, captured.dynamic_shapes)
+        self.plan_batches: list = []  # inputs that plan the portable ONNX dispatch (export_onnx)
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -99,17 +102,22 @@ class CompiledModel(torch.nn.Module):
                 gm.recompile()
 
     def export_onnx(self, path: str | os.PathLike, form: str = "custom", capacity: str | float = DEFAULT_CAPACITY,
-                    active_fraction: float | None = None, opset: int | None = None, program=None):
+                    active_fraction: float | None = None, opset: int | None = None, program=None,
+                    plan_batches: list | None = None):
         """Write the model as ONNX ("custom": one node per project op; "portable": standard ops only).
 
         capacity: routed dispatch of the portable form: "dynamic" (exact routing, run-time sizes), a
         capacity factor (static sizes, may drop tokens) or "exact" (static, no saving); docs/deploy.md.
+        plan_batches: inputs (dicts or tuples, like calibration batches) whose routing, with the
+        example's, plans the portable dispatch; default: the first calibration batches of compile.
         """
         from moh_compile.backends.onnx_export import DEFAULT_OPSET, export_program
+        from moh_compile.calibrate.data import split_batch
 
         args, kwargs, _ = self._example
+        batches = self.plan_batches if plan_batches is None else plan_batches
         return export_program(program or self.export(), path, form, args, kwargs, opset or DEFAULT_OPSET,
-                              capacity, active_fraction)
+                              capacity, active_fraction, [split_batch(b) for b in batches])
 
     def export_aoti(self, path: str | os.PathLike, capacity: str | float = DEFAULT_CAPACITY, program=None) -> str:
         """Write an AOTInductor package (.pt2) that loads with torch._inductor.aoti_load_package alone."""
@@ -207,7 +215,10 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
     gm.recompile()
     if calibration is not None and calibration.eval_batches and done:
         insp.report.sections["fidelity"] = measure_fidelity(model, gm, calibration.eval_batches)
-    return CompiledModel(gm, new_plan, insp.report, insp.captured)
+    compiled = CompiledModel(gm, new_plan, insp.report, insp.captured)
+    if calibration is not None:
+        compiled.plan_batches = calibration.batches[:DISPATCH_PLAN_BATCHES]
+    return compiled
 
 
 def measure_fidelity(original: torch.nn.Module, compiled: torch.nn.Module, batches: list) -> dict:

@@ -400,3 +400,31 @@ def test_aoti_decomposition_uses_static_exact_dispatch_for_dynamic():
     x = inputs_for(block, "bool", 3, 20, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(packaged.module()(*x), block(*x), atol=1e-5, rtol=0)
+
+
+def test_dispatch_plan_averages_usage_over_extra_samples():
+    """Calibration batches given as samples plan the dispatch from the token-weighted mean usage of
+    every input run (the example's alone is a few tokens); the plan attached to the node is
+    exactly plan_dispatch of that mean, computed here independently from the router's gates."""
+    from moh_compile.backends.dispatch_plan import plan_dispatch
+
+    torch.manual_seed(7)
+    block = Block(rope=False, hkv=4, routed=True, shared=0, top_k=2).eval()
+    example = inputs_for(block, "bool", 2, 9)
+    samples = [(inputs_for(block, "bool", b, s, seed=10 + b), {}) for b, s in ((3, 17), (1, 40))]
+    with torch.no_grad():
+        runs = [block.head_gates(a[0]) for a, _ in [(example, {}), *samples]]
+    usage = sum(onnx_portable.head_usage(g).double() * g[..., 0].numel() for g in runs)
+    usage = (usage / sum(g[..., 0].numel() for g in runs)).tolist()
+    ep = torch.export.export(block, example, dynamic_shapes=dynamic_shapes_for("bool"), strict=False)
+
+    def attached(extra):
+        prog = copy.deepcopy(ep)
+        assert attach_capacity_plans(prog, example, {}, 1.0, None, extra) == 1
+        node = next(n for n in prog.graph.nodes if n.op == "call_function" and "attention_capacity" in str(n.target))
+        return tuple(node.args[-4:])
+
+    assert attached(samples) == tuple(plan_dispatch(usage, 1.0, None))
+    alone = onnx_portable.capacity_plan(runs[0], 1.0, None)
+    assert attached(()) == tuple(alone)
+    assert attached(samples) != attached(())  # the samples change the plan here

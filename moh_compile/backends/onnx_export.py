@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moh_compile.backends.onnx_custom import DOMAIN
-from moh_compile.backends.dispatch_plan import CAPACITY_MODES, DEFAULT_CAPACITY, check_capacity
+from moh_compile.backends.dispatch_plan import CAPACITY_MODES, DEFAULT_CAPACITY, check_capacity, plan_dispatch
 from moh_compile.backends.onnx_registry import (
     LOWERINGS, bind_op_args, custom_translation_table, portable_decompositions,
 )
@@ -81,12 +81,14 @@ def export_program(
     opset: int = DEFAULT_OPSET,
     capacity: str | float = DEFAULT_CAPACITY,
     active_fraction: float | None = None,
+    samples: tuple | list = (),
 ) -> onnx.ModelProto:
     """Lower an ExportedProgram (dynamic dims kept) to one ONNX form; `ep` is not modified.
 
-    `args`/`kwargs` are sample inputs: the portable form runs them once to size each routed
-    call site's capacity. The model is checked (onnx.checker, strict shape inference), tagged
-    with its form and capacity in metadata_props, and written atomically.
+    `args`/`kwargs` are sample inputs: the portable form runs them, and the extra `samples`
+    ((args, kwargs) pairs, e.g. calibration batches), once each to plan each routed call site's
+    dispatch. The model is checked (onnx.checker, strict shape inference), tagged with its form
+    and capacity in metadata_props, and written atomically.
     """
     check_settings(form, opset, capacity)
     if form == "custom":
@@ -94,7 +96,7 @@ def export_program(
                                     custom_translation_table=custom_translation_table())
     else:
         ep = copy.deepcopy(ep)
-        attach_capacity_plans(ep, args, kwargs or {}, capacity, active_fraction)
+        attach_capacity_plans(ep, args, kwargs or {}, capacity, active_fraction, samples)
         program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True,
                                     opset_version=opset, optimize=False, verbose=False)
     # Constant folding and dead-code removal only: the exporter's optimize=True also applies
@@ -128,25 +130,38 @@ class _RecordCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def attach_capacity_plans(ep, args: tuple, kwargs: dict, capacity, active_fraction) -> int:
-    """Point each routed op node at its lowering's capacity op with the site's plan; returns count."""
+def attach_capacity_plans(ep, args: tuple, kwargs: dict, capacity, active_fraction, samples=()) -> int:
+    """Point each routed op node at its lowering's capacity op with the site's plan; returns count.
+
+    The plan is made from each site's unit usage averaged (per token) over the sample inputs and
+    the extra `samples` ((args, kwargs) pairs, e.g. calibration batches): usage seen on a few
+    example tokens is a noisy guide to which units deserve the dense path and how to group them.
+    """
     routed = {lw.torch_op: lw for lw in LOWERINGS.values() if lw.capacity_op is not None}
-    if not any(n.op == "call_function" and n.target in routed for n in ep.graph_module.graph.nodes):
-        return 0
-    recorder = _RecordCalls(routed)
-    with torch.no_grad(), recorder:
-        ep.module()(*args, **kwargs)
     nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function" and n.target in routed]
-    if [n.target for n in nodes] != [f for f, _ in recorder.calls]:
-        raise RuntimeError(f"graph has {len(nodes)} routed op nodes but {len(recorder.calls)} calls were observed")
+    if not nodes:
+        return 0
+    totals: list = [None] * len(nodes)
+    module = ep.module()
+    for s_args, s_kwargs in ((args, kwargs), *samples):
+        recorder = _RecordCalls(routed)
+        with torch.no_grad(), recorder:
+            module(*s_args, **s_kwargs)
+        if [n.target for n in nodes] != [f for f, _ in recorder.calls]:
+            raise RuntimeError(f"graph has {len(nodes)} routed op nodes but {len(recorder.calls)} calls were observed")
+        for i, (op, observed) in enumerate(recorder.calls):
+            seen = routed[op].unit_usage(observed)
+            if seen is not None:
+                usage, tokens = seen
+                prev = totals[i] or (0.0, 0)
+                totals[i] = (prev[0] + usage.double() * tokens, prev[1] + tokens)
     changed = 0
-    for node, (op, observed) in zip(nodes, recorder.calls):
-        lowering = routed[op]
-        plan = lowering.capacity_plan(observed, capacity, active_fraction)
-        if plan is None:
+    for node, total in zip(nodes, totals):
+        if total is None:
             continue
-        bound = bind_op_args(op, node.args, node.kwargs)
-        node.target = lowering.capacity_op
+        plan = plan_dispatch((total[0] / max(1, total[1])).tolist(), capacity, active_fraction)
+        bound = bind_op_args(node.target, node.args, node.kwargs)
+        node.target = routed[node.target].capacity_op
         node.args, node.kwargs = tuple(bound.values()) + tuple(plan), {}
         changed += 1
     ep.graph_module.recompile()

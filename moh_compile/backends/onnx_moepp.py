@@ -128,14 +128,19 @@ def portable_moepp(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     return out.reshape(*x.shape[:-1], d_out)
 
 
-def moepp_capacity_plan(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_ffn_experts: int, capacity,
-                        active_fraction):
-    """(dense_experts, routed_experts, group_sizes, group_caps) for one call site from its observed routing."""
+def ffn_expert_usage(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_ffn_experts: int) -> torch.Tensor:
+    """(N,) fraction of the tokens that compute each FFN expert."""
     idx = expert_idx.reshape(-1, expert_idx.shape[-1])
     live = (expert_weight.reshape(idx.shape) != 0).unsqueeze(-1)
     chosen = (idx.unsqueeze(-1) == torch.arange(num_ffn_experts)) & live  # (T, k, N)
-    usage = chosen.any(1).float().mean(0)  # (N,) fraction of tokens per FFN expert
-    return plan_dispatch(usage.tolist(), capacity, active_fraction)
+    return chosen.any(1).float().mean(0)
+
+
+def moepp_capacity_plan(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_ffn_experts: int, capacity,
+                        active_fraction):
+    """(dense_experts, routed_experts, group_sizes, group_caps) for one call site from its observed routing."""
+    return plan_dispatch(ffn_expert_usage(expert_idx, expert_weight, num_ffn_experts).tolist(), capacity,
+                         active_fraction)
 
 
 @torch.library.custom_op("moh_compile_onnx::moepp_capacity", mutates_args=())

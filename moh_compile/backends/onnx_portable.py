@@ -226,10 +226,14 @@ def _attention_capacity_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rop
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 
+def head_usage(head_gates: torch.Tensor) -> torch.Tensor:
+    """(H,) fraction of the (batch, position) slots that use each head."""
+    return (head_gates != 0).float().mean(dim=tuple(range(head_gates.dim() - 1)))
+
+
 def capacity_plan(head_gates: torch.Tensor, capacity: str | float, active_fraction: float | None):
     """(dense_heads, routed_heads, group_sizes, group_caps) for one call site from its observed gates."""
-    usage = (head_gates != 0).float().mean(dim=tuple(range(head_gates.dim() - 1)))  # (H,)
-    return plan_dispatch(usage.tolist(), capacity, active_fraction)
+    return plan_dispatch(head_usage(head_gates).tolist(), capacity, active_fraction)
 
 
 def portable_ffn(x, w_in, b_in, w_out, b_out, w_gate, b_gate, activation):

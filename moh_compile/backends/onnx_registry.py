@@ -27,10 +27,11 @@ class OnnxLowering:
     custom_translation: Callable  # onnxscript-traced function emitting the one custom node
     portable: Callable  # torch function of the op's arguments, exports to standard ops only
     ort_kernel: Callable  # (inputs: dict[name, Tensor | None], attrs: dict) -> Tensor, for the custom node
-    # Routed ops: a private op taking the op's arguments + a per-call-site plan, and the planner
-    # (observed arguments by name, capacity, active_fraction) -> plan tuple, or None for "no plan".
+    # Routed ops: a private op taking the op's arguments + a per-call-site plan, and the usage
+    # probe (observed arguments by name) -> ((N,) fraction of tokens using each unit, token count),
+    # or None for "no plan" (dispatch_plan.plan_dispatch makes the plan from the usage).
     capacity_op: torch._ops.OpOverload | None = None
-    capacity_plan: Callable | None = None
+    unit_usage: Callable | None = None
 
 
 LOWERINGS: dict[str, OnnxLowering] = {}
@@ -72,7 +73,8 @@ register_lowering(OnnxLowering(
     torch.ops.moh_compile.attention.default, custom.ATTENTION_OP, custom.ATTENTION_SCHEMA, custom.ATTENTION_PORTS,
     custom.translate_attention, portable.portable_attention, custom.attention_kernel,
     torch.ops.moh_compile_onnx.attention_capacity.default,
-    lambda a, cap, frac: None if a["head_gates"] is None else portable.capacity_plan(a["head_gates"], cap, frac),
+    lambda a: None if a["head_gates"] is None else (portable.head_usage(a["head_gates"]),
+                                                    a["head_gates"][..., 0].numel()),
 ))
 register_lowering(OnnxLowering(
     torch.ops.moh_compile.ffn.default, custom.FFN_OP, custom.FFN_SCHEMA, custom.FFN_PORTS,
@@ -90,6 +92,6 @@ else:
         torch.ops.moh_compile.moepp_ffn.default, moepp.MOEPP_OP, moepp.MOEPP_SCHEMA, moepp.MOEPP_PORTS,
         moepp.translate_moepp, moepp.portable_moepp, moepp.moepp_kernel,
         torch.ops.moh_compile_onnx.moepp_capacity.default,
-        lambda a, cap, frac: moepp.moepp_capacity_plan(a["expert_idx"], a["expert_weight"], a["w_in"].shape[0], cap,
-                                                       frac),
+        lambda a: (moepp.ffn_expert_usage(a["expert_idx"], a["expert_weight"], a["w_in"].shape[0]),
+                   a["expert_idx"][..., 0].numel()),
     ))

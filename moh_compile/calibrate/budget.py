@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moh_compile.calibrate.data import _split_args, progress_bar, real_tokens
+from moh_compile.calibrate.data import split_batch, progress_bar, real_tokens
 from moh_compile.passes.moepp_router import ExpertRouter
 
 
@@ -95,7 +95,7 @@ def _router_logits(module: nn.Module, router: ExpertRouter, batches: list, token
     handle = router.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            args, kwargs = _split_args(batch)
+            args, kwargs = split_batch(batch)
             try:
                 module(*args, **kwargs)
             except _Captured:

@@ -43,7 +43,8 @@ def load_lines(source: str | Path) -> list[str]:
     return lines
 
 
-def _split_args(batch) -> tuple[tuple, dict]:
+def split_batch(batch) -> tuple[tuple, dict]:
+    """(positional, keyword) inputs of a batch: a dict is keywords, a tuple/list positionals."""
     if isinstance(batch, dict):
         return (), dict(batch)
     if isinstance(batch, (tuple, list)):
@@ -84,7 +85,7 @@ class Calibration:
         batches = self.batches if batches is None else batches
         with torch.no_grad(), progress_bar(len(batches), desc, progress) as advance:
             for batch in batches:
-                args, kwargs = _split_args(batch)
+                args, kwargs = split_batch(batch)
                 module(*args, **kwargs)
                 advance()
 
@@ -132,7 +133,7 @@ class Calibration:
 
 
 def _batch_size(batch) -> int:
-    args, kwargs = _split_args(batch)
+    args, kwargs = split_batch(batch)
     first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
     return 1 if first is None or first.dim() == 0 else first.shape[0]
 
@@ -287,4 +288,4 @@ def real_tokens(values: list, masks: list) -> torch.Tensor:
 
 
 __all__ = ["Calibration", "as_calibration", "load_lines", "tokenize_lines", "tokenizer_for", "progress_bar",
-           "DATA_DIR", "real_tokens"]
+           "DATA_DIR", "real_tokens", "split_batch"]
