@@ -152,6 +152,11 @@ def test_portable_form_matches_pytorch(exported, name):
         assert verify_onnx(block, inputs_for(block, mask_kind, b, s), path, atol=tol, form="portable") <= tol
 
 
+def _plan_for(gates, capacity, active_fraction):
+    """The dispatch plan of one call site from its observed gates (as export makes it)."""
+    return dispatch_plan.plan_dispatch(onnx_portable.head_usage(gates).tolist(), capacity, active_fraction)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_node_counts(exported, name):
     kwargs = CONFIGS[name][0]
@@ -169,7 +174,7 @@ def test_node_counts(exported, name):
     block = exported[name, "portable"][0]
     example = inputs_for(block, CONFIGS[name][1], 2, 9)
     with torch.no_grad():
-        _, _, sizes, _ = onnx_portable.capacity_plan(block.head_gates(example[0]), "dynamic", None)
+        _, _, sizes, _ = _plan_for(block.head_gates(example[0]), "dynamic", None)
     assert len(topk) == 1 + len(sizes) and sizes
 
 
@@ -210,7 +215,7 @@ def test_capacity_drops_lowest_gates_per_head(tmp_path, factor):
     export_onnx(block, example, path, form="portable", dynamic_shapes=dynamic_shapes_for("bool"), capacity=factor)
 
     with torch.no_grad():
-        dense, routed, sizes, caps = onnx_portable.capacity_plan(block.head_gates(example[0]), factor, None)
+        dense, routed, sizes, caps = _plan_for(block.head_gates(example[0]), factor, None)
     assert 0 in dense and routed  # the shared head takes the dense path, the others are dispatched
     for b, s in [(2, 16), (3, 24)]:
         x, mask = inputs_for(block, "bool", b, s, seed=5)
@@ -247,15 +252,15 @@ def test_capacity_plan_splits_shared_heads():
     gates[..., 0] = 0.5  # shared
     gates[:, :3, 1] = 1.0  # 30% active
     gates[:, :5, 2] = 1.0  # 50% active
-    dense, routed, sizes, caps = onnx_portable.capacity_plan(gates, 1.0, None)
+    dense, routed, sizes, caps = _plan_for(gates, 1.0, None)
     assert dense == [0] and sorted(routed) == [1, 2, 3] and sum(sizes) == 3
     for heads, cap in dispatch_plan.iter_groups(routed, sizes, caps):
         mean = float((gates[..., heads] != 0).float().mean())
         assert cap == max(1, math.ceil(mean * dispatch_plan.CAPACITY_DENOMINATOR))  # never 0 tokens
-    assert onnx_portable.capacity_plan(gates, "exact", None)[2:] == ([3], [dispatch_plan.CAPACITY_DENOMINATOR])
-    assert set(onnx_portable.capacity_plan(gates, "dynamic", None)[3]) == {dispatch_plan.DYNAMIC}
+    assert _plan_for(gates, "exact", None)[2:] == ([3], [dispatch_plan.CAPACITY_DENOMINATOR])
+    assert set(_plan_for(gates, "dynamic", None)[3]) == {dispatch_plan.DYNAMIC}
     with pytest.raises(ValueError, match="capacity"):
-        onnx_portable.capacity_plan(gates, -1.0, None)
+        _plan_for(gates, -1.0, None)
 
 
 def test_dynamic_dispatch_attends_only_active_queries(monkeypatch):
@@ -269,7 +274,7 @@ def test_dynamic_dispatch_attends_only_active_queries(monkeypatch):
     gates[0, 5:12, 1] = 0.5  # head 1: 7 tokens in row 0, none in row 1
     gates[:, :, 2] = 1.0  # head 2: every token (dense path)
     gates[:, ::3, 3] = 1.0  # head 3: 8 tokens
-    dense, routed, sizes, caps = onnx_portable.capacity_plan(gates, "dynamic", None)
+    dense, routed, sizes, caps = _plan_for(gates, "dynamic", None)
     assert dense == [2]
     seen = []
     real_sdpa = onnx_portable.F.scaled_dot_product_attention
@@ -425,6 +430,6 @@ def test_dispatch_plan_averages_usage_over_extra_samples():
         return tuple(node.args[-4:])
 
     assert attached(samples) == tuple(plan_dispatch(usage, 1.0, None))
-    alone = onnx_portable.capacity_plan(runs[0], 1.0, None)
+    alone = _plan_for(runs[0], 1.0, None)
     assert attached(()) == tuple(alone)
     assert attached(samples) != attached(())  # the samples change the plan here

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moh_compile.backends.onnx_custom import _A, Port, _moh, _plugin_attrs, make_schema
-from moh_compile.backends.dispatch_plan import group_capacity, iter_groups, plan_dispatch
+from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
 from moh_compile.backends.onnx_portable import _const
 from moh_compile.ops.activations import apply_activation
 
@@ -134,13 +134,6 @@ def ffn_expert_usage(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_
     live = (expert_weight.reshape(idx.shape) != 0).unsqueeze(-1)
     chosen = (idx.unsqueeze(-1) == torch.arange(num_ffn_experts)) & live  # (T, k, N)
     return chosen.any(1).float().mean(0)
-
-
-def moepp_capacity_plan(expert_idx: torch.Tensor, expert_weight: torch.Tensor, num_ffn_experts: int, capacity,
-                        active_fraction):
-    """(dense_experts, routed_experts, group_sizes, group_caps) for one call site from its observed routing."""
-    return plan_dispatch(ffn_expert_usage(expert_idx, expert_weight, num_ffn_experts).tolist(), capacity,
-                         active_fraction)
 
 
 @torch.library.custom_op("moh_compile_onnx::moepp_capacity", mutates_args=())

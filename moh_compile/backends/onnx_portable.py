@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from moh_compile.backends.dispatch_plan import group_capacity, iter_groups, plan_dispatch
+from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
 from moh_compile.ops.attention import rotate_half
 from moh_compile.ops.ffn import ffn_reference
 
@@ -229,11 +229,6 @@ def _attention_capacity_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rop
 def head_usage(head_gates: torch.Tensor) -> torch.Tensor:
     """(H,) fraction of the (batch, position) slots that use each head."""
     return (head_gates != 0).float().mean(dim=tuple(range(head_gates.dim() - 1)))
-
-
-def capacity_plan(head_gates: torch.Tensor, capacity: str | float, active_fraction: float | None):
-    """(dense_heads, routed_heads, group_sizes, group_caps) for one call site from its observed gates."""
-    return plan_dispatch(head_usage(head_gates).tolist(), capacity, active_fraction)
 
 
 def portable_ffn(x, w_in, b_in, w_out, b_out, w_gate, b_gate, activation):

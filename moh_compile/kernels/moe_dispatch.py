@@ -27,15 +27,13 @@ from moh_compile.kernels.workspace import WORKSPACE
 from moh_compile.ops.activations import apply_activation
 
 
-def _route(expert_idx: torch.Tensor, expert_weight: torch.Tensor, n_ffn: int, total: int):
-    """Sort the (token, slot) pairs by expert id; return per-pair token ids/weights in that order."""
-    t, k = expert_idx.shape
+def _route(expert_idx: torch.Tensor, total: int):
+    """Sort the (token, slot) pairs by expert id: the order, pairs per expert, token of each pair."""
+    k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=total)
-    tokens = torch.div(order, k, rounding_mode="floor")
-    weights = expert_weight.reshape(-1).index_select(0, order)
-    return order, counts, tokens, weights
+    return order, counts, torch.div(order, k, rounding_mode="floor")
 
 
 def _expert_hidden(xe, e, w_in, b_in, w_gate, b_gate, activation):
@@ -157,13 +155,14 @@ def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     if layout not in ("sorted", "capacity"):
         raise ValueError(f"unknown layout {layout!r}; use 'sorted' or 'capacity'")
     if t and k:
-        order, counts, tokens, weights = _route(idx, wts, n, total)
+        order, counts, tokens = _route(idx, total)
         counts_list = counts.tolist()
         if layout == "sorted":
             out = _ffn_sorted(xf, counts_list, order, tokens, idx.reshape(-1), wts.reshape(-1), n, w_in, b_in,
                               w_gate, b_gate, w_out, activation)
         else:
             out = xf.new_zeros((t, d_out))
+            weights = wts.reshape(-1).index_select(0, order)
             _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation)
         if n_copy or n_const:
             _zero_compute(xf, out, idx, wts, n, n_zero, n_copy, const_vectors, const_gate_weight)
