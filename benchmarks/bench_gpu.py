@@ -24,8 +24,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def bench(fn, warmup: int = 3, reps: int = 10) -> dict:
-    """Median/min of per-call CUDA-event times in ms (after warm-up, which includes autotuning)."""
+def bench(fn, warmup: int = 3, reps: int = 10, rounds: int = 5) -> dict:
+    """Three CUDA-event timings in ms, after warm-up (which includes autotuning).
+
+    "stream" (the headline, median_ms): `rounds` times, `reps` calls back to back between two
+    events, per-call mean; the CPU launches ahead as it does inside an eager model.
+    "sync" (sync_ms): each call alone on an idle GPU, synchronised; adds the Python/launch
+    latency of eager mode that a lone call cannot hide.
+    "graph" (graph_ms): `reps` calls captured in one CUDA graph, replayed `rounds` times; no
+    launch overhead at all, as in a CUDA-graph or AOTInductor deployment (None if capture fails).
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -37,7 +45,43 @@ def bench(fn, warmup: int = 3, reps: int = 10) -> dict:
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "samples_ms": times}
+    stream = _per_call(lambda: [fn() for _ in range(reps)], reps, rounds)
+    return {"median_ms": statistics.median(stream), "min_ms": min(stream), "samples_ms": stream,
+            "sync_ms": statistics.median(times), "sync_samples_ms": times, "graph_ms": _graph_ms(fn, reps, rounds)}
+
+
+def _per_call(run, reps: int, rounds: int) -> list:
+    out = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / reps)
+    return out
+
+
+def _graph_ms(fn, reps: int, rounds: int):
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = _per_call(graph.replay, reps, rounds)
+        del graph
+        return statistics.median(times)
+    except Exception as exc:  # capture needs sync-free code; report, do not fail the row
+        print(f"graph capture failed: {exc!r}", flush=True)
+        torch.cuda.synchronize()
+        return None
 
 
 def rel_err(out, ref) -> float:
@@ -70,9 +114,10 @@ def routed_rows(args, results):
         tok_all, cnt_all = routing_from_gates(full_gates)
         tri_dense = bench(lambda: routed_attention_core(q, k, v, tok_all, cnt_all, True, None, d ** -0.5))
         results.append(dict(kind="routed_core", seq=s, frac=1.0, impl="triton_all_heads", **_t(tri_dense),
-                            baseline_ms=dense["median_ms"], baseline="sdpa_flash",
-                            speedup=dense["median_ms"] / tri_dense["median_ms"], ideal=1.0,
-                            rel_err=rel_err(routed_attention_core(q, k, v, tok_all, cnt_all, True, None, d ** -0.5), ref)))
+                            **_base(dense),
+                            baseline="sdpa_flash", speedup=dense["median_ms"] / tri_dense["median_ms"], ideal=1.0,
+                            rel_err=rel_err(routed_attention_core(q, k, v, tok_all, cnt_all, True, None, d ** -0.5),
+                                            ref)))
         for frac in (0.5, 0.75):
             gates = (torch.rand(b, s, h, device="cuda", generator=g) < frac).to(dt)
             r0 = bench(lambda: routing_from_gates(gates))
@@ -85,8 +130,9 @@ def routed_rows(args, results):
             err = rel_err(out[valid], torch.gather(ref, 2, idx)[valid])
             actual = float(cnt.sum()) / (b * h * s)
             results.append(dict(kind="routed_core", seq=s, frac=actual, impl="triton_routed", **_t(t),
-                                baseline_ms=dense["median_ms"], baseline="sdpa_flash",
-                                speedup=dense["median_ms"] / t["median_ms"], ideal=1 / actual, rel_err=err,
+                                **_base(dense),
+                                baseline="sdpa_flash", speedup=dense["median_ms"] / t["median_ms"], ideal=1 / actual,
+                                rel_err=err,
                                 routing_ms=r0["median_ms"], target_fraction_of_ideal=0.8,
                                 config=_best("routed")))
         del q, ref
@@ -124,8 +170,12 @@ def routed_rows(args, results):
         # is the baseline (the two medians are kept to show run-to-run spread).
         db_after = bench(dense_block)
         base = statistics.median(db_before["samples_ms"] + db_after["samples_ms"])
+        base_sync = statistics.median(db_before["sync_samples_ms"] + db_after["sync_samples_ms"])
+        base_graph = _mean_or_none(db_before["graph_ms"], db_after["graph_ms"])
         for r in block_rows:
-            r.update(baseline_ms=base, speedup=base / r["median_ms"], dense_before_ms=db_before["median_ms"],
+            r.update(baseline_ms=base, baseline_sync_ms=base_sync, baseline_graph_ms=base_graph,
+                     speedup=base / r["median_ms"],
+                     dense_before_ms=db_before["median_ms"],
                      dense_after_ms=db_after["median_ms"])
         results.extend(block_rows)
         del x, wq, wo, k, v, ref_block
@@ -133,7 +183,8 @@ def routed_rows(args, results):
 
 
 def moepp_rows(args, results):
-    from moh_compile.kernels.triton.moe_grouped import grouped_gemm, moepp_ffn_triton
+    from moh_compile.kernels.triton.moe_grouped import (GEMM_BACKENDS, grouped_gemm, grouped_mm_supported,
+                                                        moepp_ffn_triton)
 
     t_tok, d, f, n = 8192, 4096, 16384, 16
     f_e = f // n
@@ -153,43 +204,58 @@ def moepp_rows(args, results):
     cg = torch.randn(n_const, 2, d, device="cuda", dtype=dt, generator=g) / d ** 0.5
     # Identity check: every FFN expert at weight 1 reproduces the dense FFN.
     all_idx = torch.arange(n, device="cuda").expand(t_tok, n).contiguous()
-    ident = moepp_ffn_triton(x, w_in, b_in, None, None, w_out, b2, all_idx, torch.ones(t_tok, n, device="cuda"),
-                             cv, cg, n_zero, n_copy, "gelu")
-    ident_err = rel_err(ident, F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
+    dense_out = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    ident_err = {gemm: rel_err(moepp_ffn_triton(x, w_in, b_in, None, None, w_out, b2, all_idx,
+                                                torch.ones(t_tok, n, device="cuda"), cv, cg, n_zero, n_copy, "gelu",
+                                                gemm=gemm), dense_out)
+                 for gemm in GEMM_BACKENDS if gemm == "triton" or grouped_mm_supported(x, w_in, w_out)}
     for k_ffn in (8, 4):
         frac = k_ffn / n
         ffn_idx = torch.rand(t_tok, n, device="cuda", generator=g).argsort(-1)[:, :k_ffn]
         other = n + torch.rand(t_tok, n_zero + n_copy + n_const, device="cuda", generator=g).argsort(-1)[:, :2]
         idx = torch.cat([ffn_idx, other], -1).contiguous()
         wgt = torch.softmax(torch.randn(t_tok, idx.shape[1], device="cuda", generator=g), -1)
-        fn = lambda: moepp_ffn_triton(x, w_in, b_in, None, None, w_out, b2, idx, wgt, cv, cg, n_zero, n_copy,  # noqa: E731
-                                      "gelu")
-        t = bench(fn)
-        # Reference on the same routing through dense per-expert torch math (bf16 GEMMs, fp32 sum).
-        out = fn()
         ref = _moepp_torch(x, w_in, b_in, w_out, b2, idx, wgt, cv, cg, n, n_zero, n_copy)
-        # GEMM-only time (sorted layout), to separate dispatch/combine overhead.
+        # GEMM-only times (sorted layout), to separate dispatch/combine overhead.
         flat = idx.view(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=n + 4)[:n]
         starts = torch.cumsum(counts, 0) - counts
+        offs = torch.cumsum(counts, 0).to(torch.int32)
         rows = order // idx.shape[1]
-        hid = grouped_gemm(x, w_in, b_in, starts, counts, rows=rows, total_rows=flat.numel(), activation="gelu")
-        g1 = bench(lambda: grouped_gemm(x, w_in, b_in, starts, counts, rows=rows, total_rows=flat.numel(),
-                                        activation="gelu", out=hid))
-        sc = wgt.view(-1)[order].float()
-        g2 = bench(lambda: grouped_gemm(hid, w_out, None, starts, counts, total_rows=flat.numel(), row_scale=sc))
         flops = 2 * 2 * float(counts.sum()) * d * f_e
+        hid = grouped_gemm(x, w_in, b_in, starts, counts, rows=rows, total_rows=flat.numel(), activation="gelu")
+        sc = wgt.view(-1)[order].float()
+        gemm_ms = {"triton": (
+            bench(lambda: grouped_gemm(x, w_in, b_in, starts, counts, rows=rows, total_rows=flat.numel(),
+                                       activation="gelu", out=hid))["median_ms"],
+            bench(lambda: grouped_gemm(hid, w_out, None, starts, counts, total_rows=flat.numel(),
+                                       row_scale=sc))["median_ms"])}
+        if grouped_mm_supported(x, w_in, w_out):
+            xs = x.index_select(0, rows)
+            gemm_ms["grouped_mm"] = (
+                bench(lambda: torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs))["median_ms"],
+                bench(lambda: torch._grouped_mm(hid, w_out.transpose(1, 2), offs=offs))["median_ms"])
         from moh_compile.kernels.triton.moe_grouped import _grouped_gemm_tuned
 
-        results.append(dict(kind="moepp_ffn", tokens=t_tok, frac=frac, impl="triton_grouped", **_t(t),
-                            gemm_configs={str(k): str(v) for k, v in _grouped_gemm_tuned.cache.items()},
-                            baseline_ms=dense["median_ms"], baseline="cublas_dense_ffn",
-                            speedup=dense["median_ms"] / t["median_ms"], ideal=1 / frac, rel_err=rel_err(out, ref),
-                            gemm1_ms=g1["median_ms"], gemm2_ms=g2["median_ms"],
-                            gemm_tflops=flops / ((g1["median_ms"] + g2["median_ms"]) * 1e9),
-                            dense_tflops=2 * 2 * t_tok * d * f / (dense["median_ms"] * 1e9),
-                            identity_rel_err=ident_err, target_fraction_of_ideal=0.75))
+        for gemm in GEMM_BACKENDS:
+            if gemm != "triton" and not grouped_mm_supported(x, w_in, w_out):
+                continue
+            fn = lambda: moepp_ffn_triton(x, w_in, b_in, None, None, w_out, b2, idx, wgt, cv, cg,  # noqa: E731
+                                          n_zero, n_copy, "gelu", gemm=gemm)
+            t = bench(fn)
+            out = fn()
+            g1, g2 = gemm_ms["grouped_mm" if gemm == "grouped_mm" else "triton"][0], gemm_ms[
+                "triton" if gemm == "triton" else "grouped_mm"][1]
+            results.append(dict(kind="moepp_ffn", tokens=t_tok, frac=frac, impl=f"gemm={gemm}", **_t(t),
+                                gemm_configs={str(k): str(v) for k, v in _grouped_gemm_tuned.cache.items()},
+                                **_base(dense),
+                                baseline="cublas_dense_ffn",
+                                speedup=dense["median_ms"] / t["median_ms"], ideal=1 / frac,
+                                rel_err=rel_err(out, ref), gemm1_ms=g1, gemm2_ms=g2,
+                                gemm_tflops=flops / ((g1 + g2) * 1e9),
+                                dense_tflops=2 * 2 * t_tok * d * f / (dense["median_ms"] * 1e9),
+                                identity_rel_err=ident_err[gemm], target_fraction_of_ideal=0.75))
 
 
 def _moepp_torch(x, w_in, b_in, w_out, b_out, idx, wgt, cv, cg, n, n_zero, n_copy):
@@ -234,7 +300,7 @@ def sparse_rows(args, results):
     all_dense = bench(lambda: sparse_attention(q, k, v, [0] * h, [-1] * h, [0.0] * h, False, True, None,
                                                d ** -0.5), reps=5)
     results.append(dict(kind="sparse_attention", seq=s, density=density, impl="triton_sink_window", **_t(t),
-                        baseline_ms=dense["median_ms"], baseline="sdpa_flash_causal",
+                        **_base(dense), baseline="sdpa_flash_causal",
                         speedup=dense["median_ms"] / t["median_ms"], ideal=1 / density, rel_err=err,
                         spans=window_spans(alpha, beta, s), sinks=sink, target_speedup=6.0,
                         triton_dense_causal_ms=all_dense["median_ms"], config=_best("sparse")))
@@ -263,19 +329,38 @@ def _best(which: str) -> str:
     return str(getattr(tuned, "best_config", None))
 
 
+def _base(t: dict) -> dict:
+    """A baseline's three timings, under the row keys the table reads."""
+    return {"baseline_ms": t["median_ms"], "baseline_sync_ms": t["sync_ms"], "baseline_graph_ms": t["graph_ms"]}
+
+
+def _mean_or_none(*xs):
+    return None if any(x is None for x in xs) else sum(xs) / len(xs)
+
+
+def _ratio(base, t) -> str:
+    return "n/a" if base is None or t is None else f"{base / t:.2f}x"
+
+
 def _t(t: dict) -> dict:
-    return {"median_ms": t["median_ms"], "min_ms": t["min_ms"], "samples_ms": t["samples_ms"]}
+    return {k: t[k] for k in ("median_ms", "min_ms", "samples_ms", "sync_ms", "sync_samples_ms", "graph_ms")}
 
 
 def table(results) -> str:
-    lines = ["| kind | shape | impl | work | time ms | baseline ms | speedup | ideal | of ideal | rel err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kind | shape | impl | work | time ms | baseline ms | speedup | ideal | of ideal | rel err "
+             "| sync: speedup | graph: speedup | graph: of ideal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         shape = f"S={r['seq']}" if "seq" in r else f"T={r['tokens']}"
         work = f"{r.get('frac', r.get('density')):.3f}"
+        g = r["graph_ms"]
+        graph_frac = "n/a" if g is None or r["baseline_graph_ms"] is None else \
+            f"{r['baseline_graph_ms'] / g / r['ideal']:.0%}"
         lines.append(f"| {r['kind']} | {shape} | {r['impl']} | {work} | {r['median_ms']:.3f} | {r['baseline_ms']:.3f} "
                      f"({r['baseline']}) | {r['speedup']:.2f}x | {r['ideal']:.2f}x | "
-                     f"{r['speedup'] / r['ideal']:.0%} | {r['rel_err']:.1e} |")
+                     f"{r['speedup'] / r['ideal']:.0%} | {r['rel_err']:.1e} | "
+                     f"{_ratio(r['baseline_sync_ms'], r['sync_ms'])} | "
+                     f"{_ratio(r['baseline_graph_ms'], r['graph_ms'])} | {graph_frac} |")
     return "\n".join(lines)
 
 
@@ -292,7 +377,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "timing": "torch.cuda.Event per call, 3 warm-up calls (incl. autotune), median of 10 (5 for dense 32k)"}
+            "timing": "3 warm-up calls (incl. autotune); stream: median over 5 rounds of the per-call mean of 10 "
+                      "back-to-back calls (5 for dense 32k); sync: median of 10 single synchronised calls; "
+                      "graph: the 10 calls captured in one CUDA graph, median over 5 replays"}
     results: list = []
     parts = args.only.split(",")
     for name, fn in (("routed", routed_rows), ("moepp", moepp_rows), ("sparse", sparse_rows)):
@@ -306,6 +393,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
+    n = 1
+    while (out / f"gpu_{stamp}.json").exists():  # keep earlier runs of the same day
+        n += 1
+        stamp = f"{datetime.date.today().isoformat()}-{n}"
     (out / f"gpu_{stamp}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = f"# GPU benchmark {stamp}\n\n{json.dumps(meta)}\n\n{table(ok)}\n"
     for r in results:

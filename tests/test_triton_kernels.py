@@ -130,10 +130,60 @@ def test_gpu_sparse(causal, two_sided):
 
 
 @pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu"), (False, "relu"), (True, "gelu_tanh")])
-def test_gpu_moepp(gated, act):
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm", "mixed"])
+def test_gpu_moepp(gated, act, gemm):
     _gpu_guard()
-    err = checks.check_moepp("cuda", torch.bfloat16, gated, act, t=200, d=256, n=6, f_e=192, k=4, rel=True)
+    if gemm != "triton" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm needs sm90+")
+    err = checks.check_moepp("cuda", torch.bfloat16, gated, act, t=200, d=256, n=6, f_e=192, k=4, rel=True, gemm=gemm)
     assert err < 2e-2
+
+
+def test_gpu_moepp_triton_op_is_compiled_into_inductor_code():
+    """torch.compile traces into the triton_op: the generated code holds the kernels themselves."""
+    _gpu_guard()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the default gemm backend here needs sm90+")
+    from torch._inductor.utils import run_and_get_code
+
+    import moh_compile.kernels.triton.moe_grouped  # noqa: F401  (registers the op)
+
+    args = [a.to("cuda", torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else
+            (a.to("cuda") if isinstance(a, torch.Tensor) else a)
+            for a in checks.moepp_args(200, 256, 6, 192, 4, 1, 1, 2, True, 0)]
+    fn = lambda *a: torch.ops.moh_compile.moepp_ffn_triton(*a, "silu", "mixed")  # noqa: E731
+    eager = fn(*args)
+    out, codes = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), *args)
+    assert any("_combine_kernel" in c and "_grouped_gemm_kernel" in c for c in codes)
+    assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("which", ["routed", "sparse"])
+def test_gpu_attention_triton_ops_compile_into_inductor_code(which):
+    """Same for the attention triton_ops (the routed one runs sync-free while traced: C = S)."""
+    _gpu_guard()
+    from torch._inductor.utils import run_and_get_code
+
+    import moh_compile.kernels.triton.routed_attention  # noqa: F401  (registers the ops)
+    import moh_compile.kernels.triton.sparse_attention  # noqa: F401
+
+    x, wq, bq, k, v, mask, cos, sin, wo, bo, gates, scale, *win = checks._attention_args(
+        "cuda", torch.bfloat16, 2, 8, 4, 256, 64, 0, gates_frac=0.5, window=which == "sparse")
+    kpm = mask[:, 0, -1].contiguous()  # the causal mask's last row is the key padding
+    if which == "routed":
+        fn = lambda: torch.ops.moh_compile.routed_attention_triton(  # noqa: E731
+            x, wq, bq, k, v, wo, bo, gates, scale, True, kpm, cos, sin)
+        name = "_routed_attn_fwd"
+    else:
+        q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+        sink, alpha, beta, _ = win
+        fn = lambda: torch.ops.moh_compile.sparse_attention_triton(  # noqa: E731
+            q, k, v, sink, alpha, beta, False, True, kpm, scale)
+        name = "_sparse_attn_fwd"
+    eager = fn()
+    out, codes = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False))
+    assert any(name in c for c in codes)
+    assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 1e-2
 
 
 def test_gpu_grouped_gemm_fp32_exact_enough():

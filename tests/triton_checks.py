@@ -182,7 +182,8 @@ def moepp_args(t, d, n, f_e, k, n_zero, n_copy, n_const, gated, seed):
     return [x, w_in, b_in, w_gate, b_gate, w_out, b_out, idx, wgt, cv, cg, n_zero, n_copy]
 
 
-def check_moepp(device, dtype, gated, act, t=24, d=32, n=4, f_e=16, k=3, seed=3, rel=False, reference="loop"):
+def check_moepp(device, dtype, gated, act, t=24, d=32, n=4, f_e=16, k=3, seed=3, rel=False, reference="loop",
+                gemm="triton"):
     from moh_compile.kernels.triton.moe_grouped import moepp_ffn_triton
 
     args = moepp_args(t, d, n, f_e, k, 1, 1, 2, gated, seed)
@@ -194,7 +195,7 @@ def check_moepp(device, dtype, gated, act, t=24, d=32, n=4, f_e=16, k=3, seed=3,
                           for a in args], act)
     dev = [a.to(device, dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else
            (a.to(device) if isinstance(a, torch.Tensor) else a) for a in args]
-    out = moepp_ffn_triton(*dev, act).cpu()
+    out = moepp_ffn_triton(*dev, act, gemm=gemm).cpu()
     return _rel(out, ref) if rel else _err(out, ref)
 
 
@@ -254,6 +255,10 @@ INTERPRETER_CHECKS = {
     "sparse_bidir_two_sided": lambda: check_sparse("cpu", torch.float32, False, True),
     "moepp_gated_silu": lambda: check_moepp("cpu", torch.float32, True, "silu"),
     "moepp_plain_gelu": lambda: check_moepp("cpu", torch.float32, False, "gelu"),
+    # torch._grouped_mm's CPU fallback stands in for CUTLASS; the bias/act and combine kernels are real
+    "moepp_grouped_mm_gated_silu": lambda: check_moepp("cpu", torch.float32, True, "silu", gemm="grouped_mm"),
+    "moepp_grouped_mm_plain_gelu": lambda: check_moepp("cpu", torch.float32, False, "gelu", gemm="grouped_mm"),
+    "moepp_mixed_gated_gelu": lambda: check_moepp("cpu", torch.float32, True, "gelu", gemm="mixed"),
     "grouped_gemm": lambda: check_grouped_gemm("cpu", torch.float32),
     "moepp_op_uses_triton": lambda: check_moepp_op_dispatch("cpu", torch.float32),
 }

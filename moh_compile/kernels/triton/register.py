@@ -2,7 +2,9 @@
 
 Why hooks and not new ops: the op contracts (and their references, ONNX lowering and
 backward-by-recompute) stay single-sourced in moh_compile/ops; a hook only computes the
-same result faster when it applies. `register()` is idempotent.
+same result faster when it applies. Each hook calls a torch.library.triton_op
+(moh_compile::routed_attention_triton, ::sparse_attention_triton, ::moepp_ffn_triton), which
+torch.compile / AOTInductor can trace into. `register()` is idempotent.
 """
 from __future__ import annotations
 
@@ -69,8 +71,8 @@ def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_s
     if parts is None:
         return None
     causal, key_padding = parts
-    from moh_compile.kernels.triton.routed_attention import routed_attention_block
-    from moh_compile.kernels.triton.sparse_attention import sparse_attention
+    import moh_compile.kernels.triton.routed_attention  # noqa: F401  (registers the triton_ops)
+    import moh_compile.kernels.triton.sparse_attention  # noqa: F401
     from moh_compile.ops.attention import rotate_half
 
     if window_sink is not None:
@@ -79,15 +81,16 @@ def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_s
         q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
         if rope_cos is not None:
             q = q * rope_cos + rotate_half(q) * rope_sin
-        ctx = sparse_attention(q, k, v, window_sink, window_alpha, window_beta, window_two_sided, causal,
-                               key_padding, scale)
+        ctx = torch.ops.moh_compile.sparse_attention_triton(
+            q, k, v, [int(a) for a in window_sink], [int(a) for a in window_alpha], [float(a) for a in window_beta],
+            bool(window_two_sided), bool(causal), key_padding, float(scale))
         if head_gates is not None:
             ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
         return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
     if causal and s != s_k:
         return None
-    return routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale, causal,
-                                  key_padding, rope_cos, rope_sin)
+    return torch.ops.moh_compile.routed_attention_triton(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates,
+                                                         float(scale), bool(causal), key_padding, rope_cos, rope_sin)
 
 
 def moepp_fast_kernel(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
@@ -95,12 +98,13 @@ def moepp_fast_kernel(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, e
     """moh_compile::moepp_ffn via Triton, or None off-GPU (for the op's dispatch to try first)."""
     if not (_usable(x) and w_in.dtype == x.dtype and w_out.dtype == x.dtype):
         return None
-    from moh_compile.kernels.triton.moe_grouped import ACT_CODES, moepp_ffn_triton
+    from moh_compile.kernels.triton.moe_grouped import ACT_CODES
 
     if activation not in ACT_CODES:
         return None
-    return moepp_ffn_triton(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
-                            const_vectors, const_gate_weight, n_zero, n_copy, activation)
+    return torch.ops.moh_compile.moepp_ffn_triton(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx,
+                                                  expert_weight, const_vectors, const_gate_weight, n_zero, n_copy,
+                                                  activation)
 
 
 def register() -> bool:

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
 from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton.traceable import is_tracing, launcher
 from moh_compile.ops.attention import rotate_half
 
 
@@ -51,7 +53,7 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, GATES, sm_scale,
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
         kpm_base = KPM + b * stride_pb
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = tl.cast(sm_scale * 1.4426950408889634, tl.float32)  # inductor passes Python floats as fp64
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
@@ -89,11 +91,12 @@ _routed_attn_tuned = triton.autotune(configs=attn_configs(), key=["HEAD_D", "CAU
 def routing_from_gates(head_gates: torch.Tensor):
     """(B, S, H) gates -> token_idx (B, H, C) int32 sorted ascending per head, counts (B, H) int32.
 
-    One host sync (C = max count) sizes the padded buffers.
+    Eagerly one host sync (C = max count) sizes the padded buffers; while traced (torch.compile,
+    export) C = S instead, so the shapes stay static and nothing syncs.
     """
     chosen = (head_gates != 0).transpose(1, 2)  # (B, H, S)
     counts = chosen.sum(-1, dtype=torch.int32)
-    c = max(int(counts.max()), 1)
+    c = chosen.shape[-1] if is_tracing(head_gates) else max(int(counts.max()), 1)
     # Stable sort puts chosen positions first, in ascending order.
     order = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices[..., :c]
     return order.to(torch.int32).contiguous(), counts.contiguous()
@@ -163,13 +166,14 @@ def _launch(q, q_by_pos, k, v, token_idx, counts, causal, key_padding, scale, ou
     kernel = _routed_attn_fwd if interp else _routed_attn_tuned
     extra = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if interp else {}
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q, k, v, out, token_idx, counts, kpm, gates if gates is not None else counts, float(scale),
-                 *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
-                 token_idx.stride(0), token_idx.stride(1), kpm.stride(0) if key_padding is not None else 0, *gs,
-                 h, h // hkv, s_k, c,
-                 CAUSAL=bool(causal), HAS_KPM=key_padding is not None, Q_BY_POS=bool(q_by_pos),
-                 OUT_BY_POS=bool(out_by_pos), HAS_GATES=gates is not None, HEAD_D=d,
-                 DOT_PREC=dot_precision(q.dtype), **extra)
+    launcher(kernel, q)[grid](
+        q, k, v, out, token_idx, counts, kpm, gates if gates is not None else counts, float(scale),
+        *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
+        token_idx.stride(0), token_idx.stride(1), kpm.stride(0) if key_padding is not None else 0, *gs,
+        h, h // hkv, s_k, c,
+        CAUSAL=bool(causal), HAS_KPM=key_padding is not None, Q_BY_POS=bool(q_by_pos),
+        OUT_BY_POS=bool(out_by_pos), HAS_GATES=gates is not None, HEAD_D=d,
+        DOT_PREC=dot_precision(q.dtype), **extra)
 
 
 def _interp() -> bool:
@@ -282,3 +286,13 @@ def routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gat
     q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, mode=q_mode)
     ctx = routed_attention_core(q_sel, k, v, token_idx, counts, causal, key_padding, scale)
     return routed_o_projection(ctx, token_idx, counts, head_gates, o_weight, o_bias, s, mode=o_mode)
+
+
+@triton_op("moh_compile::routed_attention_triton", mutates_args=())
+def routed_attention_op(x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor | None, k: torch.Tensor,
+                        v: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor | None,
+                        head_gates: torch.Tensor, scale: float, causal: bool, key_padding: torch.Tensor | None,
+                        rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None) -> torch.Tensor:
+    """routed_attention_block (default modes) as a torch custom op that compilers trace into."""
+    return routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale, causal,
+                                  key_padding, rope_cos, rope_sin)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
 from moh_compile.kernels.triton import interpreter_mode
 from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton.traceable import launcher
 from moh_compile.ops.attention import window_spans
 
 
@@ -42,7 +44,7 @@ def _sparse_attn_fwd(Q, K, V, O, SPAN, SINK, KPM, sm_scale,
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     kpm_base = KPM + b * stride_pb
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = tl.cast(sm_scale * 1.4426950408889634, tl.float32)  # inductor passes Python floats as fp64
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
@@ -145,14 +147,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: li
     kernel = _sparse_attn_fwd if interp else _sparse_attn_tuned
     extra = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if interp else {}
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q, k, v, out, span_t, sink_t, kpm, scale,
-                 q.stride(0), q.stride(1), q.stride(2),
-                 k.stride(0), k.stride(1), k.stride(2),
-                 v.stride(0), v.stride(1), v.stride(2),
-                 out.stride(0), out.stride(1), out.stride(2), kpm.stride(0) if key_padding is not None else 0,
-                 h, h // hkv, s, s_k,
-                 CAUSAL=bool(causal), TWO_SIDED=bool(two), HAS_KPM=key_padding is not None, HEAD_D=d,
-                 DOT_PREC=dot_precision(q.dtype), **extra)
+    launcher(kernel, q)[grid](
+        q, k, v, out, span_t, sink_t, kpm, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), kpm.stride(0) if key_padding is not None else 0,
+        h, h // hkv, s, s_k,
+        CAUSAL=bool(causal), TWO_SIDED=bool(two), HAS_KPM=key_padding is not None, HEAD_D=d,
+        DOT_PREC=dot_precision(q.dtype), **extra)
     return out
 
 
@@ -171,3 +174,11 @@ def pattern_density(sink: list[int], alpha: list[int], beta: list[float], s: int
         total += float((local + extra).sum())
     dense = float((i + 1).sum()) if causal else float(s * s)
     return total / (dense * len(sink))
+
+
+@triton_op("moh_compile::sparse_attention_triton", mutates_args=())
+def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], alpha: list[int],
+                        beta: list[float], two_sided: bool, causal: bool, key_padding: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """sparse_attention as a torch custom op that compilers trace into."""
+    return sparse_attention(q, k, v, sink, alpha, beta, two_sided, causal, key_padding, scale)
