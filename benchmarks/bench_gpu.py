@@ -37,20 +37,14 @@ def bench(fn, warmup: int = 3, reps: int = 10, rounds: int = 5) -> dict:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    times = _per_call(fn, 1, reps)  # each call alone, synchronised
     stream = _per_call(lambda: [fn() for _ in range(reps)], reps, rounds)
     return {"median_ms": statistics.median(stream), "min_ms": min(stream), "samples_ms": stream,
             "sync_ms": statistics.median(times), "sync_samples_ms": times, "graph_ms": _graph_ms(fn, reps, rounds)}
 
 
 def _per_call(run, reps: int, rounds: int) -> list:
+    """`rounds` event-timed, synchronised runs of `run` (which makes `reps` calls): ms per call."""
     out = []
     for _ in range(rounds):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
