@@ -59,6 +59,21 @@ def test_hooks_decline_cpu_tensors_outside_interpreter():
     assert moepp_fast_kernel(*checks.moepp_args(8, 32, 4, 16, 2, 1, 1, 1, True, 0), "silu") is None
 
 
+def test_launcher_wraps_only_while_tracing():
+    """Eager launches stay direct (wrap_triton's eager path costs ~1 ms per MoE++ call on H100);
+    fake tensors, as torch.compile/export trace with, switch to the traceable wrapper."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moh_compile.kernels.triton.traceable import is_tracing, launcher
+
+    real = torch.ones(2)
+    kernel = object()
+    assert not is_tracing(real) and launcher(kernel, real) is kernel
+    with FakeTensorMode():
+        fake = torch.ones(2)
+    assert is_tracing(fake)
+
+
 def test_moepp_op_registers_triton_hook():
     """The MoE++ op's fast-kernel list holds the Triton hook exactly when triton is installed."""
     import moh_compile  # noqa: F401
