@@ -27,6 +27,32 @@ def check_head_dim(d: int) -> None:
         raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
 
 
+def check_kv(k: torch.Tensor, v: torch.Tensor, b: int, h: int, d: int) -> tuple[int, int]:
+    """Validate K/V against B query batches of H heads of dim D; returns (Hkv, S_k)."""
+    check_head_dim(d)
+    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[-1] != d:
+        raise ValueError(f"k/v must be (B={b}, Hkv, S_k, D={d}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    hkv, s_k = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
+    return hkv, s_k
+
+
+@triton.jit
+def attn_start(K, V, KPM, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_pb, sm_scale,
+               BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
+    """Per-program set-up shared by the kernels: K/V/padding bases of (batch, kv head), the
+    base-2 softmax scale (cast: inductor passes Python floats as fp64) and the running state."""
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    kpm_base = KPM + b * stride_pb
+    qk_scale = tl.cast(sm_scale * 1.4426950408889634, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    return k_base, v_base, kpm_base, qk_scale, m_i, l_i, acc
+
+
 @triton.jit
 def attn_inner(acc, l_i, m_i, q, pos, k_base, v_base, stride_kn, stride_vn, kpm_base,
                lo, hi, S_K, qk_scale, span, sink,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton._flash import attn_configs, attn_inner, attn_start, check_kv, dot_precision
 from moh_compile.kernels.triton.traceable import is_tracing, launcher
 from moh_compile.ops.attention import rotate_half
 
@@ -50,13 +50,8 @@ def _routed_attn_fwd(Q, K, V, O, TOK, CNT, KPM, GATES, sm_scale,
         q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows.to(tl.int64)[:, None] * stride_qr + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         kvh = h // GROUP
-        k_base = K + b * stride_kb + kvh * stride_kh
-        v_base = V + b * stride_vb + kvh * stride_vh
-        kpm_base = KPM + b * stride_pb
-        qk_scale = tl.cast(sm_scale * 1.4426950408889634, tl.float32)  # inductor passes Python floats as fp64
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        k_base, v_base, kpm_base, qk_scale, m_i, l_i, acc = attn_start(
+            K, V, KPM, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_pb, sm_scale, BLOCK_M, HEAD_D)
         if CAUSAL:
             max_pos = tl.max(tl.where(row_ok, pos, 0), 0)
             min_pos = tl.min(tl.where(row_ok, pos, S_K), 0)
@@ -137,12 +132,7 @@ def routed_attention_scatter(q: torch.Tensor, q_by_pos: bool, k: torch.Tensor, v
 def _launch(q, q_by_pos, k, v, token_idx, counts, causal, key_padding, scale, out, out_by_pos, gates):
     b, h, c = token_idx.shape
     d = q.shape[-1]
-    check_head_dim(d)
-    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[-1] != d:
-        raise ValueError(f"k/v must be (B={b}, Hkv, S_k, D={d}), got {tuple(k.shape)} and {tuple(v.shape)}")
-    hkv, s_k = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
+    hkv, s_k = check_kv(k, v, b, h, d)
     if counts.shape != (b, h):
         raise ValueError(f"counts must be (B, H)={(b, h)}, got {tuple(counts.shape)}")
     if not q_by_pos and q.shape[:3] != (b, h, c):

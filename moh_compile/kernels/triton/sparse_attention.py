@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from moh_compile.kernels.triton import interpreter_mode
-from moh_compile.kernels.triton._flash import attn_configs, attn_inner, check_head_dim, dot_precision
+from moh_compile.kernels.triton._flash import attn_configs, attn_inner, attn_start, check_kv, dot_precision
 from moh_compile.kernels.triton.traceable import launcher
 from moh_compile.ops.attention import window_spans
 
@@ -41,13 +41,8 @@ def _sparse_attn_fwd(Q, K, V, O, SPAN, SINK, KPM, sm_scale,
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     kvh = h // GROUP
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    kpm_base = KPM + b * stride_pb
-    qk_scale = tl.cast(sm_scale * 1.4426950408889634, tl.float32)  # inductor passes Python floats as fp64
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    k_base, v_base, kpm_base, qk_scale, m_i, l_i, acc = attn_start(
+        K, V, KPM, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh, stride_pb, sm_scale, BLOCK_M, HEAD_D)
     if (not CAUSAL) and (m0 < sink):
         # Non-causal sink queries are global: every key, masked.
         acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kn, stride_vn, kpm_base,
@@ -119,12 +114,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: li
     key_padding (B, S_k) bool, True = key may be attended. Rows seeing no key get 0.
     """
     b, h, s, d = q.shape
-    check_head_dim(d)
-    if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[-1] != d:
-        raise ValueError(f"k/v must be (B={b}, Hkv, S_k, D={d}), got {tuple(k.shape)} and {tuple(v.shape)}")
-    hkv, s_k = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
+    hkv, s_k = check_kv(k, v, b, h, d)
     if not (len(sink) == len(alpha) == len(beta) == h):
         raise ValueError(f"window_sink/alpha/beta need one entry per head ({h}), got {len(sink)}/{len(alpha)}/{len(beta)}")
     if causal and s != s_k:
