@@ -255,9 +255,16 @@ def test_finetune_all_trains_experts_and_routers(bert_fitted):
     experts = gm.get_submodule("moepp_encoder_layer_1_experts")
     router = gm.get_submodule("moepp_encoder_layer_1_router")
     before = (experts.w_in.detach().clone(), router.proj.weight.detach().clone())
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shared = sum(p.data_ptr() == q.data_ptr() for p in gm.parameters() for q in model.parameters())
     result = moh_compile.finetune(compiled, model, calib, train="all", minutes=None, steps=3, lr=1e-3,
                                   progress=False)
     assert result["steps"] == 3 and "fidelity" in result
+    # the compiled model shared the original's unchanged weights; training copies them first, so
+    # neither the teacher nor the user's model moves (it did before: fidelity then measured drift)
+    assert shared > 0 and result["unshared_tensors"] >= shared
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    assert not any(p.data_ptr() == q.data_ptr() for p in gm.parameters() for q in model.parameters())
     assert not torch.equal(experts.w_in.detach(), before[0])
     assert not torch.equal(router.proj.weight.detach(), before[1])
     # training moved the logits; the budget is re-set to the plan's ffn_keep on the calibration data

@@ -103,6 +103,33 @@ def _eval(module: nn.Module) -> None:
             child.eval()
 
 
+def unshare_weights(student: nn.Module, teacher: nn.Module) -> int:
+    """Give `student` its own copy of every parameter/buffer whose storage the teacher also holds.
+
+    Why: a compiled model keeps the original's unchanged weights without copying (torch.export
+    shares them), so training it in place would move the teacher along with the student (the
+    target drifts, and fidelity is then measured against a modified original) and change the
+    user's model. Tied weights stay tied (one copy per shared tensor). Returns how many
+    tensors were copied.
+    """
+    theirs = {t.untyped_storage().data_ptr() for t in (*teacher.parameters(), *teacher.buffers())}
+    copies: dict = {}
+    with torch.no_grad():
+        for module in student.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.untyped_storage().data_ptr() in theirs:
+                    if id(p) not in copies:
+                        copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    setattr(module, name, copies[id(p)])
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b.untyped_storage().data_ptr() in theirs:
+                    if id(b) not in copies:
+                        copies[id(b)] = b.clone()
+                    persistent = name not in module._non_persistent_buffers_set
+                    module.register_buffer(name, copies[id(b)], persistent=persistent)
+    return len(copies)
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -122,6 +149,7 @@ def distill(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     loss_fn = loss_fn or default_loss
+    unshared = unshare_weights(student, teacher) if train == "all" else 0  # routers are never shared
     routers = find_routers(student)
     if train == "router":
         params = [p for r in routers for p in r.parameters()]
@@ -164,7 +192,8 @@ def distill(
         for p, g in saved.items():
             p.requires_grad_(g)
     return {"steps": step, "seconds": time.time() - start, "first_loss": losses[0] if losses else None,
-            "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
+            "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
+            "unshared_tensors": unshared}
 
 
-__all__ = ["distill", "default_loss", "DEFAULT_POOLED_WEIGHT"]
+__all__ = ["distill", "default_loss", "unshare_weights", "DEFAULT_POOLED_WEIGHT"]
