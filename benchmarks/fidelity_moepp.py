@@ -55,7 +55,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--finetune-minutes", type=float, default=0.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune lr (finetune's default for train='all')")
     ap.add_argument("--gating-residual", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
