@@ -333,20 +333,20 @@ def moepp_ffn_triton(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, ex
     counts = torch.zeros(total, device=x.device, dtype=torch.int32)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     counts = counts[:n].contiguous()
-    starts = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)  # group ends: torch._grouped_mm's offsets
+    starts = (ends - counts).contiguous()
     rows = (order // k).to(torch.int32)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    offs = torch.cumsum(counts, 0, dtype=torch.int32) if gemm != "triton" else None  # group ends
     if gemm == "grouped_mm":
-        hidden = _hidden_grouped_mm(xf, rows, flat[order], offs, w_in, b_in, w_gate, b_gate, activation, n)
+        hidden = _hidden_grouped_mm(xf, rows, flat[order], ends, w_in, b_in, w_gate, b_gate, activation, n)
     else:
         hidden = grouped_gemm(xf, w_in, b_in, starts, counts, rows=rows, total_rows=t * k, w_gate=w_gate,
                               b_gate=b_gate, activation=activation)
     if gemm == "triton":
         y = grouped_gemm(hidden, w_out, None, starts, counts, total_rows=t * k, row_scale=wgt.view(-1)[order])
     else:  # rows past the last FFN group are left unwritten; the combine never reads them
-        y = torch._grouped_mm(hidden, w_out.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(hidden, w_out.transpose(1, 2), offs=ends)
     if n_const:
         logits = (xf @ const_gate_weight.reshape(n_const * 2, d).to(xf.dtype).t()).float().view(t, n_const, 2)
         const_a = torch.softmax(logits, -1).view(t, n_const * 2).contiguous()
