@@ -113,6 +113,47 @@ def test_pattern_density_matches_window_mask():
     assert abs(pattern_density(sink, alpha, beta, s) - expect) < 1e-12
 
 
+def test_sparse_pattern_tables_are_cached_but_never_fake():
+    """One device table per pattern (so a CUDA graph captured after a warm-up replays without a
+    host-to-device copy); while tracing a fresh tensor is made and the cache is left alone."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from moh_compile.kernels.triton.sparse_attention import pattern_table
+
+    probe = torch.zeros(1)
+    first = pattern_table([5, 7, 9], probe)
+    assert first is pattern_table((5, 7, 9), probe) and first.dtype == torch.int32
+    assert first.tolist() == [5, 7, 9] and pattern_table([5, 7, 8], probe) is not first
+    with FakeTensorMode() as mode:
+        fake = pattern_table([5, 7, 9], mode.from_tensor(probe))
+    assert isinstance(fake, FakeTensor)
+    assert not isinstance(pattern_table([5, 7, 9], probe), FakeTensor)
+
+
+def test_gpu_sparse_replays_from_a_cuda_graph():
+    """After one warm-up call the sparse kernel captures into a CUDA graph; replays on new inputs
+    match eager calls."""
+    _gpu_guard()
+    from moh_compile.kernels.triton.sparse_attention import sparse_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    pattern = ([4] * 8, [16, 32, -1, 64] * 2, [0.0] * 8)
+    run = lambda: sparse_attention(q, k, v, *pattern, False, True)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed in (1, 2):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=g.manual_seed(seed)))
+        graph.replay()
+        assert torch.equal(out, run())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("frac", [0.25, 0.75])
 @pytest.mark.parametrize("d", [64, 128])

@@ -7,6 +7,8 @@ mask when `causal`); blocks fully inside the pattern skip the mask arithmetic.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -14,7 +16,7 @@ from torch.library import triton_op
 
 from moh_compile.kernels.triton import interpreter_mode
 from moh_compile.kernels.triton._flash import attn_configs, attn_inner, attn_start, check_kv, dot_precision
-from moh_compile.kernels.triton.traceable import launcher
+from moh_compile.kernels.triton.traceable import is_tracing, launcher
 from moh_compile.ops.attention import window_spans
 
 
@@ -105,6 +107,23 @@ def kernel_pattern(sink, alpha, beta, two_sided: bool, causal: bool, s_k: int):
     return spans, sinks, two_sided
 
 
+@functools.lru_cache(maxsize=256)
+def _device_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=torch.int32)
+
+
+def pattern_table(values: list[int], probe: torch.Tensor) -> torch.Tensor:
+    """The per-head int32 table the kernel reads, made once per (pattern, device) and reused.
+
+    Why: torch.tensor(list) copies host -> device on every call, which a CUDA graph cannot
+    capture; with the table cached, a graph captured after one warm-up call replays the kernel
+    alone. While tracing, a fresh tensor is made (a fake one must never enter the cache).
+    """
+    if is_tracing(probe):
+        return torch.tensor(values, device=probe.device, dtype=torch.int32)
+    return _device_table(tuple(int(v) for v in values), probe.device)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: list[int], alpha: list[int],
                      beta: list[float], two_sided: bool = False, causal: bool = True,
                      key_padding: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
@@ -120,8 +139,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: li
     if causal and s != s_k:
         raise ValueError(f"causal sparse attention needs S == S_k, got {s} and {s_k}")
     spans, sinks, two = kernel_pattern(sink, alpha, beta, two_sided, causal, s_k)
-    span_t = torch.tensor(spans, device=q.device, dtype=torch.int32)
-    sink_t = torch.tensor(sinks, device=q.device, dtype=torch.int32)
+    span_t, sink_t = pattern_table(spans, q), pattern_table(sinks, q)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
