@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,14 +23,29 @@ from moh_compile.calibrate.data import as_calibration
 from moh_compile.config import CompileConfig
 from moh_compile.loading import load_model
 from moh_compile.passes.moepp import expert_usage
+from moh_compile.passes.moepp_router import ExpertRouter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_text import EXTRAS, tuning_calibration  # noqa: E402
 
 
-def ffn_fraction(compiled, batches, calib) -> float:
+def usage_summary(compiled, batches, calib) -> dict:
+    """Mean over blocks, on the real tokens of `batches`: the FFN work fraction and how many copy /
+    constant experts a token chooses on average."""
+    routers = {n: m.config for n, m in compiled.graph_module.named_modules() if isinstance(m, ExpertRouter)}
     usage = expert_usage(compiled.graph_module, batches, calib.token_mask)
-    return sum(u["ffn_fraction"] for u in usage.values()) / len(usage)
+
+    copy, const = [], []
+    for n, u in usage.items():
+        cfg, r = routers[n], u["choice_rate"]
+        copy.append(sum(r[cfg.n_ffn + cfg.n_zero:][:cfg.n_copy]))
+        const.append(sum(r[cfg.n_ffn + cfg.n_zero + cfg.n_copy:][:cfg.n_const]))
+    return {"work": sum(u["ffn_fraction"] for u in usage.values()) / len(usage),
+            "copy_per_token": sum(copy) / len(copy), "const_per_token": sum(const) / len(const)}
 
 
-def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: float, log=print) -> list[dict]:
+def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: float, tune=None,
+        log=print) -> list[dict]:
     t0 = time.perf_counter()
     compiled = moh_compile.compile(loaded.model, loaded.example_inputs,
                                    CompileConfig(attention="keep", ffn="moepp",
@@ -37,14 +54,16 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
     t_fit = time.perf_counter() - t0
     fid = compiled.report.sections["fidelity"]
     rows = [dict(keep=keep, variant="training-free", cosine=fid["cosine"], knn10=fid["knn10"],
-                 work=ffn_fraction(compiled, calib.eval_batches, calib), seconds=t_fit)]
+                 **usage_summary(compiled, calib.eval_batches, calib), seconds=t_fit)]
     log(rows[-1])
     if finetune_minutes > 0:
-        res = moh_compile.finetune(compiled, loaded.model, calib, train="all", minutes=finetune_minutes, lr=lr,
+        tune = tune or calib
+        res = moh_compile.finetune(compiled, loaded.model, tune, train="all", minutes=finetune_minutes, lr=lr,
                                    progress=False)
-        rows.append(dict(keep=keep, variant=f"+ finetune all {finetune_minutes:g} min ({res['steps']} steps)",
+        rows.append(dict(keep=keep, variant=f"+ finetune all {finetune_minutes:g} min ({res['steps']} steps, "
+                                            f"{tune.num_examples} lines)",
                          cosine=res["fidelity"]["cosine"], knn10=res["fidelity"]["knn10"],
-                         work=ffn_fraction(compiled, calib.eval_batches, calib), seconds=res["wall_s"]))
+                         **usage_summary(compiled, calib.eval_batches, calib), seconds=res["wall_s"]))
         log(rows[-1])
     return rows
 
@@ -57,22 +76,36 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--finetune-minutes", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune lr (finetune's default for train='all')")
     ap.add_argument("--gating-residual", action="store_true")
+    ap.add_argument("--copy-experts", type=int, default=0)
+    ap.add_argument("--const-experts", type=int, default=0)
+    ap.add_argument("--finetune-lines", type=int, default=None,
+                    help="calibration lines to fine-tune on (default: the --calib-samples used to compile; "
+                         "0 = all bundled lines)")
+    ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
+                    help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
+                         "reference text (benchmarks/finetune_text.py); default: the calibration sentences")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_model("example:minilm")
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
-    options = {"experts": args.experts, "gating_residual": args.gating_residual}
+    options = {"experts": args.experts, "gating_residual": args.gating_residual,
+               "copy_experts": args.copy_experts, "const_experts": args.const_experts}
+    tune = calib if args.finetune_lines is None else as_calibration(
+        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
+    tune = tuning_calibration(loaded, args.finetune_extra, tune)
     rows = []
     for keep in args.keep:
-        rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr)
+        rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)
     print(f"\nall-MiniLM-L6-v2, {calib.num_examples} calibration sentences, {len(calib.eval_batches)} held-out "
-          f"batches, {args.experts} experts, threads={args.threads}, load {os.getloadavg()[0]:.2f}")
-    print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | time s |")
-    print("|---|---|---|---|---|---|")
+          f"batches, {args.experts} FFN + 1 zero + {args.copy_experts} copy + {args.const_experts} constant experts, "
+          f"threads={args.threads}, load {os.getloadavg()[0]:.2f}")
+    print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | copy / const experts "
+          "per token (held-out) | time s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['keep']} | {r['variant']} | {r['cosine']:.4f} | {r['knn10']:.3f} | {r['work']:.3f} | "
-              f"{r['seconds']:.0f} |")
+              f"{r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | {r['seconds']:.0f} |")
     return rows
 
 

@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import moh_compile
 from moh_compile.calibrate.data import as_calibration
 from moh_compile.loading import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_text import EXTRAS, tuning_calibration  # noqa: E402
 
 # The issue's naive baselines (measured there on an older 340-sentence eval set; not re-run here).
 ISSUE_BASELINES = {0.75: {"ridge fitted once (issue)": 0.977, "oracle (issue)": 0.983},
@@ -40,6 +45,9 @@ def main() -> None:
     ap.add_argument("--finetune-lines", type=int, default=None,
                     help="calibration lines to fine-tune on (default: the --calib-lines used to compile; "
                          "0 = all bundled lines)")
+    ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
+                    help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
+                         "reference text (benchmarks/finetune_text.py)")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -50,6 +58,7 @@ def main() -> None:
     heads = 12
     tune = cal if args.finetune_lines is None else as_calibration(
         "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
+    tune = tuning_calibration(loaded, args.finetune_extra, tune)
     pooled = {} if args.pooled_weight is None else {"pooled_weight": args.pooled_weight}
     rows = []
 
