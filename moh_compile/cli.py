@@ -71,6 +71,9 @@ def build_compile_parser() -> argparse.ArgumentParser:
     f.add_argument("--finetune-pooled-weight", type=float, default=None, metavar="W",
                    help="weight of the mean-pooled output cosine in the distillation loss, next to the "
                         "per-token loss (default: 10; 0 for language models)")
+    f.add_argument("--finetune-validation", type=float, default=0.1, metavar="F",
+                   help="fraction of the calibration batches held out to keep the best weights seen "
+                        "(with >= 10 batches; default: 0.1; 0 = off, train on all and keep the last)")
     x = p.add_argument_group("deployment artifacts (docs/deploy.md)")
     x.add_argument("--export", action="append", default=[], metavar="KIND",
                    help="also write: onnx (model.custom.onnx / model.portable.onnx), aoti (model.aoti.pt2, an "
@@ -177,6 +180,8 @@ def run_compile(argv: list[str]) -> int:
         raise MohCompileError("--finetune-minutes must not be negative")
     if args.finetune_pooled_weight is not None and args.finetune_pooled_weight < 0:
         raise MohCompileError("--finetune-pooled-weight must not be negative")
+    if not 0 <= args.finetune_validation < 1:
+        raise MohCompileError("--finetune-validation must be a fraction in [0, 1)")
     if args.finetune_minutes and not args.calib:
         raise MohCompileError("--finetune-minutes needs --calib data to train on")
     options = {}
@@ -211,8 +216,10 @@ def run_compile(argv: list[str]) -> int:
 
         pooled = {} if args.finetune_pooled_weight is None else {"pooled_weight": args.finetune_pooled_weight}
         result = finetune(compiled, loaded.model, calibration, train=args.finetune_train,
-                          minutes=args.finetune_minutes, lr=args.finetune_lr, **pooled)
-        print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s", file=sys.stderr)
+                          minutes=args.finetune_minutes, lr=args.finetune_lr, validation=args.finetune_validation,
+                          **pooled)
+        kept = f", kept the weights of step {result['best_step']}" if result.get("best_step") is not None else ""
+        print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s{kept}", file=sys.stderr)
     fid = compiled.report.sections.get("finetune", {}).get("fidelity") or compiled.report.sections.get("fidelity")
     if fid:
         print(f"fidelity on {fid['n']} held-out examples: mean cosine {fid['cosine']:.4f}"

@@ -9,6 +9,7 @@ the budget is re-set on the calibration data afterwards.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -26,7 +27,7 @@ DEFAULT_LR = {"router": 1e-3, "all": 2e-5}
 def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "router", minutes: float | None = 5.0,
              steps: int = 100_000, lr: float | None = None, load_balance_beta: float = 0.01, tokenizer=None,
              progress: bool = True, reset_budget: bool = True,
-             pooled_weight: float = DEFAULT_POOLED_WEIGHT) -> dict:
+             pooled_weight: float = DEFAULT_POOLED_WEIGHT, validation: float = 0.1) -> dict:
     """Distil `compiled` (a CompiledModel) towards `original` on calibration batches, in place.
 
     train: "router" (router and compensation parameters only) or "all" (every parameter).
@@ -38,8 +39,11 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
     weight `pooled_weight`, the mean-pooled output per sequence (0 for token outputs only, e.g.
     language models). reset_budget: afterwards, re-set the MoE++ zero-expert
     thresholds so each block's FFN work on the calibration data is its ffn_keep again
-    (`set_ffn_budget`). The result (cost, losses, fidelity on the held-out set when there is
-    one) is returned and recorded in the compiled model's report.
+    (`set_ffn_budget`). validation: the fraction of calibration batches held out of training
+    to pick the best weights seen (checked every 50 steps; see `distill`); used when there are
+    at least MIN_BATCHES_FOR_VALIDATION batches, 0 turns it off. The result (cost, losses,
+    fidelity on the held-out set when there is one) is returned and recorded in the compiled
+    model's report.
     """
     if train not in TRAIN_MODES:
         raise MohCompileError(f"train must be one of {', '.join(TRAIN_MODES)}, not {train!r}")
@@ -47,22 +51,27 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
         raise MohCompileError("minutes must be positive")
     if pooled_weight < 0:
         raise MohCompileError(f"pooled_weight must be >= 0, got {pooled_weight}")
+    if not 0 <= validation < 1:
+        raise MohCompileError(f"validation must be a fraction in [0, 1), got {validation}")
     lr = DEFAULT_LR[train] if lr is None else lr
     args, kwargs, _ = compiled._example
     calib = as_calibration(calibration, tokenizer).match_inputs(kwargs if kwargs else args)
     if not calib.batches:
         raise MohCompileError("fine-tuning needs calibration batches (a forward loop cannot be replayed)")
     student = compiled.graph_module
+    train_batches, val_batches = split_validation(calib.batches, validation)
     t0 = time.perf_counter()
     try:
-        history = distill(student, original, calib.batches, steps=steps, lr=lr, train=train,
+        history = distill(student, original, train_batches, steps=steps, lr=lr, train=train,
                           load_balance_beta=load_balance_beta,
                           time_budget_s=None if minutes is None else 60.0 * minutes, progress=progress,
-                          loss_fn=functools.partial(default_loss, pooled_weight=pooled_weight))
+                          loss_fn=functools.partial(default_loss, pooled_weight=pooled_weight),
+                          val_batches=val_batches)
     except ValueError as err:
         raise MohCompileError(str(err)) from err
     result = {"train": train, "lr": lr, "load_balance_beta": load_balance_beta, "pooled_weight": pooled_weight,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "train_batches": len(train_batches),
+              "validation_batches": len(val_batches),
               **history, "wall_s": time.perf_counter() - t0}
     if reset_budget and router_budgets(compiled.plan, student):
         result["ffn_budget"] = set_ffn_budget(compiled, calib, progress=progress)
@@ -71,6 +80,18 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
                                       embeddings(student, calib.eval_batches))
     compiled.report.sections["finetune"] = result
     return result
+
+
+MIN_BATCHES_FOR_VALIDATION = 10
+
+
+def split_validation(batches: list, fraction: float) -> tuple[list, list]:
+    """(training batches, validation batches): the last ceil(fraction * n) batches are held out,
+    when fraction > 0 and there are at least MIN_BATCHES_FOR_VALIDATION batches."""
+    if fraction <= 0 or len(batches) < MIN_BATCHES_FOR_VALIDATION:
+        return list(batches), []
+    n_val = math.ceil(fraction * len(batches))
+    return list(batches[:-n_val]), list(batches[-n_val:])
 
 
 def set_ffn_budget(compiled, data, ffn_keep: float | None = None, tokenizer=None, progress: bool = True) -> dict:

@@ -185,6 +185,7 @@ def _one_line_error(capsys, code, needle):
     (["--experts", "3"], "not divisible"),
     (["--ffn-keep", "0.5"], "calibration data"),
     (["--finetune-pooled-weight", "-1"], "--finetune-pooled-weight"),
+    (["--finetune-validation", "1"], "--finetune-validation"),
 ])
 def test_invalid_settings_are_one_line_errors(capsys, tmp_path, args, needle):
     out = tmp_path / "x"

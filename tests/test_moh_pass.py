@@ -119,6 +119,24 @@ def test_weighted_gates_and_finetune_router():
     assert any(changed)
 
 
+def test_finetune_validates_on_held_out_batches_and_keeps_the_best():
+    """With >= 10 calibration batches, finetune trains on the first 90% and keeps the weights of
+    the best validation check (here: before training and after its 4 steps)."""
+    model, inputs, _, _ = build("sdpa_block")
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 8, 64, generator=g),) for _ in range(12)]
+    compiled = moh_compile.compile(model, inputs, _moh(active_heads=0.5), calibration=calib)
+    result = moh_compile.finetune(compiled, model, calib, train="all", minutes=None, steps=4, lr=1e-3,
+                                  progress=False)
+    assert (result["train_batches"], result["validation_batches"]) == (10, 2)
+    assert [s for s, _ in result["val_losses"]] == [0, 4] and result["best_step"] in (0, 4)
+    assert result["best_val_loss"] == min(v for _, v in result["val_losses"])
+    off = moh_compile.finetune(compiled, model, calib, minutes=None, steps=2, progress=False, validation=0)
+    assert (off["train_batches"], off["validation_batches"]) == (12, 0) and "best_step" not in off
+    with pytest.raises(moh_compile.MohCompileError, match="validation"):
+        moh_compile.finetune(compiled, model, calib, minutes=None, steps=2, progress=False, validation=1.0)
+
+
 def test_learned_router_without_calibration_is_an_error():
     model, inputs, _, _ = build("bert")
     with pytest.raises(moh_compile.MohCompileError, match="calibration data"):

@@ -209,6 +209,61 @@ def test_distill_trains_router_toward_teacher():
     assert not student.heads.requires_grad or teacher.heads.requires_grad   # flags restored
 
 
+class _ScaledTeacherTask(torch.nn.Module):
+    """A linear student learning a fixed linear teacher: a task where every step's loss is known."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2, bias=False)
+        self.lin.weight.data.copy_(weight)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _val_loss(student, teacher, batches):
+    with torch.no_grad():
+        return sum(torch.nn.functional.mse_loss(student(b), teacher(b)).item() for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("lr", [0.02, 3.0])
+def test_distill_keeps_the_best_validated_weights(lr):
+    """With validation batches the student ends at the weights of the best-measured step: at a
+    sane lr that is a trained one, and at a diverging lr it is the start (training undone)."""
+    from moh_compile.calibrate.distill import distill
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, generator=g)
+    teacher = _ScaledTeacherTask(w)
+    student = _ScaledTeacherTask(w + 0.3 * torch.randn(2, 3, generator=g))  # close: Adam at lr 3 overshoots
+    student.lin.weight.requires_grad_(True)
+    batches = [torch.randn(32, 3, generator=g) for _ in range(6)]
+    val = [torch.randn(32, 3, generator=g) for _ in range(2)]
+    start = _val_loss(student, teacher, val)
+    hist = distill(student, teacher, batches, steps=40, lr=lr, train="all", progress=False, val_batches=val,
+                   val_every=10, loss_fn=lambda s, t, b: torch.nn.functional.mse_loss(s, t))
+    steps_checked = [s for s, _ in hist["val_losses"]]
+    assert steps_checked == [0, 10, 20, 30, 40] and hist["steps"] == 40
+    final = _val_loss(student, teacher, val)
+    assert final == pytest.approx(hist["best_val_loss"], rel=1e-5)
+    assert hist["best_val_loss"] == pytest.approx(min(v for _, v in hist["val_losses"]), rel=1e-12)
+    if lr < 1:
+        assert hist["best_step"] == 40 and final < 0.1 * start
+    else:
+        assert max(v for _, v in hist["val_losses"]) > 10 * start  # it diverged ...
+        assert hist["best_step"] == 0 and final == pytest.approx(start, rel=1e-6)  # ... and was undone
+
+
+def test_split_validation_holds_out_the_last_batches():
+    from moh_compile.finetune import MIN_BATCHES_FOR_VALIDATION, split_validation
+
+    batches = list(range(32))
+    assert split_validation(batches, 0.1) == (batches[:28], batches[28:])
+    assert split_validation(batches, 0.0) == (batches, [])
+    few = list(range(MIN_BATCHES_FOR_VALIDATION - 1))
+    assert split_validation(few, 0.5) == (few, [])
+
+
 def test_default_loss_token_and_pooled_terms():
     """The distillation loss: per-token (1 - cos) + relative MSE over real tokens, plus the weighted
     (1 - cos) of the mean-pooled outputs; padding never counts. Checked against explicit loops."""

@@ -7,6 +7,7 @@ Generic: any pair of nn.Modules whose forward returns a tensor or an HF-style ou
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -141,13 +142,23 @@ def distill(
     time_budget_s: float | None = None,
     progress: bool = True,
     loss_fn: Callable | None = None,
+    val_batches: list | None = None,
+    val_every: int = 50,
 ) -> dict:
     """Adam on the student's routers (train="router") or all its parameters (train="all") to match
-    the teacher's outputs. Stops after `steps` or `time_budget_s`. Returns a small history dict."""
+    the teacher's outputs. Stops after `steps` or `time_budget_s`. Returns a small history dict.
+
+    With `val_batches` (held out from `batches`), the loss on them is measured before training,
+    every `val_every` steps and at the end, and the student ends at the best-measured weights:
+    a longer budget then cannot end worse than a shorter one (on a few hundred sentences, 15
+    minutes of training "all" ended below 5 minutes), and training that never helps is undone.
+    """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if val_every < 1:
+        raise ValueError(f"val_every must be >= 1, got {val_every}")
     loss_fn = loss_fn or default_loss
     unshared = unshare_weights(student, teacher) if train == "all" else 0  # routers are never shared
     routers = find_routers(student)
@@ -167,8 +178,11 @@ def distill(
     for r in routers:
         r.track_load_balance = True
     bar = _Progress(steps, progress, time_budget_s)
+    best = _BestWeights(student, teacher, params, val_batches, loss_fn) if val_batches else None
     start, step, losses = time.time(), 0, []
     try:
+        if best:
+            best.check(0)
         for batch in _cycle(batches):
             if step >= steps or (time_budget_s is not None and time.time() - start >= time_budget_s):
                 break
@@ -184,6 +198,12 @@ def distill(
             step += 1
             losses.append(loss.item())
             bar.update(step, losses[-1], time.time() - start)
+            if best and step % val_every == 0:
+                best.check(step)
+        if best:
+            if step % val_every:
+                best.check(step)
+            best.restore()
     finally:
         bar.close()
         for r in routers:
@@ -193,7 +213,37 @@ def distill(
             p.requires_grad_(g)
     return {"steps": step, "seconds": time.time() - start, "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
-            "unshared_tensors": unshared}
+            "unshared_tensors": unshared, **(best.summary() if best else {})}
+
+
+class _BestWeights:
+    """Validation loss of the student at chosen steps, and a copy of the trainable weights at
+    the best one (teacher outputs on the validation batches computed once)."""
+
+    def __init__(self, student, teacher, params, batches, loss_fn):
+        self.student, self.params, self.batches, self.loss_fn = student, params, list(batches), loss_fn
+        with torch.no_grad():
+            self.targets = [_call(teacher, b) for b in self.batches]
+        self.history: list = []
+        self.best_step, self.best_loss, self.saved = None, math.inf, None
+
+    def check(self, step: int) -> None:
+        with torch.no_grad():
+            loss = sum(float(self.loss_fn(_call(self.student, b), t, b)) for b, t in zip(self.batches, self.targets))
+        loss /= len(self.batches)
+        self.history.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            self.saved = [p.detach().clone() for p in self.params]
+
+    def restore(self) -> None:
+        if self.saved is not None and self.best_step != self.history[-1][0]:
+            with torch.no_grad():
+                for p, v in zip(self.params, self.saved):
+                    p.copy_(v)
+
+    def summary(self) -> dict:
+        return {"val_losses": self.history, "best_step": self.best_step, "best_val_loss": self.best_loss}
 
 
 __all__ = ["distill", "default_loss", "unshare_weights", "DEFAULT_POOLED_WEIGHT"]
