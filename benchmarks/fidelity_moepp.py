@@ -60,8 +60,9 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
         tune = tune or calib
         res = moh_compile.finetune(compiled, loaded.model, tune, train="all", minutes=finetune_minutes, lr=lr,
                                    progress=False)
+        kept = f", kept step {res['best_step']}" if res.get("best_step") is not None else ""
         rows.append(dict(keep=keep, variant=f"+ finetune all {finetune_minutes:g} min ({res['steps']} steps, "
-                                            f"{tune.num_examples} lines)",
+                                            f"{tune.num_examples} lines{kept})",
                          cosine=res["fidelity"]["cosine"], knn10=res["fidelity"]["knn10"],
                          **usage_summary(compiled, calib.eval_batches, calib), seconds=res["wall_s"]))
         log(rows[-1])

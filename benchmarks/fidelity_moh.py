@@ -87,7 +87,8 @@ def main() -> None:
             f = r["fidelity"]
             rows.append((f"  + fine-tune {train}, lr {lr:g}, pooled weight {r['pooled_weight']:g}, "
                          f"{tune.num_examples} lines", active, f["cosine"], f["cosine_min"], f["knn10"],
-                         r["wall_s"], f"{r['steps']} steps"))
+                         r["wall_s"], f"{r['steps']} steps" + (f", kept step {r['best_step']}"
+                                                              if r.get("best_step") is not None else "")))
             print(rows[-1], flush=True)
     load = os.getloadavg()[0]
     print(f"\nall-MiniLM-L6-v2, {cal.num_examples} calibration lines, {len(cal.eval_batches)} held-out batches "
