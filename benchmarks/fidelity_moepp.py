@@ -26,7 +26,7 @@ from moh_compile.passes.moepp import expert_usage
 from moh_compile.passes.moepp_router import ExpertRouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_text import EXTRAS, tuning_calibration  # noqa: E402
+from finetune_text import add_tuning_args, tuning_data  # noqa: E402
 
 
 def usage_summary(compiled, batches, calib) -> dict:
@@ -79,12 +79,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--gating-residual", action="store_true")
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)
-    ap.add_argument("--finetune-lines", type=int, default=None,
-                    help="calibration lines to fine-tune on (default: the --calib-samples used to compile; "
-                         "0 = all bundled lines)")
-    ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
-                    help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
-                         "reference text (benchmarks/finetune_text.py); default: the calibration sentences")
+    add_tuning_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,9 +87,7 @@ def main(argv=None) -> list[dict]:
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
     options = {"experts": args.experts, "gating_residual": args.gating_residual,
                "copy_experts": args.copy_experts, "const_experts": args.const_experts}
-    tune = calib if args.finetune_lines is None else as_calibration(
-        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
-    tune = tuning_calibration(loaded, args.finetune_extra, tune)
+    tune = tuning_data(args, loaded, calib)
     rows = []
     for keep in args.keep:
         rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)

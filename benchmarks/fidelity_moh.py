@@ -23,7 +23,7 @@ from moh_compile.calibrate.data import as_calibration
 from moh_compile.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_text import EXTRAS, tuning_calibration  # noqa: E402
+from finetune_text import add_tuning_args, tuning_data  # noqa: E402
 
 # The issue's naive baselines (measured there on an older 340-sentence eval set; not re-run here).
 ISSUE_BASELINES = {0.75: {"ridge fitted once (issue)": 0.977, "oracle (issue)": 0.983},
@@ -42,12 +42,7 @@ def main() -> None:
     ap.add_argument("--lr-all", type=float, default=2e-5, help="learning rate, fine-tune of every weight")
     ap.add_argument("--pooled-weight", type=float, default=None,
                     help="weight of the pooled-output term of the distillation loss (default: finetune's)")
-    ap.add_argument("--finetune-lines", type=int, default=None,
-                    help="calibration lines to fine-tune on (default: the --calib-lines used to compile; "
-                         "0 = all bundled lines)")
-    ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
-                    help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
-                         "reference text (benchmarks/finetune_text.py)")
+    add_tuning_args(ap)
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -56,9 +51,7 @@ def main() -> None:
     teacher = loaded.model.eval()
     cal = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_lines)
     heads = 12
-    tune = cal if args.finetune_lines is None else as_calibration(
-        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
-    tune = tuning_calibration(loaded, args.finetune_extra, tune)
+    tune = tuning_data(args, loaded, cal)
     pooled = {} if args.pooled_weight is None else {"pooled_weight": args.pooled_weight}
     rows = []
 

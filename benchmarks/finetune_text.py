@@ -17,6 +17,23 @@ from moh_compile.calibrate.data import as_calibration, load_lines
 EXTRAS = ("none", "pydoc")
 
 
+def add_tuning_args(ap) -> None:
+    """The fine-tuning data options the fidelity benchmarks share."""
+    ap.add_argument("--finetune-lines", type=int, default=None,
+                    help="calibration lines to fine-tune on (default: the calibration sample used to compile; "
+                         "0 = all bundled lines)")
+    ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
+                    help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
+                         "reference text")
+
+
+def tuning_data(args, loaded, calib):
+    """The fine-tuning Calibration the options of `add_tuning_args` ask for (`calib` by default)."""
+    tune = calib if args.finetune_lines is None else as_calibration(
+        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
+    return tuning_calibration(loaded, args.finetune_extra, tune)
+
+
 def pydoc_sentences(min_words: int = 6, max_words: int = 60) -> list[str]:
     """Sentences of mostly-alphabetic prose from pydoc_data.topics (~1.9k)."""
     import pydoc_data.topics
