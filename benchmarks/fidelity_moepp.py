@@ -23,25 +23,16 @@ from moh_compile.calibrate.data import as_calibration
 from moh_compile.config import CompileConfig
 from moh_compile.loading import load_model
 from moh_compile.passes.moepp import expert_usage
-from moh_compile.passes.moepp_router import ExpertRouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_text import add_tuning_args, tuning_data  # noqa: E402
 
 
 def usage_summary(compiled, batches, calib) -> dict:
-    """Mean over blocks, on the real tokens of `batches`: the FFN work fraction and how many copy /
-    constant experts a token chooses on average."""
-    routers = {n: m.config for n, m in compiled.graph_module.named_modules() if isinstance(m, ExpertRouter)}
-    usage = expert_usage(compiled.graph_module, batches, calib.token_mask)
-
-    copy, const = [], []
-    for n, u in usage.items():
-        cfg, r = routers[n], u["choice_rate"]
-        copy.append(sum(r[cfg.n_ffn + cfg.n_zero:][:cfg.n_copy]))
-        const.append(sum(r[cfg.n_ffn + cfg.n_zero + cfg.n_copy:][:cfg.n_const]))
-    return {"work": sum(u["ffn_fraction"] for u in usage.values()) / len(usage),
-            "copy_per_token": sum(copy) / len(copy), "const_per_token": sum(const) / len(const)}
+    """Means over blocks, on the real tokens of `batches`, of `expert_usage`'s per-token figures."""
+    usage = list(expert_usage(compiled.graph_module, batches, calib.token_mask).values())
+    return {key: sum(u[key] for u in usage) / len(usage) for key in ("ffn_fraction", "copy_per_token",
+                                                                     "const_per_token")}
 
 
 def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: float, tune=None,
@@ -98,7 +89,7 @@ def main(argv=None) -> list[dict]:
           "per token (held-out) | time s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['keep']} | {r['variant']} | {r['cosine']:.4f} | {r['knn10']:.3f} | {r['work']:.3f} | "
+        print(f"| {r['keep']} | {r['variant']} | {r['cosine']:.4f} | {r['knn10']:.3f} | {r['ffn_fraction']:.3f} | "
               f"{r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | {r['seconds']:.0f} |")
     return rows
 

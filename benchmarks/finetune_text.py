@@ -24,14 +24,20 @@ def add_tuning_args(ap) -> None:
                          "0 = all bundled lines)")
     ap.add_argument("--finetune-extra", choices=EXTRAS, default="none",
                     help="pydoc: fine-tune on every bundled calibration line plus ~1.9k sentences of Python's "
-                         "reference text")
+                         "reference text (overrides --finetune-lines)")
 
 
 def tuning_data(args, loaded, calib):
-    """The fine-tuning Calibration the options of `add_tuning_args` ask for (`calib` by default)."""
-    tune = calib if args.finetune_lines is None else as_calibration(
-        "example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
-    return tuning_calibration(loaded, args.finetune_extra, tune)
+    """The fine-tuning Calibration `add_tuning_args`'s options ask for: every bundled line plus the
+    pydoc sentences (--finetune-extra pydoc), else the first --finetune-lines bundled lines, else
+    `calib`, the data the model was compiled with."""
+    if args.finetune_extra == "pydoc":
+        path = Path(tempfile.mkdtemp()) / "calib_plus_pydoc.txt"
+        path.write_text("\n".join(load_lines("example") + pydoc_sentences()) + "\n")
+        return as_calibration(path, loaded, eval_source="example-eval")
+    if args.finetune_lines is not None:
+        return as_calibration("example", loaded, eval_source="example-eval", limit=args.finetune_lines or None)
+    return calib
 
 
 def pydoc_sentences(min_words: int = 6, max_words: int = 60) -> list[str]:
@@ -41,14 +47,3 @@ def pydoc_sentences(min_words: int = 6, max_words: int = 60) -> list[str]:
     text = re.sub(r"\s+", " ", " ".join(pydoc_data.topics.topics.values()))
     return [s for s in re.split(r"(?<=[.!?])\s+", text)
             if min_words <= len(s.split()) <= max_words and sum(c.isalpha() or c == " " for c in s) > 0.9 * len(s)]
-
-
-def tuning_calibration(loaded, extra: str, default):
-    """`default` when extra == "none"; else every bundled calibration line plus the extra text."""
-    if extra == "none":
-        return default
-    if extra != "pydoc":
-        raise ValueError(f"unknown extra text {extra!r}; use one of {', '.join(EXTRAS)}")
-    path = Path(tempfile.mkdtemp()) / "calib_plus_pydoc.txt"
-    path.write_text("\n".join(load_lines("example") + pydoc_sentences()) + "\n")
-    return as_calibration(path, loaded, eval_source="example-eval")

@@ -84,6 +84,9 @@ def test_every_token_gets_exactly_k_choices_and_budget_is_met(bert_fitted):
     assert section["flops_moepp"] < 0.65 * section["flops_dense"]
     usage = expert_usage(compiled.graph_module, calib.batches, calib.token_mask)
     assert all(u["tokens"] == 4 * (8 * 12 - 9) for u in usage.values())  # real tokens only
+    for u in usage.values():
+        assert u["ffn_fraction"] == pytest.approx(sum(u["choice_rate"][:8]) / 8)
+        assert u["copy_per_token"] == u["const_per_token"] == 0.0
     assert "moepp_experts.png" in section["files"] and section["files"]["moepp_experts.png"][:4] == b"\x89PNG"
     rates = section["blocks"][0]["choice_rate"]
     assert len(rates) == 8 + 1 + 1 + 1 and rates[-2:] == [0.0, 0.0]  # copy/const off training-free (documented)

@@ -326,8 +326,9 @@ def _drop_unused_params(gm, matches) -> None:
 
 @torch.no_grad()
 def expert_usage(module: nn.Module, batches: list, token_mask=None) -> dict:
-    """Per ExpertRouter (by name): choice rate of every expert and mean FFN work fraction, over
-    the real tokens of `batches`. A slot counts for an FFN expert when it computes it."""
+    """Per ExpertRouter (by name): choice rate of every expert, mean FFN work fraction and mean
+    number of copy / constant experts chosen per token, over the real tokens of `batches`. A slot
+    counts for an FFN expert when it computes it."""
     routers = {n: r for n, r in module.named_modules() if isinstance(r, ExpertRouter)}
     seen: dict = {n: [] for n in routers}
     hooks = [r.register_forward_hook(lambda mod, inp, out, n=n: seen[n].append((out[0], out[1])))
@@ -356,8 +357,12 @@ def expert_usage(module: nn.Module, batches: list, token_mask=None) -> dict:
         idx = torch.cat(counts[n])
         cfg = r.config
         hit = torch.zeros(idx.shape[0], cfg.n_total, dtype=torch.bool).scatter_(1, idx, True)
-        out[n] = {"choice_rate": hit.float().mean(0).tolist(),
-                  "ffn_fraction": float(hit[:, :cfg.n_ffn].float().sum(1).mean() / cfg.n_ffn),
+        per_token = hit.float().sum(0) / idx.shape[0]
+        kinds = torch.tensor([cfg.n_ffn, cfg.n_zero, cfg.n_copy, cfg.n_const]).cumsum(0).tolist()
+        out[n] = {"choice_rate": per_token.tolist(),
+                  "ffn_fraction": float(per_token[:kinds[0]].sum() / cfg.n_ffn),
+                  "copy_per_token": float(per_token[kinds[1]:kinds[2]].sum()),
+                  "const_per_token": float(per_token[kinds[2]:kinds[3]].sum()),
                   "tokens": int(idx.shape[0])}
     return out
 
