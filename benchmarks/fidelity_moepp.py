@@ -70,6 +70,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--gating-residual", action="store_true")
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)
+    ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                    help="least-squares refit of the experts' down projections under the routing (the default)")
     add_tuning_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -77,13 +79,14 @@ def main(argv=None) -> list[dict]:
     loaded = load_model("example:minilm")
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
     options = {"experts": args.experts, "gating_residual": args.gating_residual,
-               "copy_experts": args.copy_experts, "const_experts": args.const_experts}
+               "copy_experts": args.copy_experts, "const_experts": args.const_experts, "refit": args.refit}
     tune = tuning_data(args, loaded, calib)
     rows = []
     for keep in args.keep:
         rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)
     print(f"\nall-MiniLM-L6-v2, {calib.num_examples} calibration sentences, {len(calib.eval_batches)} held-out "
           f"batches, {args.experts} FFN + 1 zero + {args.copy_experts} copy + {args.const_experts} constant experts, "
+          f"refit {'on' if args.refit else 'off'}, "
           f"threads={args.threads}, load {os.getloadavg()[0]:.2f}")
     print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | copy / const experts "
           "per token (held-out) | time s |")

@@ -58,6 +58,10 @@ def build_compile_parser() -> argparse.ArgumentParser:
                    help="use at most N lines (text) or N batches (tensor files) (default: 512)")
     c.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default: 16)")
     c.add_argument("--max-length", type=int, default=128, help="token limit per text example (default: 128)")
+    c.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="after fitting a router, refit the block's output projection (MoH: W_O; MoE++: each "
+                        "expert's down projection) and compensation by least squares under its routing "
+                        "(default: on; --no-refit keeps the original weights)")
     c.add_argument("--eval", metavar="DATA",
                    help="held-out data for the report's fidelity figures, same forms as --calib "
                         "(default with --calib example: the bundled held-out sentences)")

@@ -150,6 +150,19 @@ def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict],
     return PendingRewrite(m.block.name, "ffn", m.fc_out.node, out, b.nodes)
 
 
+def drop_unread_attrs(gm: fx.GraphModule, names) -> None:
+    """Delete the attributes in `names` (dotted parameter names) that no get_attr node reads any
+    more, e.g. weights a pass replaced by refitted copies: the compiled module, its exports and
+    saved programs then do not carry them (the user's model keeps its own)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in names:
+        if name and name not in read:
+            parent, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(parent) if parent else gm
+            if hasattr(mod, attr):
+                delattr(mod, attr)
+
+
 def constant_value(gm: fx.GraphModule, node):
     """Value of a node computed from parameters only (a weight, maybe sliced or transposed);
     ValueError when it depends on the inputs. Non-node arguments are returned as they are."""

@@ -32,8 +32,8 @@ def group_neurons(w_in: torch.Tensor, n_groups: int, activations: torch.Tensor |
     return balanced_kmeans(feats, n_groups, seed=seed)
 
 
-def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tensor:
-    """Each group's output y_g(x) without b_out: (T, d) -> (T, n_groups, d_out)."""
+def group_hidden(x: torch.Tensor, experts: dict, activation: str) -> torch.Tensor:
+    """Each group's activated hidden neurons: (T, d) -> (T, n_groups, F/n_groups)."""
     h = torch.einsum("td,nfd->tnf", x, experts["w_in"])
     if experts["b_in"] is not None:
         h = h + experts["b_in"]
@@ -44,7 +44,12 @@ def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tens
         h = apply_activation(activation, g) * h
     else:
         h = apply_activation(activation, h)
-    return torch.einsum("tnf,nof->tno", h, experts["w_out"])
+    return h
+
+
+def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tensor:
+    """Each group's output y_g(x) without b_out: (T, d) -> (T, n_groups, d_out)."""
+    return torch.einsum("tnf,nof->tno", group_hidden(x, experts, activation), experts["w_out"])
 
 
 # --------------------------------------------------------------------------- router fitting
@@ -82,6 +87,15 @@ def skip_means(gout: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     cnt = skip.sum(0)
     cond = torch.einsum("tn,tnd->nd", skip, gout) / cnt.clamp_min(1).unsqueeze(-1)
     return torch.where((cnt > 0).unsqueeze(-1), cond, gout.mean(0))
+
+
+def chosen_groups(router: ExpertRouter, x: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, n_ffn) bool: the FFN groups the router computes for each token."""
+    n = router.config.n_ffn
+    with torch.no_grad():
+        _, idx, empty = router.select(router.logits(x, prev_logits))
+    idx = torch.where(empty | (idx >= n), n, idx)  # zero/copy/const slots -> a spare column
+    return torch.zeros(x.shape[0], n + 1, dtype=torch.bool).scatter(1, idx, True)[:, :n]
 
 
 def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_keep: float,
@@ -132,6 +146,6 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
 
 
-__all__ = ["group_neurons", "group_outputs",
+__all__ = ["group_neurons", "group_hidden", "group_outputs", "chosen_groups",
            "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
            "fit_router"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moh_compile.calibrate.refit import refit_routed_output
 from moh_compile.calibrate.ridge import ridge
 from moh_compile.ops.attention import head_contexts
 from moh_compile.passes.moh_router import HeadRouter
@@ -174,14 +175,44 @@ def fit_block(
 
 
 @torch.no_grad()
-def head_contributions(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-                       window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False) -> torch.Tensor:
-    """(B, S, H, E_out) what each head adds to the block output, from the attention op's own
-    arguments (head_gates and o_bias are ignored: the fit decides the gates; the bias stays)."""
+def op_head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
+                     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False) -> torch.Tensor:
+    """(B, S, H, D) every head's context from the attention op's own arguments (head_gates and the
+    output projection are ignored: the fit decides the gates)."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
                         window_beta, window_two_sided)
-    h, d = ctx.shape[1], ctx.shape[3]
-    return torch.einsum("bhsd,ohd->bsho", ctx, o_weight.view(-1, h, d))
+    return ctx.transpose(1, 2)
+
+
+def contributions(ctx: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
+    """(..., H, E_out) what each head adds to the block output (no o_bias) from contexts (..., H, D)."""
+    h, d = ctx.shape[-2], ctx.shape[-1]
+    return torch.einsum("...hd,ohd->...ho", ctx, o_weight.view(-1, h, d))
+
+
+@torch.no_grad()
+def head_contributions(*op_args) -> torch.Tensor:
+    """(B, S, H, E_out) what each head adds to the block output, from the attention op's own
+    arguments (head_gates and o_bias are ignored: the fit decides the gates; the bias stays)."""
+    return contributions(op_head_contexts(*op_args), op_args[8])
+
+
+@torch.no_grad()
+def refit_output_projection(router: HeadRouter, x: torch.Tensor, ctx: torch.Tensor, o_weight: torch.Tensor,
+                            token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """W_O and the router's per-head compensation means refitted under the router's decisions on
+    x (refit.refit_routed_output); the router's rank-r compensation stays as fitted.
+    Returns (new W_O (E_out, H*D), {"penalty", "rel_error_before", "rel_error_after"}: token-weighted
+    errors on the fit tokens); updates router.comp_mean."""
+    router.eval()
+    gates, comp = router(x)
+    target = contributions(ctx, o_weight).sum(1)
+    if comp is not None:  # keep the rank-r part fixed: refit what it leaves
+        target = target - (comp - (gates == 0).to(comp.dtype) @ router.comp_mean)
+    res = refit_routed_output(ctx, gates, target, o_weight, router.comp_mean, token_weight)
+    router.comp_mean.copy_(res["comp"])
+    return res["weight"], {"penalty": res["penalty"], "rel_error_before": round(res["error_before"], 4),
+                           "rel_error_after": round(res["error_after"], 4)}
 
 
 def oracle_active(contrib: torch.Tensor, num_active: int, shared: list[int] = ()) -> torch.Tensor:
@@ -194,10 +225,11 @@ def oracle_active(contrib: torch.Tensor, num_active: int, shared: list[int] = ()
 
 
 @torch.no_grad()
-def block_error(x: torch.Tensor, contrib: torch.Tensor, router: HeadRouter) -> float:
-    """Relative error || MoH block output - dense block output || / || dense output || (no o_bias)."""
+def block_error(x: torch.Tensor, contrib: torch.Tensor, router: HeadRouter, full: torch.Tensor | None = None) -> float:
+    """Relative error || MoH block output - dense block output || / || dense output || (no o_bias);
+    `full` is the dense output when `contrib` comes from a refitted W_O (default: contrib.sum(1))."""
     gates, comp = router.eval()(x)
-    full = contrib.sum(1)
+    full = contrib.sum(1) if full is None else full
     approx = (gates.unsqueeze(-1) * contrib).sum(1)
     if comp is not None:
         approx = approx + comp

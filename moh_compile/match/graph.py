@@ -73,6 +73,31 @@ def is_passthrough(node) -> bool:
     return False
 
 
+def residual_add_after(node: fx.Node, max_hops: int = 4) -> fx.Node | None:
+    """The add that puts a block's output back on the residual stream: the only user of `node`,
+    through no-op nodes (eval dropout, clone, passthroughs), whose other input is an activation
+    of the output's shape (not a bias or other parameter); else None."""
+    def same_shape(a, b) -> bool:
+        sa, sb = getattr(val(a), "shape", None), getattr(val(b), "shape", None)
+        return sa is None or sb is None or sa == sb
+
+    cur = node
+    for _ in range(max_hops):
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if is_call(u, {aten.add.Tensor}):
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            ok = isinstance(other, fx.Node) and other.op != "get_attr" and val(other) is not None \
+                and same_shape(other, u) and same_shape(cur, u)
+            return u if ok else None
+        if not (is_call(u, {aten.clone.default}) or is_passthrough(u)) or not same_shape(cur, u):
+            return None
+        cur = u
+    return None
+
+
 def val(node):
     """The FakeTensor recorded by export for a node (shape/dtype carrier), or None."""
     if isinstance(node, fx.Node):

@@ -39,12 +39,12 @@ from moh_compile.ops.moepp import split_ffn_into_experts
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moepp_router import ExpertRouter, MoEPPConfig
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import constant_value, insert_ffn, record_values
+from moh_compile.rewrite import constant_value, drop_unread_attrs, insert_ffn, record_values
 
 aten = torch.ops.aten
 
 DEFAULTS = dict(experts=16, ffn_keep=0.5, top_k=None, zero_experts=1, copy_experts=0, const_experts=0,
-                gating_residual=False, seed=0, max_tokens=8192)
+                gating_residual=False, seed=0, max_tokens=8192, refit=True)
 
 
 def resolve_settings(opts: dict) -> dict:
@@ -133,6 +133,8 @@ class MoEPPPass(Pass):
         opts = dict(experts=args.experts, ffn_keep=args.ffn_keep, top_k=args.top_k,
                     zero_experts=args.zero_experts, copy_experts=args.copy_experts,
                     const_experts=args.const_experts, gating_residual=args.gating_residual)
+        if getattr(args, "refit", None) is not None:
+            opts["refit"] = args.refit
         resolve_settings(opts)  # invalid settings fail before the model is loaded
         return opts
 
@@ -149,7 +151,7 @@ class MoEPPPass(Pass):
             raise MohCompileError(f"{blk.name}: copy/constant experts need d_out == d_model "
                                   f"({blk.d_out} != {blk.d_model})")
         settings = {k: s[k] for k in ("experts", "ffn_keep", "top_k", "zero_experts", "copy_experts",
-                                      "const_experts", "gating_residual", "seed", "max_tokens")}
+                                      "const_experts", "gating_residual", "seed", "max_tokens", "refit")}
         return BlockPlan(blk.name, self.kind, self.name, settings)
 
     def _config(self, st: dict, top_k: int | None = None) -> MoEPPConfig:
@@ -261,6 +263,8 @@ class MoEPPPass(Pass):
         info = fit_router(router, x, gout, st["ffn_keep"], scale=scale, prev_logits=prev)
         st["fit"] = {"tokens": int(x.shape[0]), "ridge_r2": round(info["r2"], 4),
                      "calib_ffn_fraction": round(info["mean_groups"] / st["experts"], 4)}
+        if st.get("refit", False) and router.config.compensation:
+            st["fit"]["refit"] = _refit_block(x, experts, experts_mod, router, prev, m.activation, gout.sum(1), scale)
 
     def _report(self, gm, rewrites, usage) -> dict:
         rows, files = [], {}
@@ -300,6 +304,25 @@ class MoEPPPass(Pass):
                 "flops_moepp": after_total, "markdown": "\n".join(md), "files": files}
 
 
+@torch.no_grad()
+def _refit_block(x, experts, experts_mod, router, prev, activation, target, scale) -> dict:
+    """Refit the experts' down projections and the compensation table under the fitted routing
+    (calibrate/refit.py), in place; copy/constant experts are never chosen training-free, so the
+    routed output is FFN groups + compensation only. Returns the penalty and the relative
+    (stream-weighted) error on the fit tokens before and after."""
+    from moh_compile.calibrate.moepp_fit import chosen_groups, group_hidden
+    from moh_compile.calibrate.refit import refit_routed_output
+
+    n, d_out, fe = experts["w_out"].shape
+    res = refit_routed_output(group_hidden(x, experts, activation), chosen_groups(router, x, prev), target,
+                              experts["w_out"].permute(1, 0, 2).reshape(d_out, n * fe), router.comp_table,
+                              None if scale is None else 1.0 / scale)
+    experts_mod.w_out.copy_(res["weight"].reshape(d_out, n, fe).permute(1, 0, 2))
+    router.comp_table.copy_(res["comp"])
+    return {"penalty": res["penalty"], "rel_error_before": round(res["error_before"], 4),
+            "rel_error_after": round(res["error_after"], 4)}
+
+
 def router_budgets(plan, module: nn.Module) -> dict[str, float]:
     """{router module name: the plan's ffn_keep} for every MoE++ block of a compiled model."""
     names = {n for n, m in module.named_modules() if isinstance(m, ExpertRouter)}
@@ -313,15 +336,8 @@ def router_budgets(plan, module: nn.Module) -> dict[str, float]:
 
 def _drop_unused_params(gm, matches) -> None:
     """Delete the dense FFN weights no node reads any more (the experts hold copies)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for m in matches:
-        for info in (m.block.fc_in, m.block.fc_out, m.block.gate):
-            for pname in (info.weight, info.bias) if info is not None else ():
-                if pname and pname not in used:
-                    parent, _, attr = pname.rpartition(".")
-                    mod = gm.get_submodule(parent) if parent else gm
-                    if hasattr(mod, attr):
-                        delattr(mod, attr)
+    drop_unread_attrs(gm, [p for m in matches for info in (m.block.fc_in, m.block.fc_out, m.block.gate)
+                           if info is not None for p in (info.weight, info.bias)])
 
 
 @torch.no_grad()

@@ -24,11 +24,12 @@ from moh_compile.match import graph as g
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moh_router import GATE_STYLES, KINDS, HeadRouter
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import constant_value, record_values
+from moh_compile.rewrite import constant_value, drop_unread_attrs, record_values
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
-DEFAULTS = {"active_heads": 0.75, "shared_heads": 0.0, "gate_style": "binary", "router": "learned", "comp_rank": 0}
+DEFAULTS = {"active_heads": 0.75, "shared_heads": 0.0, "gate_style": "binary", "router": "learned", "comp_rank": 0,
+            "refit": True}
 
 
 def head_counts(options: dict, heads: int) -> tuple[int, int]:
@@ -102,11 +103,14 @@ class MoHAttention(Pass):
                             "the dropped heads' mean contribution)")
 
     def options_from_args(self, args) -> dict:
-        opts = {k: getattr(args, k, None) for k in DEFAULTS}
+        opts = {k: getattr(args, k, None) for k in DEFAULTS if k != "refit"}
         opts = {k: v for k, v in opts.items() if v is not None}
-        if opts and self.name not in str(getattr(args, "attention", "")).split("+"):
+        used = self.name in str(getattr(args, "attention", "")).split("+")
+        if opts and not used:
             raise MohCompileError("MoH options (--active-heads, --shared-heads, --gate-style, --router, --comp-rank) "
                                   "need --attention moh")
+        if used and getattr(args, "refit", None) is not None:  # --refit is shared with the moepp pass
+            opts["refit"] = args.refit
         return validate_options(opts) if opts else {}
 
     def check(self, match, config) -> str | None:
@@ -118,7 +122,8 @@ class MoHAttention(Pass):
         b = match.block
         n_shared, k = head_counts(o, b.num_heads)
         settings = {"heads": b.num_heads, "kv_heads": b.num_kv_heads, "num_shared": n_shared, "k": k,
-                    "shared": None, "gate_style": o["gate_style"], "router": o["router"], "comp_rank": o["comp_rank"]}
+                    "shared": None, "gate_style": o["gate_style"], "router": o["router"], "comp_rank": o["comp_rank"],
+                    "refit": bool(o["refit"])}
         return BlockPlan(b.name, self.kind, self.name, settings)
 
     def attention_parts(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> dict:
@@ -141,12 +146,15 @@ class MoHAttention(Pass):
         if calibration is None and any(s["router"] == "learned" for s in settings):
             raise MohCompileError("the learned MoH router is fitted on calibration data: pass --calib DATA "
                                   "(Python: calibration=...), or use --router query_norm, which needs none")
-        layers = []
+        layers, replaced = [], []
         for (m, bp, rw), s in zip(rewrites, settings):
             node = _router_node(gm, rw)
             op = _op_of(node)
             if s["router"] == "learned":
-                router, fit_error = _fit_router(gm, m, s, op, rw, calibration)
+                router, fit_error, new_o = _fit_router(gm, m, s, op, rw, calibration)
+                if new_o is not None:
+                    _replace_output_projection(gm, op, new_o, m)
+                    replaced.append(m.block.o.weight)
             else:
                 shared = s["shared"] if s["shared"] is not None else list(range(s["num_shared"]))  # the paper's choice
                 q_bias = op.args[2]
@@ -159,6 +167,9 @@ class MoHAttention(Pass):
             layers.append({"block": m.block.name, "shared": router.shared, "routed": router.routed, "k": router.k,
                            "router": s["router"], "gate_style": s["gate_style"], "fit_error": fit_error,
                            **_flops(m, router)})
+        if replaced:  # the original W_O nodes and parameters nothing reads any more
+            g.remove_dead_code(gm)
+            drop_unread_attrs(gm, replaced)
         gm.recompile()
         if calibration is not None:
             for layer, usage in zip(layers, _head_usage(gm, [_gates_node(_router_node(gm, rw)) for _, _, rw in rewrites],
@@ -191,12 +202,11 @@ def _op_of(router_node: fx.Node) -> fx.Node:
     return next(u for u in gates.users if u.target is ATTENTION_OP)
 
 
-def _const_value(gm: fx.GraphModule, node, m):
+def _const_value(gm: fx.GraphModule, node, m, what: str = "query projection (the query_norm router needs it)"):
     try:
         return constant_value(gm, node)
     except ValueError:
-        raise MohCompileError(f"the query projection of {m.block.name} is not a constant weight; "
-                              "the query_norm router needs one") from None
+        raise MohCompileError(f"the {what} of {m.block.name} is not a constant weight") from None
 
 
 def _norm_after(node: fx.Node):
@@ -204,21 +214,11 @@ def _norm_after(node: fx.Node):
 
     Why: the next LayerNorm rescales each token and each feature, so an error is weighed as that
     LayerNorm will see it (gamma per feature, 1/std of the residual stream per token)."""
-    cur = node
-    for _ in range(4):
-        users = list(cur.users)
-        if len(users) != 1:
-            return None
-        u = users[0]
-        if g.is_eval_dropout(u) or g.is_call(u, {aten.clone.default}):
-            cur = u
-            continue
-        if not g.is_call(u, {aten.add.Tensor}):
-            return None
-        ln = next((w for w in u.users if g.is_call(w, {aten.layer_norm.default}) and w.args[0] is u
-                   and len(w.args) > 2 and isinstance(w.args[2], fx.Node)), None)
-        return (u, ln) if ln is not None else None
-    return None
+    add = g.residual_add_after(node)
+    ln = None if add is None else next((w for w in add.users if g.is_call(w, {aten.layer_norm.default})
+                                        and w.args[0] is add and len(w.args) > 2 and isinstance(w.args[2], fx.Node)),
+                                       None)
+    return (add, ln) if ln is not None else None
 
 
 # ---------------------------------------------------------------- fitting
@@ -239,28 +239,43 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
     n_calls = len(values.get("a0", []))
     if not n_calls:
         raise MohCompileError(f"calibration never ran {m.block.name}")
-    xs, contribs, token_w = [], [], []
+    xs, ctxs, token_w = [], [], []
     for j, mask in enumerate(_batch_masks(calibration, n_calls)):
         args = [values[f"a{i}"][j] if f"a{i}" in values else (None if i == 10 else a) for i, a in enumerate(op.args)]
         x = args[0]
         if mask is None or mask.shape != x.shape[:2]:
             mask = torch.ones(x.shape[:2], dtype=torch.bool)
         xs.append(x[mask].float())
-        contribs.append(moh_fit.head_contributions(*args)[mask].float())
+        ctxs.append(moh_fit.op_head_contexts(*args)[mask].float())
         if post is not None:
             res = values["residual"][j]
             res = res if m.block.layout == "batch_first" else res.transpose(0, 1)
             token_w.append(1.0 / res[mask].float().std(-1, unbiased=False).clamp_min(1e-6))
-    x, contrib = torch.cat(xs), torch.cat(contribs)
-    out_weight = _const_value(gm, post[1].args[2], m).float() if post is not None else None
+    x, ctx = torch.cat(xs), torch.cat(ctxs)
+    o_weight = _const_value(gm, op.args[8], m, "output projection (the fit reads it)").float()
+    contrib = moh_fit.contributions(ctx, o_weight)
+    out_weight = None if post is None else _const_value(gm, post[1].args[2], m, "LayerNorm after the block").float()
+    token_weight = torch.cat(token_w) if token_w else None
     try:
         fit = moh_fit.fit_block(x, contrib, s["num_shared"] + s["k"], s["num_shared"], shared=s["shared"],
-                                comp_rank=s["comp_rank"], out_weight=out_weight,
-                                token_weight=torch.cat(token_w) if token_w else None)
+                                comp_rank=s["comp_rank"], out_weight=out_weight, token_weight=token_weight)
     except ValueError as err:
         raise MohCompileError(f"MoH fit of {m.block.name}: {err}") from err
     router = fit.router(s["gate_style"])
-    return router, moh_fit.block_error(x, contrib, router)
+    if not s.get("refit", False) or router.num_active == router.num_heads:
+        return router, moh_fit.block_error(x, contrib, router), None
+    new_o, info = moh_fit.refit_output_projection(router, x, ctx, o_weight, token_weight)
+    s["refit_result"] = info
+    return router, moh_fit.block_error(x, moh_fit.contributions(ctx, new_o), router, contrib.sum(1)), new_o
+
+
+def _replace_output_projection(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor, m) -> None:
+    """Point the op's o_weight at a new parameter (the original stays the user's, untouched)."""
+    name = _free_name(gm, "moh_o_weight")
+    dtype = _const_value(gm, op.args[8], m, "output projection").dtype
+    gm.register_parameter(name, torch.nn.Parameter(weight.to(dtype)))
+    with gm.graph.inserting_before(op):
+        op.update_arg(8, gm.graph.get_attr(name))
 
 
 def _head_usage(gm, gates_nodes: list[fx.Node], calibration) -> list[dict]:
