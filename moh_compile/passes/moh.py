@@ -153,7 +153,7 @@ class MoHAttention(Pass):
             if s["router"] == "learned":
                 router, fit_error, new_o = _fit_router(gm, m, s, op, rw, calibration)
                 if new_o is not None:
-                    _replace_output_projection(gm, op, new_o, m)
+                    _replace_output_projection(gm, op, new_o)
                     replaced.append(m.block.o.weight)
             else:
                 shared = s["shared"] if s["shared"] is not None else list(range(s["num_shared"]))  # the paper's choice
@@ -252,7 +252,8 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
             res = res if m.block.layout == "batch_first" else res.transpose(0, 1)
             token_w.append(1.0 / res[mask].float().std(-1, unbiased=False).clamp_min(1e-6))
     x, ctx = torch.cat(xs), torch.cat(ctxs)
-    o_weight = _const_value(gm, op.args[8], m, "output projection (the fit reads it)").float()
+    o_orig = _const_value(gm, op.args[8], m, "output projection (the fit reads it)")
+    o_weight = o_orig.float()
     contrib = moh_fit.contributions(ctx, o_weight)
     out_weight = None if post is None else _const_value(gm, post[1].args[2], m, "LayerNorm after the block").float()
     token_weight = torch.cat(token_w) if token_w else None
@@ -266,14 +267,14 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
         return router, moh_fit.block_error(x, contrib, router), None
     new_o, info = moh_fit.refit_output_projection(router, x, ctx, o_weight, token_weight)
     s["refit_result"] = info
-    return router, moh_fit.block_error(x, moh_fit.contributions(ctx, new_o), router, contrib.sum(1)), new_o
+    return (router, moh_fit.block_error(x, moh_fit.contributions(ctx, new_o), router, contrib.sum(1)),
+            new_o.to(o_orig.dtype))
 
 
-def _replace_output_projection(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor, m) -> None:
+def _replace_output_projection(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor) -> None:
     """Point the op's o_weight at a new parameter (the original stays the user's, untouched)."""
     name = _free_name(gm, "moh_o_weight")
-    dtype = _const_value(gm, op.args[8], m, "output projection").dtype
-    gm.register_parameter(name, torch.nn.Parameter(weight.to(dtype)))
+    gm.register_parameter(name, torch.nn.Parameter(weight))
     with gm.graph.inserting_before(op):
         op.update_arg(8, gm.graph.get_attr(name))
 
