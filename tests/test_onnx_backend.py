@@ -325,6 +325,28 @@ def test_missing_extensions_message(exported, monkeypatch):
         make_session(exported["identity_rope_gqa_additive_mask", "custom"][1], form="custom")
 
 
+@needs_ext
+def test_pyop_hook_returns_arrays_for_our_ops_only():
+    """Our ops hand ORT a flat array (the library's hook builds a Python list per output);
+    any other PyOp id goes to the library's hook."""
+    from moh_compile.backends.ort_runtime import array_hook
+
+    class Op:
+        def body(self, a, b, plan):
+            return (a + b).T                              # non-contiguous on purpose
+
+        def cast_attributes(self, attrs):
+            return attrs
+
+    library_calls = []
+    hook = array_hook({7}, lambda *args: library_calls.append(args) or "library", {7: Op()})
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
+    k_id, shape, flat = hook(7, [a, b], {"plan": "{}"})
+    assert (k_id, shape) == (7, (3, 2)) and isinstance(flat, np.ndarray) and flat.dtype == np.float32
+    assert np.array_equal(flat, ((a + b).T).reshape(-1))
+    assert hook(8, [a], {}) == "library" and library_calls == [(8, [a], {})]
+
+
 class MoEppBlock(nn.Module):
     """Router top-k over 4 FFN experts + zero, copy and constant experts -> moh_compile::moepp_ffn."""
 

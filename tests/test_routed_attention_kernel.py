@@ -228,12 +228,57 @@ def test_work_skipped_rows_and_flops():
     args[10] = None
     assert count_flops(attention_reference, *args) == dense["total"] - dense["kv_proj"]
 
-    args[10] = make_gates("random", b, s, h, torch.Generator().manual_seed(1))   # unbalanced: padded
+    args[10] = make_gates("random", b, s, h, torch.Generator().manual_seed(1))   # uneven batch rows: padded
     ra.STATS.reset()
     ra.routed_attention_cpu(*args)
-    counts = (args[10] != 0).sum(1)
+    counts = (args[10] != 0).sum(1)                                               # (B, H)
+    head_caps = counts.amax(0)
     assert ra.STATS.active_pairs == int(counts.sum())
-    assert ra.STATS.query_rows == b * h * int(counts.max()) < b * h * s
+    assert b * int(head_caps.sum()) <= ra.STATS.query_rows <= (1 + ra.GROUP_SLACK) * b * int(head_caps.sum())
+    assert ra.STATS.query_rows < b * h * s
+
+
+def test_uneven_heads_are_not_padded_to_the_busiest():
+    """Calibrated routers use heads very unevenly; one head taking every token must not make
+    the others compute every token too."""
+    b, s, h = 2, 40, 6
+    args = make_args(b=b, s=s, h=h, hkv=h, mask="padding", gates="all_off")
+    gates = torch.zeros(b, s, h)
+    gates[:, :, 0] = 1.0                                  # head 0: every token
+    gates[:, :: 10, 1:] = 1.0                             # heads 1-5: 4 tokens each
+    args[10] = gates
+    ra.STATS.reset()
+    assert max_diff(args) <= 1e-5
+    assert ra.STATS.query_rows == b * (s + 5 * 4)         # exact: no padding at all here
+    assert ra.STATS.query_rows < b * h * s / 2
+
+
+@pytest.mark.parametrize("caps,groups", [
+    ([10, 10, 10, 10], [[0, 1, 2, 3]]),
+    ([100, 5, 90, 0, 6], [[0, 2], [4, 1]]),               # 2 x 100 <= 1.125 x 190; 5 and 6 pad by 1
+    ([0, 0], []),
+    ([8, 1], [[0], [1]]),
+])
+def test_head_groups(caps, groups):
+    assert ra.head_groups(caps) == groups
+
+
+def test_masks_are_simplified_before_gathering():
+    pad = torch.rand(3, 1, 1, 9, generator=torch.Generator().manual_seed(0)) < 0.7
+    assert not pad.all()
+    assert torch.equal(ra._simplify_mask(pad.expand(3, 1, 9, 9).contiguous()), pad)    # rows not gathered
+    assert torch.equal(ra._simplify_mask(pad.expand(3, 1, 9, 9)), pad)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    assert ra._simplify_mask(causal).shape == (1, 1, 9, 9)
+    assert ra._simplify_mask(torch.ones(3, 1, 9, 9, dtype=torch.bool)) is None          # masks nothing
+    assert ra._simplify_mask(torch.zeros(3, 1, 1, 9)) is None                           # additive zeros
+    assert ra._simplify_mask(torch.full((3, 1, 1, 9), -1.0)) is not None
+
+
+def test_all_true_padding_mask_matches_reference():
+    args = make_args(b=3, s=13, h=4, hkv=2, gates="random", mask="none", seed=2)
+    args[5] = torch.ones(3, 1, 13, 13, dtype=torch.bool)
+    assert max_diff(args) <= 1e-5
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 13 * 13 * 3])

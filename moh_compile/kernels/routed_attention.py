@@ -2,11 +2,16 @@
 whose gate is 0 (mixture-of-head attention).
 
 Why this layout: each head is a small dense problem over the tokens that chose it. Per head
-we gather those tokens (padded to one capacity so all heads run as single batched calls),
-project only their queries with that head's rows of W_q, run SDPA on the gathered queries
-against the full K/V, and project with that head's columns of W_o. The per-(token, head)
-results are summed back per token, weighted by the gate, by one `embedding_bag` (a parallel
-gather-reduce) instead of a serial scatter-add.
+we gather those tokens, project only their queries with that head's rows of W_q, run SDPA on
+the gathered queries against the full K/V, and project with that head's columns of W_o. The
+per-(token, head) results are summed back per token, weighted by the gate, by one
+`embedding_bag` (a parallel gather-reduce) instead of a serial scatter-add.
+
+Heads are padded to a capacity (the most tokens any batch row sends them) so several heads run
+as one batched call. Calibrated routers use heads very unevenly (0.1-1.0 of the tokens on real
+text), so one capacity for all heads would pad every head to the busiest one and skip nothing;
+instead heads are sorted by capacity and cut into groups whose padding stays within
+`GROUP_SLACK` of their real rows, one batched call per group.
 
 Imported for its side effect: `register_fast_kernel(routed_attention_cpu)`.
 """
@@ -35,6 +40,7 @@ class KernelStats:
 STATS = KernelStats()
 
 MASK_CHUNK_BYTES = 64 << 20   # gathered mask rows are built this many bytes at a time (heads loop)
+GROUP_SLACK = 0.125           # a head joins a group if padding stays within this fraction of its rows
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
@@ -46,40 +52,102 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _routing_plan(gates: torch.Tensor):
-    """Slot layout (H, B, C): which token each padded slot holds, and per-token bags of slots.
+def head_groups(caps: list[int], slack: float | None = None) -> list[list[int]]:
+    """Heads by falling capacity, cut into runs padded to their first head's capacity.
 
-    Slots of head h, batch b are h*B*C + b*C + [0, count(b, h)); the rest is padding that
-    computes on token 0 and is never read back.
+    A head joins the current run while the run's padded rows stay within (1 + slack) of its real
+    rows (default GROUP_SLACK; infinity gives one group, a single capacity for all heads); heads
+    no token chose (capacity 0) are left out. Greedy, O(H log H) per call: the export-time
+    `dispatch_plan.split_groups` finds the least padding for a fixed number of groups by dynamic
+    programming, O(H^2) per group, too slow to run in every call for models with many heads.
     """
+    slack = GROUP_SLACK if slack is None else slack
+    groups: list[list[int]] = []
+    rows = 0
+    for head in sorted(range(len(caps)), key=lambda i: -caps[i]):
+        if caps[head] == 0:
+            break
+        if groups and (len(groups[-1]) + 1) * caps[groups[-1][0]] <= (1 + slack) * (rows + caps[head]):
+            groups[-1].append(head)
+            rows += caps[head]
+        else:
+            groups.append([head])
+            rows = caps[head]
+    return groups
+
+
+@dataclass
+class RoutingPlan:
+    """Slot layout: group g holds heads groups[g] as (G, B, C_g) slots from starts[g]; each
+    (token, head) pair with a nonzero gate owns one slot, the rest is padding on token 0."""
+    groups: list[list[int]]
+    caps: list[int]           # C_g per group
+    starts: list[int]         # first slot of each group
+    n_slots: int
+    tok: torch.Tensor         # (n_slots,) token position each slot holds
+    slot: torch.Tensor        # (n_active,) slot of each active pair, token-major, heads ascending
+    offsets: torch.Tensor     # (B*S,) first active pair of each token (embedding_bag bags)
+    weights: torch.Tensor     # (n_active,) gate of each active pair
+
+
+def routing_plan(gates: torch.Tensor) -> RoutingPlan:
     b, s, h = gates.shape
     dev = gates.device
     active = gates != 0
-    counts = active.sum(1)                                                # (B, H)
-    cap = int(counts.max()) if counts.numel() else 0
+    head_caps = active.sum(1).amax(0).tolist() if active.numel() else [0] * h      # (H,) max over batch
+    groups = head_groups(head_caps)
+    base = torch.zeros(h, dtype=torch.long)       # slot of (batch 0, rank 0) per head
+    stride = torch.zeros(h, dtype=torch.long)     # slots per batch row per head (its group's capacity)
+    caps, starts, n_slots = [], [], 0
+    for heads in groups:
+        cap = head_caps[heads[0]]
+        caps.append(cap)
+        starts.append(n_slots)
+        for pos, head in enumerate(heads):
+            base[head], stride[head] = n_slots + pos * b * cap, cap
+        n_slots += len(heads) * b * cap
+    base, stride = base.to(dev), stride.to(dev)
     nz = active.reshape(-1).nonzero().squeeze(1)                             # token-major, heads ascending
-    base = (torch.arange(h, device=dev).view(1, 1, h) * b + torch.arange(b, device=dev).view(b, 1, 1)) * cap - 1
-    slot = active.cumsum(1).add_(base).reshape(-1).index_select(0, nz)       # flat slot id in (H, B, C)
-    tok = torch.zeros(h * b * cap, dtype=torch.long, device=dev)
+    first = base.view(1, 1, h) + torch.arange(b, device=dev).view(b, 1, 1) * stride.view(1, 1, h) - 1
+    slot = active.cumsum(1).add_(first).reshape(-1).index_select(0, nz)
+    tok = torch.zeros(n_slots, dtype=torch.long, device=dev)
     tok.index_copy_(0, slot, nz.div(h, rounding_mode="floor").remainder_(s))
     offsets = active.sum(-1).reshape(-1).cumsum(0)
-    offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])             # bag start per token
-    return cap, tok.view(h, b, cap), slot, offsets, gates.reshape(-1).index_select(0, nz), nz.numel()
+    offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    return RoutingPlan(groups, caps, starts, n_slots, tok, slot, offsets,
+                       gates.reshape(-1).index_select(0, nz))
 
 
-def _mask_rows(mask: torch.Tensor, tok: torch.Tensor, h0: int, h1: int, s: int, s_k: int) -> torch.Tensor:
-    """Rows of a broadcastable mask for the gathered queries of heads h0:h1, as (B|1, G|1, C|1, S_k)."""
+def _simplify_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask in its cheapest equivalent form for gathered queries.
+
+    (…, 1, S_k) when every query row is the same (padding masks expanded over queries, as HF
+    builds them): then no rows need gathering. None when it masks nothing (a batch without
+    padding): SDPA is faster without a mask, as the dense model runs it then.
+    """
     m = _as_4d(mask)
-    if m.shape[2] == 1:                                      # one row for every query: nothing to gather
-        return m.expand(m.shape[0], m.shape[1], 1, s_k)[:, h0:h1] if m.shape[1] > 1 else m.expand(-1, -1, 1, s_k)
-    m = m.expand(m.shape[0], m.shape[1], s, s_k)
-    mb, mh = m.shape[0], m.shape[1]
-    g, b, cap = h1 - h0, tok.shape[1], tok.shape[2]
-    rows = tok[h0:h1]                                        # (G, B, C) query positions
+    if m.shape[2] > 1:
+        first = m[:, :, :1]
+        if not (m.stride(2) == 0 or torch.equal(m, first.expand_as(m))):
+            return m
+        m = first
+    if bool(m.all()) if m.dtype == torch.bool else not bool(m.any()):
+        return None
+    return m
+
+
+def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: int, s_k: int) -> torch.Tensor:
+    """Rows of a broadcastable 4-d mask for gathered queries `rows` (G, B, C) of `heads`, as
+    (B|1, G|1, C|1, S_k)."""
+    mb, mh = mask.shape[0], mask.shape[1]
+    if mask.shape[2] == 1:                                   # one row for every query: nothing to gather
+        return mask.index_select(1, heads) if mh > 1 else mask
+    m = mask.expand(mb, mh, s, s_k)
+    g, b, cap = rows.shape
     if mb > 1:
-        rows = rows + torch.arange(b, device=tok.device).view(1, b, 1) * (mh * s)
+        rows = rows + torch.arange(b, device=rows.device).view(1, b, 1) * (mh * s)
     if mh > 1:
-        rows = rows + torch.arange(h0, h1, device=tok.device).view(g, 1, 1) * s
+        rows = rows + heads.view(g, 1, 1) * s
     flat = m.reshape(mb * mh * s, s_k)                       # copies only if the mask was expanded
     return flat.index_select(0, rows.reshape(-1)).view(g, b, cap, s_k).transpose(0, 1)
 
@@ -108,59 +176,75 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     h = q_weight.shape[0] // d
     s_k = k.shape[2]
     e_out = o_weight.shape[0]
-    cap, tok, slot, offsets, weights, n_active = _routing_plan(head_gates)
+    plan = routing_plan(head_gates)
     STATS.calls += 1
-    STATS.active_pairs += n_active
-    STATS.query_rows += h * b * cap
-    if cap == 0:
+    STATS.active_pairs += plan.slot.numel()
+    STATS.query_rows += plan.n_slots
+    if plan.n_slots == 0:
         out = x.new_zeros(b, s, e_out)
         return out + o_bias if o_bias is not None else out
-    n_slots = h * b * cap
-    rows = (tok + torch.arange(b, device=x.device).view(1, b, 1) * s).view(-1)     # slot -> row of x (B*S)
+    n = plan.n_slots
+    rows = plan.tok.clone()                                                 # slot -> row of x (B*S)
+    for heads, cap, start in zip(plan.groups, plan.caps, plan.starts):
+        rows[start: start + len(heads) * b * cap].view(len(heads), b, cap).add_(
+            torch.arange(b, device=x.device).view(1, b, 1) * s)
 
-    # Q projection of the chosen tokens only: head h uses rows h*D:(h+1)*D of W_q.
-    ws = _WS.take(n_slots * max(e, e_out), x.dtype, x.device)
-    xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n_slots * e].view(n_slots, e))
-    xg = xg.view(h, b * cap, e)
-    w_q = q_weight.reshape(h, d, e).transpose(1, 2)                                   # (H, E, D)
-    q = torch.baddbmm(q_bias.reshape(h, 1, d), xg, w_q) if q_bias is not None else torch.bmm(xg, w_q)
+    ws = _WS.take(n * (e + e_out), x.dtype, x.device)
+    xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n * e].view(n, e))
+    contrib = ws[n * e:].view(n, e_out)
     if rope_cos is not None:
-        cos = _as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows).view(h, b * cap, d)
-        sin = _as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows).view(h, b * cap, d)
-        q = q * cos + rotate_half(q) * sin
-    q = q.view(h, b, cap, d).transpose(0, 1)                                       # (B, H, C, D)
-
-    # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
+        cos_all = _as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
+        sin_all = _as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
     mask = attn_mask
     if window_sink is not None:
         mask = merge_masks(attn_mask, window_mask(s, s_k, window_sink, window_alpha, window_beta,
                                                   window_two_sided, x.device))
-    gqa = k.shape[1] != h
-    if mask is None:
-        ctx = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    else:
-        ctx = torch.empty_like(q)
-        row_bytes = b * cap * s_k * mask.element_size()
-        step = max(1, min(h, MASK_CHUNK_BYTES // max(1, row_bytes)))
-        group = h // k.shape[1]
-        for h0 in range(0, h, step):                          # bounded gathered-mask memory
-            h1 = min(h, h0 + step)
-            kv0, kv1 = h0 // group, (h1 - 1) // group + 1
-            kk, vv = k[:, kv0:kv1], v[:, kv0:kv1]
-            qq = q[:, h0:h1]
-            if gqa and (h0 % group or h1 % group):            # chunk splits a kv group: repeat explicitly
-                idx = torch.arange(h0, h1, device=x.device) // group - kv0
-                kk, vv = kk.index_select(1, idx), vv.index_select(1, idx)
-            ctx[:, h0:h1] = F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=_mask_rows(mask, tok, h0, h1, s, s_k), scale=scale,
-                enable_gqa=kk.shape[1] != qq.shape[1])
-    ctx = ctx.transpose(0, 1).reshape(h, b * cap, d)
-
-    # Output projection per head (columns h*D:(h+1)*D of W_o), then a gate-weighted sum per token.
-    w_o = o_weight.reshape(e_out, h, d).permute(1, 2, 0)                               # (H, D, E_out)
-    contrib = torch.bmm(ctx, w_o, out=ws[: n_slots * e_out].view(h, b * cap, e_out))
-    out = F.embedding_bag(slot, contrib.view(n_slots, e_out), offsets, mode="sum",
-                          per_sample_weights=weights.to(contrib.dtype))
+    if mask is not None:
+        mask = _simplify_mask(mask)
+    per_kv = h // k.shape[1]
+    # index_select on a strided view clones the whole tensor per call: copy K/V once instead
+    k, v = k.contiguous(), v.contiguous()
+    for group, cap, start in zip(plan.groups, plan.caps, plan.starts):
+        g = len(group)
+        idx = torch.tensor(group, device=x.device)
+        span = slice(start, start + g * b * cap)
+        # Q projection of the chosen tokens only: head h uses rows h*D:(h+1)*D of W_q. One GEMM
+        # per head: at MiniLM widths (D=32) a batched bmm over the group ran ~1.8x slower.
+        xq = xg[span].view(g, b * cap, e)
+        q = x.new_empty(g, b * cap, d)
+        for j, head in enumerate(group):
+            w_q = q_weight[head * d:(head + 1) * d].t()
+            if q_bias is None:
+                torch.mm(xq[j], w_q, out=q[j])
+            else:
+                torch.addmm(q_bias[head * d:(head + 1) * d], xq[j], w_q, out=q[j])
+        if rope_cos is not None:
+            cos, sin = cos_all[span].view(g, b * cap, d), sin_all[span].view(g, b * cap, d)
+            q = q * cos + rotate_half(q) * sin
+        q = q.view(g, b, cap, d).transpose(0, 1)                                       # (B, G, C, D)
+        # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
+        kv_idx = idx // per_kv
+        kk, vv = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+        if mask is None:
+            ctx = F.scaled_dot_product_attention(q, kk, vv, scale=scale)
+        else:
+            ctx = torch.empty_like(q)
+            row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
+            step = max(1, min(g, MASK_CHUNK_BYTES // max(1, row_bytes)))
+            tok = plan.tok[span].view(g, b, cap)
+            for h0 in range(0, g, step):                       # bounded gathered-mask memory
+                h1 = min(g, h0 + step)
+                ctx[:, h0:h1] = F.scaled_dot_product_attention(
+                    q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1], scale=scale,
+                    attn_mask=_mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k))
+        ctx = ctx.transpose(0, 1).reshape(g, b * cap, d)
+        # Output projection per head (columns h*D:(h+1)*D of W_o).
+        out_g = contrib[span].view(g, b * cap, e_out)
+        for j, head in enumerate(group):
+            torch.mm(ctx[j], o_weight[:, head * d:(head + 1) * d].t(), out=out_g[j])
+    # Gate-weighted sum of each token's head outputs.
+    out = F.embedding_bag(plan.slot, contrib, plan.offsets, mode="sum",
+                          per_sample_weights=plan.weights.to(contrib.dtype))
     if o_bias is not None:
         out.add_(o_bias)
     return out.view(b, s, e_out)
