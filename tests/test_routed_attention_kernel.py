@@ -8,7 +8,7 @@ import torch.utils.flop_counter as flop_counter
 import moh_compile  # noqa: F401
 from moh_compile.flops import attention_flops
 from moh_compile.kernels import routed_attention as ra
-from moh_compile.ops.attention import attention_reference
+from moh_compile.ops.attention import attention_reference, simplify_mask
 
 OP = torch.ops.moh_compile.attention
 
@@ -266,13 +266,15 @@ def test_head_groups(caps, groups):
 def test_masks_are_simplified_before_gathering():
     pad = torch.rand(3, 1, 1, 9, generator=torch.Generator().manual_seed(0)) < 0.7
     assert not pad.all()
-    assert torch.equal(ra._simplify_mask(pad.expand(3, 1, 9, 9).contiguous()), pad)    # rows not gathered
-    assert torch.equal(ra._simplify_mask(pad.expand(3, 1, 9, 9)), pad)
+    assert torch.equal(simplify_mask(pad.expand(3, 1, 9, 9).contiguous()), pad)    # rows not gathered
+    assert torch.equal(simplify_mask(pad.expand(3, 1, 9, 9)), pad)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    assert ra._simplify_mask(causal).shape == (1, 1, 9, 9)
-    assert ra._simplify_mask(torch.ones(3, 1, 9, 9, dtype=torch.bool)) is None          # masks nothing
-    assert ra._simplify_mask(torch.zeros(3, 1, 1, 9)) is None                           # additive zeros
-    assert ra._simplify_mask(torch.full((3, 1, 1, 9), -1.0)) is not None
+    assert simplify_mask(causal).shape == (1, 1, 9, 9)
+    assert simplify_mask(torch.ones(3, 1, 9, 9, dtype=torch.bool)) is None          # masks nothing
+    assert simplify_mask(torch.zeros(3, 1, 1, 9)) is None                           # additive zeros
+    assert simplify_mask(torch.full((3, 1, 1, 9), -1.0)) is not None
+    bias = torch.zeros(1, 4, 9, 9, requires_grad=True)                                 # learned: kept as is
+    assert simplify_mask(bias) is bias
 
 
 def test_all_true_padding_mask_matches_reference():

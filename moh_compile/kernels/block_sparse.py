@@ -14,18 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moh_compile.ops.attention import register_fast_kernel, rotate_half, window_spans
+from moh_compile.ops.attention import register_fast_kernel, rotate_half, simplify_mask, window_spans
 
 DEFAULT_BLOCK = 64  # measured on 2 CPU threads: 5-15% faster than 128 at 10-25% density, N 8k-16k
-
-
-def _mask4(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """View the model mask as 4-D (broadcast dims kept at size 1) so it can be sliced per block."""
-    if attn_mask is None:
-        return None
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
-    return attn_mask
 
 
 def _mask_slice(m: torch.Tensor | None, heads: torch.Tensor, rows: slice, keys) -> torch.Tensor | None:
@@ -224,7 +215,7 @@ def sparse_attention_core(
         raise ValueError(f"block must be >= 1, got {block}")
     rep = h // h_kv
     spans = window_spans(window_alpha, window_beta, s_k)
-    mask = _mask4(attn_mask)
+    mask = simplify_mask(attn_mask)  # 4-D, broadcast dims kept at size 1, so it can be sliced per block
     out = q.new_empty(b, h, s_q, d)
     pairs = stats.setdefault("pairs", [0] * h) if stats is not None else None
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
-from moh_compile.ops.attention import merge_masks, register_fast_kernel, rotate_half, window_mask
+from moh_compile.ops.attention import merge_masks, register_fast_kernel, rotate_half, simplify_mask, window_mask
 
 
 @dataclass
@@ -118,24 +118,6 @@ def routing_plan(gates: torch.Tensor) -> RoutingPlan:
                        gates.reshape(-1).index_select(0, nz))
 
 
-def _simplify_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """The mask in its cheapest equivalent form for gathered queries.
-
-    (…, 1, S_k) when every query row is the same (padding masks expanded over queries, as HF
-    builds them): then no rows need gathering. None when it masks nothing (a batch without
-    padding): SDPA is faster without a mask, as the dense model runs it then.
-    """
-    m = _as_4d(mask)
-    if m.shape[2] > 1:
-        first = m[:, :, :1]
-        if not (m.stride(2) == 0 or torch.equal(m, first.expand_as(m))):
-            return m
-        m = first
-    if bool(m.all()) if m.dtype == torch.bool else not bool(m.any()):
-        return None
-    return m
-
-
 def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: int, s_k: int) -> torch.Tensor:
     """Rows of a broadcastable 4-d mask for gathered queries `rows` (G, B, C) of `heads`, as
     (B|1, G|1, C|1, S_k)."""
@@ -199,8 +181,7 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     if window_sink is not None:
         mask = merge_masks(attn_mask, window_mask(s, s_k, window_sink, window_alpha, window_beta,
                                                   window_two_sided, x.device))
-    if mask is not None:
-        mask = _simplify_mask(mask)
+    mask = simplify_mask(mask)
     per_kv = h // k.shape[1]
     # index_select on a strided view clones the whole tensor per call: copy K/V once instead
     k, v = k.contiguous(), v.contiguous()

@@ -80,6 +80,30 @@ def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) ->
     return attn_mask.masked_fill(~pattern, float("-inf"))
 
 
+def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask in its cheapest equivalent form, 4-D (exact: same attention, less work).
+
+    One query row (…, 1, S_k) when every row is the same (padding masks expanded over the
+    queries, as HF builds them): kernels then gather no rows, and SDPA broadcasts. None when it
+    masks nothing (a batch without padding): SDPA is faster without a mask, as HF's own dense
+    path runs it. Eager only (the checks read the values); compiled code keeps the mask, and so
+    does a mask that needs gradients (e.g. a learned position bias: rows that are equal now must
+    still get their own gradients).
+    """
+    if mask is None or mask.requires_grad or torch.compiler.is_compiling():
+        return mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[2] > 1:
+        first = mask[:, :, :1]
+        if not (mask.stride(2) == 0 or torch.equal(mask, first.expand_as(mask))):
+            return mask
+        mask = first
+    if bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any()):
+        return None
+    return mask
+
+
 def head_contexts(
     x: torch.Tensor,
     q_weight: torch.Tensor,
@@ -108,7 +132,7 @@ def head_contexts(
     pattern = None
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
-    mask = merge_masks(attn_mask, pattern)
+    mask = simplify_mask(merge_masks(attn_mask, pattern))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
 
 
