@@ -13,6 +13,8 @@ tokens) when the model has a tokenizer, else random inputs (--inputs random forc
 float inputs randn, bool inputs all True, integer inputs in [0, 100); the first symbolic dim
 of each input is the batch, the others the sequence. Pass a dict feed to `bench()` from Python
 for other inputs. Sessions take turns on the same cores, so ORT thread spinning is off.
+--model tables also time the original module and the compiled model.pt2 in PyTorch on the same
+inputs, in the same rounds ("pt" columns; --no-torch leaves them out).
 """
 from __future__ import annotations
 
@@ -216,8 +218,10 @@ def text_feed(loaded, session, batch: int, seq: int) -> dict:
 
 
 def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int, repeats: int, threads: int,
-                capacity: str, inputs: str = "text", forms=("portable", "custom")) -> None:
-    """Compile MODEL with the CLI, export dense / portable / custom ONNX, time them side by side."""
+                capacity: str, inputs: str = "text", forms=("portable", "custom"), torch_columns: bool = True) -> None:
+    """Compile MODEL with the CLI, export dense / portable / custom ONNX, time them side by side;
+    torch_columns adds the original module and the compiled model.pt2 run in PyTorch on the same
+    inputs, in the same rounds."""
     import torch
 
     import moh_compile  # noqa: F401  (registers the ops model.pt2 calls)
@@ -253,6 +257,8 @@ def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int
         print(f"\n{model} {' '.join(compile_args) or '(identity)'}, capacity={capacity}, batch={batch}, "
               f"threads={threads}, repeats={repeats}, {inputs} inputs (median ms; ratio = dense / form)")
         head = f"{'seq':>5}{'dense ms':>11}" + "".join(f"{f + ' ms':>13}{'speedup':>9}" for f in forms) + f"{'ideal':>8}"
+        if torch_columns:
+            head += f"{'pt dense ms':>13}{'pt compiled ms':>16}{'speedup':>9}"
         print(head)
         for seq in seqs:
             sessions = {name: make_session(p, detect_form(p), intra_op_threads=threads, spinning=False)
@@ -260,12 +266,26 @@ def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int
             feed = random_feed(sessions["dense"], batch, seq, seed=seq) if inputs == "random" else \
                 text_feed(loaded, sessions["dense"], batch, seq)
             runners = {name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}
-            t = median_times(runners, repeats)
             kwargs = {k: torch.from_numpy(v) for k, v in feed.items()}
+            if torch_columns:   # the same inputs through PyTorch: the original module and model.pt2
+                runners["pt dense"] = functools.partial(_torch_run, loaded.model, kwargs)
+                runners["pt compiled"] = functools.partial(_torch_run, program, kwargs)
+            t = median_times(runners, repeats)
             d_fl, c_fl = block_flops(program, (), kwargs, batch, seq)
             row = f"{seq:>5}{t['dense'] * 1e3:>11.1f}"
             row += "".join(f"{t[f] * 1e3:>13.1f}{t['dense'] / t[f]:>8.2f}x" for f in forms)
-            print(row + f"{d_fl / c_fl:>7.2f}x")
+            row += f"{d_fl / c_fl:>7.2f}x"
+            if torch_columns:
+                row += (f"{t['pt dense'] * 1e3:>13.1f}{t['pt compiled'] * 1e3:>16.1f}"
+                        f"{t['pt dense'] / t['pt compiled']:>8.2f}x")
+            print(row)
+
+
+def _torch_run(module, kwargs: dict) -> None:
+    import torch  # already loaded by model_table; a sys.modules lookup
+
+    with torch.inference_mode():
+        module(**kwargs)
 
 
 def main(argv=None) -> None:
@@ -284,11 +304,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--demo", action="store_true", help="build and time a MiniLM-sized demo block")
+    p.add_argument("--no-torch", action="store_true",
+                   help="--model tables: leave out the PyTorch columns (original module, compiled model.pt2)")
     argv = list(sys.argv[1:] if argv is None else argv)
     compile_args = argv[argv.index("--") + 1:] if "--" in argv else []
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if a.model:
-        model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity, a.inputs, a.forms)
+        model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity, a.inputs, a.forms,
+                    torch_columns=not a.no_torch)
         return
     if a.demo:
         for seq in a.seq:
