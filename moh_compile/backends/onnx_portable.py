@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.ops.attention import rotate_half
+from moh_compile.ops.attention import and_pattern, rotate_half
 from moh_compile.ops.ffn import ffn_reference
 
 
@@ -70,16 +70,6 @@ def _full_rows(mask: torch.Tensor | None, s_q) -> torch.Tensor | None:
     return mask & rows if mask.dtype == torch.bool else mask + rows
 
 
-def _combine(mask: torch.Tensor | None, visible: torch.Tensor | None) -> torch.Tensor | None:
-    if visible is None:
-        return mask
-    if mask is None:
-        return visible
-    if mask.dtype == torch.bool:
-        return mask & visible
-    return mask.masked_fill(~visible, float("-inf"))
-
-
 def _head_weights(q_weight, q_bias, o_weight, heads: list[int], num_heads: int, d: int):
     """Per-head slices: W_q (Hs, D, E), b_q (Hs, 1, D) or None, W_o (Hs, D, E_out)."""
     idx = _const(heads, torch.int64, q_weight.device)
@@ -118,7 +108,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
         mask = mask.index_select(1, _const(heads, torch.int64, x.device))
     if window is not None:
         visible = _window_visible(torch.arange(s, device=x.device), k.shape[2], heads, *window, x.device)
-        mask = _combine(mask, visible.unsqueeze(0))
+        mask = and_pattern(mask, visible.unsqueeze(0))
     ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
     if gates is not None:
         g = gates.index_select(-1, _const(heads, torch.int64, x.device)) if len(heads) != num_heads else gates
@@ -156,7 +146,7 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
                     + torch.arange(mh, device=q.device).view(1, mh, 1)) * s
             mask = _gather_rows(mask, idx + base)
     if window is not None:
-        mask = _combine(mask, _window_visible(idx, s_k, heads, *window, q.device))
+        mask = and_pattern(mask, _window_visible(idx, s_k, heads, *window, q.device))
     ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
     return ctx, mask is not None
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moh_compile.ops.attention import register_fast_kernel, rotate_half, simplify_mask, window_spans
+from moh_compile.ops.attention import (and_pattern, project_queries, register_fast_kernel, simplify_mask,
+                                      window_spans)
 
 DEFAULT_BLOCK = 64  # measured on 2 CPU threads: 5-15% faster than 128 at 10-25% density, N 8k-16k
 
@@ -30,17 +31,6 @@ def _mask_slice(m: torch.Tensor | None, heads: torch.Tensor, rows: slice, keys) 
     if m.shape[3] != 1:
         m = m[..., keys] if isinstance(keys, slice) else m.index_select(3, keys)
     return m
-
-
-def _merge(model: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
-    """AND a bool pattern into the model mask (bool or additive), as `merge_masks` does."""
-    if pattern is None:
-        return model
-    if model is None:
-        return pattern
-    if model.dtype == torch.bool:
-        return model & pattern
-    return model.masked_fill(~pattern, float("-inf"))
 
 
 def _group_heads(spans: list[int], sinks: list[int]) -> dict[tuple[int, int], list[int]]:
@@ -158,7 +148,7 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
             per = max(1, _MASK_CHUNK_ELEMS // (b * hg * block * width))
             for c0 in range(0, nb, per):
                 c1 = min(nb, c0 + per)
-                m = _merge(mview[:, :, c0:c1], pat).expand(b, hg, c1 - c0, block, width)
+                m = and_pattern(mview[:, :, c0:c1], pat).expand(b, hg, c1 - c0, block, width)
                 o, lse = _flash(qb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 kb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 vb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
@@ -178,7 +168,7 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
         if mask_g is not None:
             model = mask_g[:, :, q0:q1] if mask_g.shape[2] > 1 else mask_g
             model = model[..., lo:hi] if model.shape[3] > 1 else model
-        o, lse = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi], _merge(model, pat), scale)
+        o, lse = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi], and_pattern(model, pat), scale)
         pieces.append((slice(q0, q1), o, lse))
         count((q1 - q0) * (hi - lo))
     return pieces
@@ -241,7 +231,7 @@ def sparse_attention_core(
             if causal and mask_g is None:
                 mask_g = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
             elif causal:
-                mask_g = _merge(mask_g, torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril())
+                mask_g = and_pattern(mask_g, torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril())
             out[:, hidx] = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask_g, scale=scale)
             count(s_q * s_k)
             continue
@@ -252,7 +242,7 @@ def sparse_attention_core(
             n_keys = min(s_k, n_global) if causal else s_k
             m = _mask_slice(mask, hidx, rows, slice(0, n_keys))
             if causal:
-                m = _merge(m, torch.ones(n_global, n_keys, dtype=torch.bool, device=q.device).tril())
+                m = and_pattern(m, torch.ones(n_global, n_keys, dtype=torch.bool, device=q.device).tril())
             og[:, :, rows] = F.scaled_dot_product_attention(qg[:, :, rows], kg[:, :, :n_keys], vg[:, :, :n_keys],
                                                             attn_mask=m, scale=scale)
             count(n_global * n_keys)
@@ -284,9 +274,7 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
     b, s, _ = x.shape
     d = k.shape[-1]
     h = q_weight.shape[0] // d
-    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
-    if rope_cos is not None:
-        q = q * rope_cos + rotate_half(q) * rope_sin
+    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d)
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
                                 window_two_sided, scale)
     return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)

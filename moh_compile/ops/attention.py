@@ -68,16 +68,30 @@ def window_mask(
     return visible
 
 
-def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
-    """Combine a model mask (bool or additive) with a bool pattern; returns an SDPA mask."""
+def and_pattern(mask: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
+    """AND a bool pattern (True = visible) into a mask, bool or additive, broadcasting; None is
+    no mask / no pattern. Used by the reference, the kernels and the portable ONNX form alike."""
     if pattern is None:
-        return attn_mask
-    pattern = pattern.unsqueeze(0)  # (1, H, S, S_k)
-    if attn_mask is None:
+        return mask
+    if mask is None:
         return pattern
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & pattern
-    return attn_mask.masked_fill(~pattern, float("-inf"))
+    if mask.dtype == torch.bool:
+        return mask & pattern
+    return mask.masked_fill(~pattern, float("-inf"))
+
+
+def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
+    """Combine a model mask with a per-head bool pattern (H, S, S_k); returns an SDPA mask."""
+    return and_pattern(attn_mask, None if pattern is None else pattern.unsqueeze(0))
+
+
+def project_queries(x, q_weight, q_bias, rope_cos, rope_sin, head_dim: int) -> torch.Tensor:
+    """q = rope(x @ W_q.T + b_q) as (B, H, S, D): every head, every token."""
+    b, s, _ = x.shape
+    q = F.linear(x, q_weight, q_bias).view(b, s, q_weight.shape[0] // head_dim, head_dim).transpose(1, 2)
+    if rope_cos is not None:
+        q = q * rope_cos + rotate_half(q) * rope_sin
+    return q
 
 
 def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -123,12 +137,9 @@ def head_contexts(
 
     Shared by the reference and by calibration (per-head contributions = ctx_h @ W_o[:, h].T).
     """
-    b, s, _ = x.shape
-    d = k.shape[-1]
-    h = q_weight.shape[0] // d
-    q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
-    if rope_cos is not None:
-        q = q * rope_cos + rotate_half(q) * rope_sin
+    s = x.shape[1]
+    h = q_weight.shape[0] // k.shape[-1]
+    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, k.shape[-1])
     pattern = None
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
