@@ -62,6 +62,11 @@ def build_compile_parser() -> argparse.ArgumentParser:
                    help="after fitting a router, refit the block's output projection (MoH: W_O; MoE++: each "
                         "expert's down projection) and compensation by least squares under its routing "
                         "(default: on; --no-refit keeps the original weights)")
+    c.add_argument("--ffn-budget-data", metavar="DATA",
+                   help="after compiling (and fine-tuning), re-set each MoE++ block's zero-expert threshold so "
+                        "its FFN work on DATA is --ffn-keep; same forms as --calib. The threshold otherwise "
+                        "meets the budget on the calibration text only (docs/moepp.md): give text like your "
+                        "deployment text, e.g. long documents")
     c.add_argument("--eval", metavar="DATA",
                    help="held-out data for the report's fidelity figures, same forms as --calib "
                         "(default with --calib example: the bundled held-out sentences)")
@@ -188,6 +193,8 @@ def run_compile(argv: list[str]) -> int:
         raise MohCompileError("--finetune-validation must be a fraction in [0, 1)")
     if args.finetune_minutes and not args.calib:
         raise MohCompileError("--finetune-minutes needs --calib data to train on")
+    if args.ffn_budget_data and args.ffn != "moepp" and not args.plan:
+        raise MohCompileError("--ffn-budget-data needs --ffn moepp (it re-sets the MoE++ FFN budget)")
     options = {}
     for pass_ in passes.all_passes():
         opts = pass_.options_from_args(args)
@@ -224,7 +231,11 @@ def run_compile(argv: list[str]) -> int:
                           **pooled)
         kept = f", kept the weights of step {result['best_step']}" if result.get("best_step") is not None else ""
         print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s{kept}", file=sys.stderr)
-    fid = compiled.report.sections.get("finetune", {}).get("fidelity") or compiled.report.sections.get("fidelity")
+    if args.ffn_budget_data:
+        _reset_ffn_budget(compiled, loaded, args, calibration)
+    sections = compiled.report.sections
+    fid = (sections.get("ffn_budget", {}).get("fidelity") or sections.get("finetune", {}).get("fidelity")
+           or sections.get("fidelity"))
     if fid:
         print(f"fidelity on {fid['n']} held-out examples: mean cosine {fid['cosine']:.4f}"
               + (f", top-10 overlap {fid['knn10']:.3f}" if "knn10" in fid else ""), file=sys.stderr)
@@ -234,6 +245,24 @@ def run_compile(argv: list[str]) -> int:
     print(f"rewrote {n_done} blocks, skipped {len(compiled.report.skipped)}; wrote {out}/model.pt2, plan.json, "
           f"report.md, report.json{extra} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _reset_ffn_budget(compiled, loaded, args, calibration) -> None:
+    """--ffn-budget-data: set_ffn_budget on that data; fidelity re-measured on the held-out data."""
+    from moh_compile.calibrate.data import as_calibration
+    from moh_compile.calibrate.metrics import embeddings, fidelity
+    from moh_compile.finetune import set_ffn_budget
+
+    data = as_calibration(args.ffn_budget_data, loaded, batch_size=args.batch_size, max_length=args.max_length,
+                          limit=args.calib_samples)
+    result = set_ffn_budget(compiled, data)
+    work = ", ".join(f"{r['before']:.3f} -> {r['after']:.3f}" for r in result.values())
+    print(f"FFN budget re-set on {data.source}: work per block {work}", file=sys.stderr)
+    args_, kwargs, _ = compiled._example
+    held_out = calibration.match_inputs(kwargs if kwargs else args_).eval_batches if calibration is not None else []
+    if held_out:
+        compiled.report.sections["ffn_budget"]["fidelity"] = fidelity(
+            embeddings(loaded.model, held_out), embeddings(compiled.graph_module, held_out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,6 +231,25 @@ def test_cli_options_calibration_file_and_plan(tmp_path, capsys):
     assert [round(r["after"], 2) for r in sections["ffn_budget"]["routers"].values()] == [0.25]  # budget re-set
 
 
+def test_cli_ffn_budget_data(tmp_path, capsys):
+    """--ffn-budget-data re-sets the budget on other data after compiling: the work on that data
+    is the asked --ffn-keep (as close as whole expert counts allow), recorded in the report."""
+    torch.manual_seed(0)
+    calib, other = tmp_path / "calib.pt", tmp_path / "other.pt"
+    torch.save(torch.randn(32, 8, 64), calib)
+    torch.save(torch.randn(32, 8, 64) * 3.0 + 1.0, other)          # other statistics: the work differs
+    out = tmp_path / "o"
+    args = ["tests.models:ManualBlock", "--input-shape", "2,8,64", "--ffn", "moepp", "--experts", "8",
+            "--ffn-keep", "0.25", "--calib", str(calib), "--ffn-budget-data", str(other), "--out", str(out)]
+    assert main(args) == 0
+    assert "FFN budget re-set on" in capsys.readouterr().err
+    routers = json.loads((out / "report.json").read_text())["sections"]["ffn_budget"]["routers"]
+    (r,) = routers.values()
+    assert r["before"] != 0.25 and r["shift"] != 0 and abs(r["after"] - 0.25) <= 1 / 8 / (32 * 8) + 1e-6, r
+    _one_line_error(capsys, main(["tests.models:ManualBlock", "--input-shape", "2,8,64", "--out",
+                                  str(tmp_path / "x"), "--ffn-budget-data", str(other)]), "needs --ffn moepp")
+
+
 def _work(compiled, batches, calib) -> list[float]:
     return [u["ffn_fraction"] for u in expert_usage(compiled.graph_module, batches, calib.token_mask).values()]
 
