@@ -277,6 +277,25 @@ def test_masks_are_simplified_before_gathering():
     assert simplify_mask(bias) is bias
 
 
+def test_causal_masks_run_as_is_causal():
+    from moh_compile.ops.attention import head_contexts, is_causal_mask
+
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert is_causal_mask(causal.expand(3, 1, 7, 7).contiguous(), 7, 7)
+    padded = causal.expand(3, 1, 7, 7).clone()
+    padded[1, :, :, 0] = False                                                    # padding on top: not causal
+    assert not is_causal_mask(padded, 7, 7) and not is_causal_mask(causal[:5], 5, 7)
+    assert not is_causal_mask(torch.zeros(7, 7).masked_fill(~causal, float("-inf")), 7, 7)   # additive: as given
+    args = make_args(b=3, s=7, h=4, hkv=2, rope=True, mask="none", gates="all_on", seed=6)
+    x, wq, bq, k, v, _, cos, sin = args[:8]
+    via_is_causal = head_contexts(x, wq, bq, k, v, causal.expand(3, 1, 7, 7).contiguous(), cos, sin, 8 ** -0.5)
+    q = (torch.nn.functional.linear(x, wq, bq).view(3, 7, 4, 8).transpose(1, 2))
+    q = q * cos + ra.rotate_half(q) * sin
+    explicit = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=8 ** -0.5,
+                                                                enable_gqa=True)
+    assert (via_is_causal - explicit).abs().max().item() <= 1e-6
+
+
 def test_all_true_padding_mask_matches_reference():
     args = make_args(b=3, s=13, h=4, hkv=2, gates="random", mask="none", seed=2)
     args[5] = torch.ones(3, 1, 13, 13, dtype=torch.bool)

@@ -118,6 +118,19 @@ def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask
 
 
+def is_causal_mask(mask: torch.Tensor | None, s_q: int, s_k: int) -> bool:
+    """True when a bool mask is exactly the causal pattern (key j visible to query i iff j <= i,
+    every batch row and head): SDPA's is_causal then skips the masked half of the scores, where an
+    explicit mask is read and computed in full. HF decoders pass is_causal themselves when a batch
+    has no padding; captured graphs carry the materialised mask instead. Eager only, like
+    `simplify_mask`."""
+    if (mask is None or mask.dtype != torch.bool or s_q != s_k or mask.shape[-2:] != (s_q, s_k)
+            or torch.compiler.is_compiling()):
+        return False
+    tril = torch.ones(s_q, s_k, dtype=torch.bool, device=mask.device).tril()
+    return torch.equal(mask, tril.expand_as(mask))
+
+
 def head_contexts(
     x: torch.Tensor,
     q_weight: torch.Tensor,
@@ -144,6 +157,8 @@ def head_contexts(
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
     mask = simplify_mask(merge_masks(attn_mask, pattern))
+    if is_causal_mask(mask, s, k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
 
 
