@@ -79,13 +79,12 @@ def head_groups(caps: list[int], slack: float | None = None) -> list[list[int]]:
 @dataclass
 class RoutingPlan:
     """Slot layout: group g holds heads groups[g] as (G, B, C_g) slots from starts[g]; each
-    (token, head) pair with a nonzero gate owns one slot, the rest is padding on token 0."""
+    (token, head) pair with a nonzero gate owns one slot, the rest is padding on row 0."""
     groups: list[list[int]]
     caps: list[int]           # C_g per group
     starts: list[int]         # first slot of each group
     n_slots: int
-    tok: torch.Tensor         # (n_slots,) token position each slot holds
-    rows: torch.Tensor        # (n_slots,) row of x (B*S rows) each slot holds
+    rows: torch.Tensor        # (n_slots,) row of x, viewed as (B*S, E), each slot holds
     slot: torch.Tensor        # (n_active,) slot of each active pair, token-major, heads ascending
     offsets: torch.Tensor     # (B*S,) first active pair of each token (embedding_bag bags)
     weights: torch.Tensor     # (n_active,) gate of each active pair
@@ -98,8 +97,7 @@ def routing_plan(gates: torch.Tensor) -> RoutingPlan:
     active = gates != 0
     head_caps = active.sum(1).amax(0).tolist() if active.numel() else [0] * h      # (H,) max over batch
     groups = head_groups(head_caps)
-    base = torch.zeros(h, dtype=torch.long)       # slot of (batch 0, rank 0) per head
-    stride = torch.zeros(h, dtype=torch.long)     # slots per batch row per head (its group's capacity)
+    base, stride = [0] * h, [0] * h   # per head: slot of (batch 0, rank 0), slots per batch row
     caps, starts, n_slots = [], [], 0
     for heads in groups:
         cap = head_caps[heads[0]]
@@ -108,20 +106,15 @@ def routing_plan(gates: torch.Tensor) -> RoutingPlan:
         for pos, head in enumerate(heads):
             base[head], stride[head] = n_slots + pos * b * cap, cap
         n_slots += len(heads) * b * cap
-    base, stride = base.to(dev), stride.to(dev)
+    first = (torch.tensor(base, device=dev).view(1, 1, h) - 1
+             + torch.arange(b, device=dev).view(b, 1, 1) * torch.tensor(stride, device=dev).view(1, 1, h))
     nz = active.reshape(-1).nonzero().squeeze(1)                             # token-major, heads ascending
-    first = base.view(1, 1, h) + torch.arange(b, device=dev).view(b, 1, 1) * stride.view(1, 1, h) - 1
     slot = active.cumsum(1).add_(first).reshape(-1).index_select(0, nz)
-    tok = torch.zeros(n_slots, dtype=torch.long, device=dev)
-    tok.index_copy_(0, slot, nz.div(h, rounding_mode="floor").remainder_(s))
-    rows = tok.clone()
-    for heads, cap, start in zip(groups, caps, starts):
-        rows[start: start + len(heads) * b * cap].view(len(heads), b, cap).add_(
-            torch.arange(b, device=dev).view(1, b, 1) * s)
+    rows = torch.zeros(n_slots, dtype=torch.long, device=dev)
+    rows.index_copy_(0, slot, nz.div(h, rounding_mode="floor"))             # flat (B*S) index of the token
     offsets = active.sum(-1).reshape(-1).cumsum(0)
     offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])
-    return RoutingPlan(groups, caps, starts, n_slots, tok, rows, slot, offsets,
-                       gates.reshape(-1).index_select(0, nz))
+    return RoutingPlan(groups, caps, starts, n_slots, rows, slot, offsets, gates.reshape(-1).index_select(0, nz))
 
 
 def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: int, s_k: int) -> torch.Tensor:
@@ -214,7 +207,7 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
             ctx = torch.empty_like(q)
             row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
             step = max(1, min(g, MASK_CHUNK_BYTES // max(1, row_bytes)))
-            tok = plan.tok[span].view(g, b, cap)
+            tok = rows[span].view(g, b, cap) % s                  # query positions
             for h0 in range(0, g, step):                       # bounded gathered-mask memory
                 h1 = min(g, h0 + step)
                 ctx[:, h0:h1] = F.scaled_dot_product_attention(
