@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
+import warnings
 
 import numpy as np
 import onnx
@@ -455,3 +457,37 @@ def test_dispatch_plan_averages_usage_over_extra_samples():
     alone = _plan_for(runs[0], 1.0, None)
     assert attached(()) == tuple(alone)
     assert attached(samples) != attached(())  # the samples change the plan here
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_export_prints_no_exporter_noise(tmp_path):
+    """The exporter's per-export torchvision warnings and its pytree FutureWarning are dropped
+    (torchvision is not a dependency), while anything else it logs still reaches handlers."""
+    from moh_compile.backends.onnx_export import REGISTRATION_LOGGER, quiet_exporter
+    from tests.models import SDPABlock
+
+    compiled = moh_compile.compile(SDPABlock().eval(), (torch.randn(2, 8, 64),),
+                                   moh_compile.CompileConfig(attention="identity"))
+    logger = logging.getLogger(REGISTRATION_LOGGER)
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for form in ("custom", "portable"):
+                compiled.export_onnx(tmp_path / f"{form}.onnx", form=form)
+        with quiet_exporter():
+            logger.warning("something the user should see")
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "torchvision" in m]
+    assert records.messages == ["something the user should see"]
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]

@@ -8,9 +8,12 @@ Both forms start from one torch.export ExportedProgram (dynamic batch/sequence d
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import tempfile
+import warnings
 
 import onnx
 import onnxscript.optimizer
@@ -92,13 +95,16 @@ def export_program(
     """
     check_settings(form, opset, capacity)
     if form == "custom":
-        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False,
-                                    custom_translation_table=custom_translation_table())
+        with quiet_exporter():
+            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False,
+                                        custom_translation_table=custom_translation_table())
     else:
-        ep = copy.deepcopy(ep)
+        with quiet_exporter():
+            ep = copy.deepcopy(ep)
         attach_capacity_plans(ep, args, kwargs or {}, capacity, active_fraction, samples)
-        program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True,
-                                    opset_version=opset, optimize=False, verbose=False)
+        with quiet_exporter():
+            program = torch.onnx.export(ep.run_decompositions(portable_decompositions()), dynamo=True,
+                                        opset_version=opset, optimize=False, verbose=False)
     # Constant folding and dead-code removal only: the exporter's optimize=True also applies
     # opset-23 fusions, and its fused RotaryEmbedding fails in ORT 1.31 once the batch differs
     # from the example's ("cos_cache ... expected to have the same shape as input").
@@ -113,6 +119,33 @@ def export_program(
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     save_atomic(model, path)
     return model
+
+
+REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+_EXPORTER_NOISE = ("torchvision is not installed",)
+
+
+class _DropExporterNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_EXPORTER_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silence two messages torch's ONNX exporter prints on every export that concern neither
+    the user nor the model: one warning per torchvision op when torchvision is absent (it is not
+    a dependency), and a FutureWarning from torch's own pytree copying (also
+    raised by deep-copying an ExportedProgram). Everything else it logs
+    or warns still shows."""
+    logger = logging.getLogger(REGISTRATION_LOGGER)
+    noise = _DropExporterNoise()
+    logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(noise)
 
 
 class _RecordCalls(TorchDispatchMode):
