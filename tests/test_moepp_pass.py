@@ -171,6 +171,17 @@ def test_composes_with_an_attention_pass_at_identity():
     assert (_run(compiled, inputs) - _run(model, inputs)).abs().max().item() <= 1e-5
 
 
+def test_composes_with_moh_at_identity():
+    """MoH (all heads, gates 1) and MoE++ (all experts) in one compile reproduce the original; at
+    full heads the learned router needs no calibration data (its zero initialisation gives gates 1)."""
+    model, inputs, (n_attn, n_ffn), _ = build("llama")
+    compiled = moh_compile.compile(model, inputs, CompileConfig(
+        attention="moh", ffn="moepp", options={"moh": {"active_heads": 1.0}, "moepp": {"experts": 4, "ffn_keep": 1.0}}))
+    kinds = [a.get("transform") for a in compiled.report.actions]
+    assert kinds.count("moepp") == n_ffn and kinds.count("moh") == n_attn
+    assert (_run(compiled, inputs) - _run(model, inputs)).abs().max().item() <= 1e-5
+
+
 def _one_line_error(capsys, code, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("moh-compile: error:") and needle in err[-1], err

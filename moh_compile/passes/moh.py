@@ -143,14 +143,14 @@ class MoHAttention(Pass):
         if not rewrites:
             return {}
         settings = [check_settings(bp.settings, m.block.num_heads) for m, bp, _ in rewrites]
-        if calibration is None and any(s["router"] == "learned" for s in settings):
+        if calibration is None and any(_fitted(s) for s in settings):
             raise MohCompileError("the learned MoH router is fitted on calibration data: pass --calib DATA "
                                   "(Python: calibration=...), or use --router query_norm, which needs none")
         layers, replaced = [], []
         for (m, bp, rw), s in zip(rewrites, settings):
             node = _router_node(gm, rw)
             op = _op_of(node)
-            if s["router"] == "learned":
+            if _fitted(s):
                 router, fit_error, new_o = _fit_router(gm, m, s, op, rw, calibration)
                 if new_o is not None:
                     _replace_output_projection(gm, op, new_o)
@@ -176,6 +176,13 @@ class MoHAttention(Pass):
                                                          calibration)):
                 layer.update(usage)
         return _report(layers)
+
+
+def _fitted(settings: dict) -> bool:
+    """Whether a block's router is fitted on calibration data: a learned router that routes.
+    With every head active a learned router stays at its zero initialisation, which gives
+    gates of exactly 1 (the identity), so it needs no data."""
+    return settings["router"] == "learned" and int(settings["k"]) + int(settings["num_shared"]) < int(settings["heads"])
 
 
 # ---------------------------------------------------------------- graph helpers
