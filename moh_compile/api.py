@@ -80,6 +80,11 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
 
+    def match_inputs(self, calibration):
+        """`calibration` with its batches made to carry exactly the inputs this model was captured with."""
+        args, kwargs, _ = self._example
+        return calibration.match_inputs(kwargs if kwargs else args)
+
     def export(self) -> torch.export.ExportedProgram:
         """Re-export (the project's ops stay single nodes; importing moh_compile registers them).
 

@@ -249,8 +249,8 @@ def run_compile(argv: list[str]) -> int:
 
 def _reset_ffn_budget(compiled, loaded, args, calibration) -> None:
     """--ffn-budget-data: set_ffn_budget on that data; fidelity re-measured on the held-out data."""
+    from moh_compile.api import measure_fidelity
     from moh_compile.calibrate.data import as_calibration
-    from moh_compile.calibrate.metrics import embeddings, fidelity
     from moh_compile.finetune import set_ffn_budget
 
     data = as_calibration(args.ffn_budget_data, loaded, batch_size=args.batch_size, max_length=args.max_length,
@@ -258,11 +258,10 @@ def _reset_ffn_budget(compiled, loaded, args, calibration) -> None:
     result = set_ffn_budget(compiled, data)
     work = ", ".join(f"{r['before']:.3f} -> {r['after']:.3f}" for r in result.values())
     print(f"FFN budget re-set on {data.source}: work per block {work}", file=sys.stderr)
-    args_, kwargs, _ = compiled._example
-    held_out = calibration.match_inputs(kwargs if kwargs else args_).eval_batches if calibration is not None else []
+    held_out = compiled.match_inputs(calibration).eval_batches if calibration is not None else []
     if held_out:
-        compiled.report.sections["ffn_budget"]["fidelity"] = fidelity(
-            embeddings(loaded.model, held_out), embeddings(compiled.graph_module, held_out))
+        compiled.report.sections["ffn_budget"]["fidelity"] = measure_fidelity(loaded.model, compiled.graph_module,
+                                                                              held_out)
 
 
 def main(argv: list[str] | None = None) -> int:

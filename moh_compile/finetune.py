@@ -54,8 +54,7 @@ def finetune(compiled, original: torch.nn.Module, calibration, *, train: str = "
     if not 0 <= validation < 1:
         raise MohCompileError(f"validation must be a fraction in [0, 1), got {validation}")
     lr = DEFAULT_LR[train] if lr is None else lr
-    args, kwargs, _ = compiled._example
-    calib = as_calibration(calibration, tokenizer).match_inputs(kwargs if kwargs else args)
+    calib = compiled.match_inputs(as_calibration(calibration, tokenizer))
     if not calib.batches:
         raise MohCompileError("fine-tuning needs calibration batches (a forward loop cannot be replayed)")
     student = compiled.graph_module
@@ -108,8 +107,7 @@ def set_ffn_budget(compiled, data, ffn_keep: float | None = None, tokenizer=None
         if not 0.0 < ffn_keep <= 1.0:
             raise MohCompileError(f"ffn_keep must be in (0, 1], got {ffn_keep}")
         budgets = dict.fromkeys(budgets, float(ffn_keep))
-    args, kwargs, _ = compiled._example
-    calib = as_calibration(data, tokenizer).match_inputs(kwargs if kwargs else args)
+    calib = compiled.match_inputs(as_calibration(data, tokenizer))
     if not calib.batches:
         raise MohCompileError("setting the FFN budget needs calibration batches, not a forward loop")
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.ops.attention import and_pattern, rotate_half
+from moh_compile.ops.attention import and_pattern, as_4d, rotate_half
 from moh_compile.ops.ffn import ffn_reference
 
 
@@ -33,12 +33,6 @@ def _const(values, dtype, device) -> torch.Tensor:
     """1-D constant from Python values via factory ops: torch.tensor() inside a decomposition
     leaves a non-functional lift_fresh_copy/detach_ that run_decompositions rejects."""
     return torch.cat([torch.full((1,), v, dtype=dtype, device=device) for v in values])
-
-
-def _mask4d(mask: torch.Tensor) -> torch.Tensor:
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask
 
 
 def _window_visible(q_pos: torch.Tensor, s_k: int, heads: list[int], sink, alpha, beta, two_sided: bool,
@@ -103,7 +97,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
     if rope_cos is not None:
         q = q * rope_cos + rotate_half(q) * rope_sin
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
-    mask = None if attn_mask is None else _mask4d(attn_mask)
+    mask = None if attn_mask is None else as_4d(attn_mask)
     if mask is not None and mask.shape[1] != 1 and len(heads) != num_heads:
         mask = mask.index_select(1, _const(heads, torch.int64, x.device))
     if window is not None:
@@ -136,7 +130,7 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
     s_k = kh.shape[2]
     mask = None
     if attn_mask is not None:
-        mask = _mask4d(attn_mask)
+        mask = as_4d(attn_mask)
         if mask.shape[1] != 1:
             mask = mask.index_select(1, _const(heads, torch.int64, q.device))
         if mask.shape[2] != 1:  # per-query rows: gather the chosen queries' rows

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moh_compile.ops.attention import window_mask, window_spans
+from moh_compile.ops.attention import as_4d, window_mask, window_spans
 
 DENSE = (-1, 0.0)
 
@@ -134,8 +134,7 @@ def mass_outside_candidates(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
                               two_sided, q.device) for sk, a, bt in patterns]
     k = k.repeat_interleave(h // h_kv, dim=1)
     if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
+        mask = as_4d(mask)
     total = torch.zeros(len(bounds), h, dtype=torch.float64)
     count = torch.zeros(h, dtype=torch.float64)
     for q0 in range(0, s_q, chunk):

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
-from moh_compile.ops.attention import merge_masks, register_fast_kernel, rotate_half, simplify_mask, window_mask
+from moh_compile.ops.attention import (as_4d, merge_masks, register_fast_kernel, rotate_half, simplify_mask,
+                                      window_mask)
 
 
 @dataclass
@@ -44,12 +45,6 @@ GROUP_SLACK = 0.125           # a head joins a group if padding stays within thi
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
-
-
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    return t
 
 
 def head_groups(caps: list[int], slack: float | None = None) -> list[list[int]]:
@@ -144,7 +139,7 @@ def routed_attention_cpu(
     if head_gates.shape != (x.shape[0], x.shape[1], heads):
         raise ValueError(f"head_gates must have shape (B, S, H) = {(x.shape[0], x.shape[1], heads)}, "
                          f"got {tuple(head_gates.shape)}")
-    if rope_cos is not None and _as_4d(rope_cos).shape[1] != 1:
+    if rope_cos is not None and as_4d(rope_cos).shape[1] != 1:
         return None
     return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                    scale, window_sink, window_alpha, window_beta, window_two_sided)
@@ -169,8 +164,8 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n * e].view(n, e))
     contrib = ws[n * e:].view(n, e_out)
     if rope_cos is not None:
-        cos_all = _as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
-        sin_all = _as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
+        cos_all = as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
+        sin_all = as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
     mask = attn_mask
     if window_sink is not None:
         mask = merge_masks(attn_mask, window_mask(s, s_k, window_sink, window_alpha, window_beta,

@@ -68,6 +68,14 @@ def window_mask(
     return visible
 
 
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """View a broadcastable mask or RoPE table as 4-D (B, H, S, S_k / D), leading dims of size 1
+    added, so it can be indexed per batch row, head and query row."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
 def and_pattern(mask: torch.Tensor | None, pattern: torch.Tensor | None) -> torch.Tensor | None:
     """AND a bool pattern (True = visible) into a mask, bool or additive, broadcasting; None is
     no mask / no pattern. Used by the reference, the kernels and the portable ONNX form alike."""
@@ -106,8 +114,7 @@ def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """
     if mask is None or mask.requires_grad or torch.compiler.is_compiling():
         return mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = as_4d(mask)
     if mask.shape[2] > 1:
         first = mask[:, :, :1]
         if not (mask.stride(2) == 0 or torch.equal(mask, first.expand_as(mask))):

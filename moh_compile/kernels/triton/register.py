@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.kernels.triton import interpreter_mode, triton_available
+from moh_compile.ops.attention import as_4d
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _REGISTERED = False
@@ -36,8 +37,7 @@ def decompose_mask(attn_mask: torch.Tensor | None, b: int, s: int, s_k: int):
         if not bool((vis | (m <= -1e4)).all()):
             return None
         m = vis
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
+    m = as_4d(m)
     if m.dim() != 4 or m.shape[1] != 1:
         return None
     try:
