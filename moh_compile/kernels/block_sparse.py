@@ -76,12 +76,13 @@ def _flash(q, k, v, mask, scale):
 
 def _merge_parts_into(out, o1, l1, o2, l2):
     """out = the exact combination of two softmax-normalised partial attentions, by their
-    log-sum-exps; written straight into `out` (a view of the result), no scratch copy."""
-    lse = torch.logaddexp(l1, l2)
-    w1 = torch.exp(l1 - lse).nan_to_num_(0.0).unsqueeze(-1)
-    w2 = torch.exp(l2 - lse).nan_to_num_(0.0).unsqueeze(-1)
-    torch.mul(o2, w2, out=out)
-    out.addcmul_(o1, w1)
+    log-sum-exps, in one fused lerp written straight into `out` (a view of the result): the
+    second part's weight is exp(l2) / (exp(l1) + exp(l2)) = sigmoid(l2 - l1)."""
+    w2 = torch.sigmoid(l2 - l1)
+    torch.lerp(o1, o2, w2.unsqueeze(-1), out=out)
+    empty = torch.isneginf(l1) & torch.isneginf(l2)  # rows that see no key in either part: 0, as SDPA's
+    if empty.any():
+        out.masked_fill_(empty.unsqueeze(-1), 0.0)
 
 
 def _band_pattern(q0, q1, lo, hi, span, two_sided, causal, device):
