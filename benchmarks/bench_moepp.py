@@ -53,7 +53,8 @@ def make_routing(tokens: int, keep: float, gen: torch.Generator):
     return idx, weight
 
 
-def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator) -> dict:
+def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator,
+        seconds: float = 1.0) -> dict:
     hidden = 4 * d_model
     x = torch.randn(tokens, d_model, generator=gen)
     w_in = torch.randn(hidden, d_model, generator=gen) / d_model**0.5
@@ -73,7 +74,7 @@ def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.G
         else:
             fns[layout] = lambda layout=layout: moepp_dispatch(*args, layout=layout)
     with torch.inference_mode():
-        row = time_interleaved(fns)
+        row = time_interleaved(fns, min_time=seconds, max_reps=max(60, int(60 * seconds)))
     ideal = ffn_flops(tokens, d_model, hidden)["total"] / ffn_flops(tokens, d_model, hidden, keep=keep)["total"]
     row["ideal"] = ideal
     return row
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per point (more: less noise)")
     a = p.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if a.clock == "wall" else time.process_time
@@ -97,19 +99,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
           f"{N_FFN} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
     head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
+    head += f" {'ideal':>6}"
     for layout in layouts:
-        head += f" {layout + ' ms':>12} {'speedup':>8}"
-    head += f" {'ideal':>6} {'frac ideal':>10}"
+        head += f" {layout + ' ms':>12} {'speedup':>8} {'of ideal':>8}"
     print(head)
     for d_model in map(int, a.d_models.split(",")):
         for tokens in map(int, a.tokens.split(",")):
             for keep in map(float, a.keeps.split(",")):
-                r = run(d_model, tokens, keep, layouts, gen)
-                line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f}"
+                r = run(d_model, tokens, keep, layouts, gen, a.seconds)
+                line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f} {r['ideal']:>6.2f}"
                 for layout in layouts:
-                    line += f" {r[layout]:>12.2f} {r['dense'] / r[layout]:>8.2f}"
-                best = min(r[layout] for layout in layouts)
-                line += f" {r['ideal']:>6.2f} {r['dense'] / best / r['ideal']:>10.2f}"
+                    speedup = r["dense"] / r[layout]
+                    line += f" {r[layout]:>12.2f} {speedup:>8.2f} {speedup / r['ideal']:>8.2f}"
                 print(line, flush=True)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moh_compile.kernels.moe_dispatch import moepp_dispatch
+from moh_compile.ops.activations import ACTIVATIONS, apply_activation, apply_activation_
 from moh_compile.ops.ffn import ffn_reference
 from moh_compile.ops.moepp import moepp_ffn, moepp_ffn_reference, split_ffn_into_experts
 
@@ -54,6 +55,22 @@ def test_identity_equals_dense_ffn(gated, act):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(moepp_ffn_reference(*args), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_inplace_activations_equal_the_definitions(act):
+    """The dispatch kernel applies activations in place on its scratch buffers; every known
+    activation must give exactly what the definition gives, and the kernel the reference."""
+    t = torch.linspace(-6, 6, 1001)
+    assert torch.equal(apply_activation_(act, t.clone()), apply_activation(act, t))
+    gen = torch.Generator().manual_seed(7)
+    for gated in (False, True):
+        w = dense_weights(12, 48, gated, gen)
+        ex = experts_of(w, torch.arange(48).view(6, -1))
+        x = torch.randn(17, 12, generator=gen)
+        idx = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(17)])
+        args = op_args(x, ex, w["b_out"], idx, torch.rand(17, 3, generator=gen), act=act)
+        torch.testing.assert_close(moepp_dispatch(*args), moepp_ffn_reference(*args), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("gated", [False, True])
