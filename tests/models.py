@@ -29,6 +29,39 @@ class SDPABlock(nn.Module):
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
 
 
+class GQASDPABlock(nn.Module):
+    """Hand-written GQA with rotate-half RoPE and SDPA(enable_gqa=True): K/V stay (B, Hkv, S, D),
+    SDPA repeats them itself (the modern hand-written form; HF emits it when no mask is passed)."""
+
+    def __init__(self, d=64, h=4, kv=2):
+        super().__init__()
+        self.h, self.kv, self.hd = h, kv, d // h
+        self.q, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.k, self.v = nn.Linear(d, kv * self.hd, bias=False), nn.Linear(d, kv * self.hd, bias=False)
+        self.gate, self.up, self.down = (nn.Linear(d, 96, bias=False), nn.Linear(d, 96, bias=False),
+                                         nn.Linear(96, d, bias=False))
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+
+    def _rope(self, t):
+        s = t.shape[2]
+        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        half = self.hd // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def forward(self, x):
+        b, s, d = x.shape
+        y = self.n1(x)
+        q = self._rope(self.q(y).view(b, s, self.h, self.hd).transpose(1, 2))
+        k = self._rope(self.k(y).view(b, s, self.kv, self.hd).transpose(1, 2))
+        v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        y = self.n2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
 class ManualBlock(nn.Module):
     """Hand-written softmax(QK^T / sqrt(d)) V with a fused qkv Linear (timm style) + GELU MLP."""
 
@@ -118,6 +151,9 @@ def build(name):
     if name == "sdpa_block":
         return SDPABlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=True, rope=False, fused=False,
                                                          act="silu", gated=True)
+    if name == "gqa_sdpa":
+        return GQASDPABlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=2, causal=True, rope=True, fused=False,
+                                                            act="silu", gated=True)
     if name == "manual_block":
         return ManualBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
                                                            act="gelu")
@@ -125,7 +161,7 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "manual_block"]
+       "sdpa_block", "gqa_sdpa", "manual_block"]
 
 
 def reshape_inputs(inputs, batch, seq):

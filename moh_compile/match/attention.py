@@ -62,7 +62,10 @@ def _guess_name(node: fx.Node) -> str:
 
 # ---------------------------------------------------------------- core
 def _core_from(node: fx.Node):
-    """Returns (core_out, q, k, v, mask, scale, is_causal, kind) or None if not a core."""
+    """Returns (core_out, q, k, v, mask, scale, is_causal, kind) or None if not a core.
+
+    kind "sdpa_gqa": SDPA(enable_gqa=True), whose K/V already have the (B, Hkv, S, D) form the
+    op takes (SDPA repeats them itself), so there is no repeat to walk back through."""
     if g.is_call(node, g.SDPA):
         args = list(node.args) + [None] * 8
         kw = node.kwargs
@@ -71,13 +74,12 @@ def _core_from(node: fx.Node):
         dropout = kw.get("dropout_p", args[4] if args[4] is not None else 0.0)
         is_causal = bool(kw.get("is_causal", args[5] if args[5] is not None else False))
         scale = kw.get("scale", args[6])
-        if kw.get("enable_gqa", args[7] or False):
-            raise NoMatch("SDPA with enable_gqa=True is not supported yet")
+        gqa = bool(kw.get("enable_gqa", args[7] or False))
         if dropout:
             raise NoMatch("attention dropout is active (capture the model in eval mode)")
         d = g.static_int(g.val(q).shape[-1])
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        return node, q, k, v, mask, scale, is_causal, "sdpa"
+        return node, q, k, v, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa"
     # softmax(scores) @ v
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     rank = g.val(node).dim()
@@ -330,7 +332,12 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
     y, _ = _walk_forward_to_3d(lin_o.node, s_key, b_key or g.shape_keys(x)[0 if layout == "batch_first" else 1])
     k_src, num_kv = (k, num_heads)
     v_src = v
-    if qv.dim() == 4:
+    if kind == "sdpa_gqa":
+        num_kv = g.static_int(kv_.shape[1])
+        if qv.dim() != 4 or not num_kv or num_heads % num_kv or g.val(v).shape[1] != kv_.shape[1]:
+            raise NoMatch("SDPA with enable_gqa=True: query heads are not a multiple of key/value heads")
+        kind = "sdpa"
+    elif qv.dim() == 4:
         k_src, num_kv = _unexpand_kv(k, num_heads)
         v_src, num_kv_v = _unexpand_kv(v, num_heads)
         if num_kv_v != num_kv:
