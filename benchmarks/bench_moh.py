@@ -1,7 +1,9 @@
 """Attention block (K/V + Q projections, core, output projection): dense vs MoH routed heads.
 
-Both sides run the same op, `torch.ops.moh_compile.attention`: dense with head_gates=None
-(the reference: full projections + SDPA), MoH with top-k gates (the routed CPU kernel).
+Dense: the op `torch.ops.moh_compile.attention` with head_gates=None (the reference: full
+projections + SDPA). MoH: the routed CPU kernel itself (`routed_attention_cpu`), and the op with
+the gates ("op" columns), which runs that kernel or the dense masked path, whichever its cost
+model (`routing_speedup`, see bench_moh_dispatch.py) predicts is faster.
 K and V projections are timed on both sides because MoH keeps them dense, as the FLOP model
 in moh_compile.flops does; "ideal" is the FLOP ratio, "of ideal" = speedup / ideal.
 
@@ -64,7 +66,7 @@ def one_capacity(block, gates):
     """The routed kernel with every head in one group (padded to the busiest head)."""
     saved, ra.GROUP_SLACK = ra.GROUP_SLACK, float("inf")
     try:
-        return block(gates)
+        return block(gates, ra.routed_attention_cpu)
     finally:
         ra.GROUP_SLACK = saved
 
@@ -87,7 +89,7 @@ def main(argv=None) -> list[list]:
     load_before = os.getloadavg()[0]
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([128, 512] if args.quick else [128, 512, 2048])
     gen = torch.Generator().manual_seed(0)
-    columns = ["seq", "active", "dense ms", "moh ms", "speedup", "ideal", "of ideal"]
+    columns = ["seq", "active", "dense ms", "moh ms", "speedup", "ideal", "of ideal", "op ms", "op speedup"]
     uneven = args.gates == "uneven"
     if uneven:
         columns[4:4] = ["one-capacity ms", "speedup (one capacity)"]
@@ -99,9 +101,11 @@ def main(argv=None) -> list[list]:
         gates = {k: make_gates(args.batch, seq, k, gen) for k in (9, 6)}
         with torch.inference_mode():
             for k, g in gates.items():   # correctness of the timed path: routed kernel vs dense reference
-                checks.append((seq, k, (block(g) - block(g, attention_reference)).abs().max().item()))
+                diff = block(g, ra.routed_attention_cpu) - block(g, attention_reference)
+                checks.append((seq, k, diff.abs().max().item()))
             fns = {"dense": lambda: block(None)}
-            fns.update({f"moh{k}": (lambda g=g: block(g)) for k, g in gates.items()})
+            fns.update({f"moh{k}": (lambda g=g: block(g, ra.routed_attention_cpu)) for k, g in gates.items()})
+            fns.update({f"op{k}": (lambda g=g: block(g)) for k, g in gates.items()})
             if uneven:
                 fns.update({f"one{k}": (lambda g=g: one_capacity(block, g)) for k, g in gates.items()})
             t = time_interleaved(fns, reps=reps, warmup=1)
@@ -113,7 +117,8 @@ def main(argv=None) -> list[list]:
             minima.append({"seq": seq, "active": k, "dense_min_ms": round(t["dense"].min_ms, 1),
                            "moh_min_ms": round(t[f"moh{k}"].min_ms, 1), "reps": reps})
             row = [seq, f"{k}/{HEADS}", round(t["dense"].median_ms, 1), round(t[f"moh{k}"].median_ms, 1),
-                   round(speed, 2), round(ideal, 2), round(speed / ideal, 2)]
+                   round(speed, 2), round(ideal, 2), round(speed / ideal, 2), round(t[f"op{k}"].median_ms, 1),
+                   round(t["dense"].median_ms / t[f"op{k}"].median_ms, 2)]
             if uneven:
                 row[4:4] = [round(t[f"one{k}"].median_ms, 1), round(t["dense"].median_ms / t[f"one{k}"].median_ms, 2)]
             rows.append(row)

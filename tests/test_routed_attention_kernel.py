@@ -143,17 +143,52 @@ def test_bad_gate_shape_raises():
         ra.routed_attention_cpu(*args)
 
 
-def test_op_dispatches_to_kernel():
-    args = make_args(b=2, s=10, h=8, hkv=2, d=8, rope=True, mask="causal", gates="topk")
+@pytest.fixture
+def always_route(monkeypatch):
+    """Make the op's cost model pick the kernel whatever the shapes (tiny test shapes would
+    rightly go to the dense path)."""
+    monkeypatch.setattr(ra, "ROW_COST_PROJ_D", 0.0)
+    monkeypatch.setattr(ra, "ROW_COST_CORE", 0.0)
+
+
+def test_op_dispatches_to_kernel_where_predicted_faster():
+    # 4 heads x 64 dims, one head per token: the kernel computes ~1/4 of the rows
+    args = make_args(b=2, s=64, h=4, hkv=2, d=64, e=256, rope=True, mask="causal", gates="all_off")
+    args[10] = torch.nn.functional.one_hot(torch.arange(2 * 64).view(2, 64) % 4, 4).float()
     ra.STATS.reset()
     out = OP(*args)
-    assert ra.STATS.calls == 1
+    assert (ra.STATS.calls, ra.STATS.dense_calls) == (1, 0)
     assert torch.equal(out, ra.routed_attention_cpu(*args))
     assert (out - attention_reference(*args)).abs().max().item() <= 1e-5
     args[10] = None
     ra.STATS.reset()
     OP(*args)
-    assert ra.STATS.calls == 0      # head_gates=None falls back to the reference
+    assert (ra.STATS.calls, ra.STATS.dense_calls) == (0, 0)      # head_gates=None: the reference
+
+
+@pytest.mark.parametrize("gates", ["all_on", "topk"])
+def test_op_takes_the_dense_path_where_the_kernel_would_be_slower(gates):
+    """Every row active (nothing to skip), or 8-dim heads (per-head GEMMs far below dense speed):
+    the op runs the dense masked reference, whose output it returns unchanged."""
+    args = make_args(b=2, s=10, h=8, hkv=2, d=8, rope=True, mask="causal", gates=gates)
+    ra.STATS.reset()
+    out = OP(*args)
+    assert (ra.STATS.calls, ra.STATS.dense_calls) == (0, 1)
+    assert torch.equal(out, attention_reference(*args))
+
+
+def test_routing_speedup_cost_model():
+    """The model's shape (monotone in the work kept, narrow heads and causal masks favour the dense
+    path) and two anchors measured side by side on 2 threads (bench_moh_dispatch.py): MiniLM-like
+    12x32 heads at 128 tokens with 60% of the rows left ran 0.70x; 12x64 heads at 1024 tokens with
+    28% of the rows ran 2.25x."""
+    speed = ra.routing_speedup
+    assert speed(0.3, 768, 768, 64, 512, False) > speed(0.6, 768, 768, 64, 512, False) > 1
+    assert speed(0.5, 384, 384, 32, 512, False) < speed(0.5, 768, 768, 64, 512, False)
+    assert speed(0.5, 768, 768, 64, 512, True) < speed(0.5, 768, 768, 64, 512, False)
+    assert speed(0.6, 384, 384, 32, 128, False) < 1
+    assert speed(0.28, 768, 768, 64, 1024, False) > 2
+    assert speed(0.0, 384, 384, 32, 128, False) == float("inf")
 
 
 class _Tiny(torch.nn.Module):
@@ -173,7 +208,7 @@ class _Tiny(torch.nn.Module):
                   self.d ** -0.5)
 
 
-def test_torch_export_still_works():
+def test_torch_export_still_works(always_route):
     torch.manual_seed(0)
     m, x = _Tiny().eval(), torch.randn(2, 7, 16)
     ep = torch.export.export(m, (x,))

@@ -13,7 +13,12 @@ text), so one capacity for all heads would pad every head to the busiest one and
 instead heads are sorted by capacity and cut into groups whose padding stays within
 `GROUP_SLACK` of their real rows, one batched call per group.
 
-Imported for its side effect: `register_fast_kernel(routed_attention_cpu)`.
+The op runs the kernel only where it is the faster path (`routing_speedup`): gathering rows and
+narrow per-head GEMMs make each computed (token, head) row cost more than a dense one, so when
+padding or busy routers leave most rows to compute (short sequences, many batch rows, 9 of 12
+heads) the dense masked reference, whose output is the same, is faster.
+
+Imported for its side effect: `register_fast_kernel(routed_attention_when_faster)`.
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
-from moh_compile.ops.attention import (as_4d, merge_masks, register_fast_kernel, rotate_half, simplify_mask,
-                                      window_mask)
+from moh_compile.ops.attention import (as_4d, is_causal_mask, merge_masks, register_fast_kernel, rotate_half,
+                                      simplify_mask, window_mask)
 
 
 @dataclass
@@ -33,15 +38,24 @@ class KernelStats:
     calls: int = 0
     active_pairs: int = 0   # (token, head) pairs with gate != 0 seen so far
     query_rows: int = 0     # query rows projected / attended, capacity padding included
+    dense_calls: int = 0    # op calls left to the dense masked path (`routing_speedup` <= 1)
 
     def reset(self) -> None:
-        self.calls = self.active_pairs = self.query_rows = 0
+        self.calls = self.active_pairs = self.query_rows = self.dense_calls = 0
 
 
 STATS = KernelStats()
 
 MASK_CHUNK_BYTES = 64 << 20   # gathered mask rows are built this many bytes at a time (heads loop)
 GROUP_SLACK = 0.125           # a head joins a group if padding stays within this fraction of its rows
+# Cost of one computed (token, head) row in the kernel relative to the same row in the dense path:
+# projections ROW_COST_PROJ_D / D + 1 (gathered rows and per-head GEMMs only D wide: the narrower
+# the heads, the further below the dense GEMMs' speed) and attention core ROW_COST_CORE (SDPA on
+# gathered queries). Least-squares fit to side-by-side timings of both paths on 2 CPU threads,
+# 12 heads x 32 / 64 dims, 32-1024 tokens per sequence (rms error of the predicted speed ratio 9%;
+# `python benchmarks/bench_moh_dispatch.py`; benchmarks/results/moh_dispatch_2026-11-23.md).
+ROW_COST_PROJ_D = 48.0
+ROW_COST_CORE = 1.15
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
@@ -128,31 +142,62 @@ def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: i
     return flat.index_select(0, rows.reshape(-1)).view(g, b, cap, s_k).transpose(0, 1)
 
 
+def routing_speedup(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int, causal: bool) -> float:
+    """Predicted time of the dense path over the kernel's when the kernel computes `fraction` of
+    the (token, head) rows. Per row, projections cost ~ (d_in + d_out) and the core ~ 2 S_k (half
+    of it for the dense path when the mask is causal: SDPA's is_causal skips the masked half, the
+    kernel's gathered queries carry an explicit mask)."""
+    dense = d_in + d_out + (s_k if causal else 2 * s_k)
+    kernel = fraction * ((1 + ROW_COST_PROJ_D / head_dim) * (d_in + d_out) + ROW_COST_CORE * 2 * s_k)
+    return dense / kernel if kernel > 0 else float("inf")
+
+
+def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
+    if head_gates is None or x.device.type != "cpu":
+        return False
+    heads = q_weight.shape[0] // k.shape[-1]
+    if head_gates.shape != (x.shape[0], x.shape[1], heads):
+        raise ValueError(f"head_gates must have shape (B, S, H) = {(x.shape[0], x.shape[1], heads)}, "
+                         f"got {tuple(head_gates.shape)}")
+    return rope_cos is None or as_4d(rope_cos).shape[1] == 1
+
+
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
-    if head_gates is None or x.device.type != "cpu":
-        return None
-    heads = q_weight.shape[0] // k.shape[-1]
-    if head_gates.shape != (x.shape[0], x.shape[1], heads):
-        raise ValueError(f"head_gates must have shape (B, S, H) = {(x.shape[0], x.shape[1], heads)}, "
-                         f"got {tuple(head_gates.shape)}")
-    if rope_cos is not None and as_4d(rope_cos).shape[1] != 1:
+    if not _applicable(x, q_weight, k, head_gates, rope_cos):
         return None
     return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                   scale, window_sink, window_alpha, window_beta, window_two_sided)
+                   scale, window_sink, window_alpha, window_beta, window_two_sided, routing_plan(head_gates))
+
+
+def routed_attention_when_faster(
+    x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
+    window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+):
+    """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
+    masked path, else None (the op then runs that path; the output is the same either way)."""
+    if not _applicable(x, q_weight, k, head_gates, rope_cos):
+        return None
+    plan = routing_plan(head_gates)
+    causal = window_sink is None and is_causal_mask(simplify_mask(attn_mask), x.shape[1], k.shape[2])
+    if routing_speedup(plan.n_slots / max(1, head_gates.numel()), x.shape[-1], o_weight.shape[0], k.shape[-1],
+                       k.shape[2], causal) <= 1.0:
+        STATS.dense_calls += 1
+        return None
+    return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
+                   scale, window_sink, window_alpha, window_beta, window_two_sided, plan)
 
 
 def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided):
+            window_sink, window_alpha, window_beta, window_two_sided, plan: RoutingPlan):
     b, s, e = x.shape
     d = k.shape[-1]
     h = q_weight.shape[0] // d
     s_k = k.shape[2]
     e_out = o_weight.shape[0]
-    plan = routing_plan(head_gates)
     STATS.calls += 1
     STATS.active_pairs += plan.slot.numel()
     STATS.query_rows += plan.n_slots
@@ -221,4 +266,4 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     return out.view(b, s, e_out)
 
 
-register_fast_kernel(routed_attention_cpu)
+register_fast_kernel(routed_attention_when_faster)
