@@ -21,24 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moh import HEADS, topk_gates, uneven_gates  # noqa: E402
 from harness import print_table, save_results, set_threads, time_interleaved  # noqa: E402
 
 import moh_compile  # noqa: E402,F401  (registers the op)
 from moh_compile.kernels import routed_attention as ra  # noqa: E402
 from moh_compile.ops.attention import attention_reference  # noqa: E402
 
-HEADS = 12
 OP = torch.ops.moh_compile.attention
-
-
-def make_gates(kind: str, b: int, s: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """topk: k heads per token uniformly; uneven: per-head usage spread like calibrated routers."""
-    if kind == "topk":
-        idx = torch.rand(b, s, HEADS, generator=gen).topk(k, -1).indices
-        return torch.zeros(b, s, HEADS).scatter_(-1, idx, 1.0)
-    usage = torch.linspace(max(0.02, 2 * k / HEADS - 1), 1.0, HEADS)
-    usage = usage * (k / HEADS) / usage.mean()
-    return (torch.rand(b, s, HEADS, generator=gen) < usage.clamp(max=1.0)).float()
 
 
 def main(argv=None) -> list[list]:
@@ -66,7 +56,7 @@ def main(argv=None) -> list[list]:
             mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
             mask[0, ..., -3:] = False
             for kind, active in (("topk", 3), ("topk", 6), ("uneven", 6), ("topk", 9), ("uneven", 9)):
-                g = make_gates(kind, b, s, active, gen)
+                g = (topk_gates if kind == "topk" else uneven_gates)(b, s, active, gen)
                 call = (x, wq, bq, k, v, mask, None, None, wo, bo, g, d ** -0.5)
                 with torch.inference_mode():
                     t = time_interleaved({"kernel": lambda: ra.routed_attention_cpu(*call),

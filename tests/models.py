@@ -46,7 +46,8 @@ class GQASDPABlock(nn.Module):
         s = t.shape[2]
         inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
         ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
-        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        ang = torch.cat([ang, ang], -1)
+        cos, sin = ang.cos(), ang.sin()
         half = self.hd // 2
         return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
 

@@ -169,8 +169,10 @@ def routed_attention_cpu(
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
         return None
-    return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                   scale, window_sink, window_alpha, window_beta, window_two_sided, routing_plan(head_gates))
+    mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
+                        window_two_sided, x.device)
+    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
+                   routing_plan(head_gates))
 
 
 def routed_attention_when_faster(
@@ -182,17 +184,26 @@ def routed_attention_when_faster(
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
         return None
     plan = routing_plan(head_gates)
-    causal = window_sink is None and is_causal_mask(simplify_mask(attn_mask), x.shape[1], k.shape[2])
+    mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
+                        window_two_sided, x.device)
+    causal = is_causal_mask(mask, x.shape[1], k.shape[2])
     if routing_speedup(plan.n_slots / max(1, head_gates.numel()), x.shape[-1], o_weight.shape[0], k.shape[-1],
                        k.shape[2], causal) <= 1.0:
         STATS.dense_calls += 1
         return None
-    return _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                   scale, window_sink, window_alpha, window_beta, window_two_sided, plan)
+    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan)
 
 
-def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided, plan: RoutingPlan):
+def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
+    """The model mask ANDed with the window patterns, if any, simplified (ops.attention.simplify_mask)."""
+    if window_sink is not None:
+        attn_mask = merge_masks(attn_mask, window_mask(s, s_k, window_sink, window_alpha, window_beta,
+                                                       window_two_sided, device))
+    return simplify_mask(attn_mask)
+
+
+def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan):
+    """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d = k.shape[-1]
     h = q_weight.shape[0] // d
@@ -211,11 +222,6 @@ def _routed(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, 
     if rope_cos is not None:
         cos_all = as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
         sin_all = as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
-    mask = attn_mask
-    if window_sink is not None:
-        mask = merge_masks(attn_mask, window_mask(s, s_k, window_sink, window_alpha, window_beta,
-                                                  window_two_sided, x.device))
-    mask = simplify_mask(mask)
     per_kv = h // k.shape[1]
     # index_select on a strided view clones the whole tensor per call: copy K/V once instead
     k, v = k.contiguous(), v.contiguous()
