@@ -1,6 +1,7 @@
 """The Python API: the pipeline on one screen.
 
-    load -> capture -> match -> plan -> rewrite (verified at identity) -> finalize/calibrate -> report
+    load -> capture -> match -> plan -> rewrite (verified at identity) -> finalize/calibrate
+    -> optimize (exact layout changes, verified) -> report
 """
 from __future__ import annotations
 
@@ -217,6 +218,10 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
         extra = p.finalize(gm, items, config, calibration)
         if extra:
             insp.report.sections[f"{p.kind}:{p.name}"] = extra
+    for p, items in done.items():
+        extra = p.optimize(gm, items, config, (insp.captured.args, insp.captured.kwargs))
+        if extra:
+            insp.report.sections[f"{p.kind}:{p.name}:layout"] = extra
     gm.recompile()
     if calibration is not None and calibration.eval_batches and done:
         insp.report.sections["fidelity"] = measure_fidelity(model, gm, calibration.eval_batches)

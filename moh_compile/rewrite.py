@@ -150,6 +150,14 @@ def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict],
     return PendingRewrite(m.block.name, "ffn", m.fc_out.node, out, b.nodes)
 
 
+def free_name(gm: fx.GraphModule, prefix: str) -> str:
+    """`prefix_N`, the first N not already an attribute of gm (for parameters/submodules a pass adds)."""
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
+
+
 def drop_unread_attrs(gm: fx.GraphModule, names) -> None:
     """Delete the attributes in `names` (dotted parameter names) that no get_attr node reads any
     more, e.g. weights a pass replaced by refitted copies: the compiled module, its exports and

@@ -177,6 +177,30 @@ def test_op_takes_the_dense_path_where_the_kernel_would_be_slower(gates):
     assert torch.equal(out, attention_reference(*args))
 
 
+def test_windows_with_gates_pick_the_cheapest_of_three_paths():
+    """moh+sparse: at 2048 tokens with local windows the block-sparse kernel over every row (gates
+    applied after) is predicted cheapest and runs; at 16 tokens it is not. Same output either way."""
+    window = dict(window_sink=[1, 0, 1, 1], window_alpha=[64, -1, 32, 64], window_beta=[0.0, 0.0, 0.0, 0.0],
+                  window_two_sided=True)
+    for s, sparse_calls in ((2048, 1), (16, 0)):
+        args = make_args(b=1, s=s, h=4, d=32, e=128, gates="random", mask="padding")
+        ra.STATS.reset()
+        out = OP(*args, **window)
+        assert ra.STATS.sparse_calls == sparse_calls
+        assert ra.STATS.calls + ra.STATS.dense_calls + ra.STATS.sparse_calls == 1
+        assert (out - attention_reference(*args, **window)).abs().max().item() <= 1e-5
+
+
+def test_sparse_row_cost():
+    from moh_compile.kernels.block_sparse import sparse_row_cost
+    dense = sparse_row_cost(384, 384, 32, 512, [0] * 4, [-1] * 4, [0.0] * 4, True)
+    assert dense == 384 + 384 + 2 * 512
+    narrow = sparse_row_cost(384, 384, 32, 8192, [1] * 4, [64] * 4, [0.0] * 4, True)
+    assert narrow < 384 + 384 + 2 * 8192 and narrow == 768 + 2 * (1 + 64 + 64) * (1 + 80 / 32)
+    assert sparse_row_cost(384, 384, 64, 8192, [1] * 4, [64] * 4, [0.0] * 4, True) < narrow  # wider heads
+    assert sparse_row_cost(384, 384, 32, 64, [1] * 4, [64] * 4, [0.0] * 4, True) == 768 + 2 * 64 * (1 + 80 / 32)
+
+
 def test_routing_speedup_cost_model():
     """The model's shape (monotone in the work kept, narrow heads and causal masks favour the dense
     path) and two anchors measured side by side on 2 threads (bench_moh_dispatch.py): MiniLM-like

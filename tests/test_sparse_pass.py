@@ -128,6 +128,7 @@ def test_invalid_options_and_patterns():
     bad = [({"density": 0}, "density must be in"), ({"density": 1.5}, "density must be in"),
            ({"sink_tokens": -1}, "sink tokens"), ({"profile_lengths": [1]}, "profile lengths"),
            ({"validate_length": 32, "profile_lengths": [32]}, "validate length"), ({"bogus": 1}, "unknown sparse"),
+           ({"reorder_heads": "yes"}, "reorder_heads must be"),
            ({"samples": 0}, "samples")]
     for opts, needle in bad:
         with pytest.raises(MohCompileError, match=needle):
@@ -203,8 +204,10 @@ def test_cli_sparse_then_plan(tmp_path, capsys):
     assert "Validation at N=40" in report and (out / "sparse_density.png").exists()
     out2 = tmp_path / "o2"
     assert main(["tests.test_sparse_pass:tiny_llama", "--out", str(out2), "--plan", str(out / "plan.json"),
-                 "--attention", "sparse", "--ffn", "keep"]) == 0
-    assert json.loads((out2 / "plan.json").read_text())["blocks"][0]["settings"] == w
+                 "--attention", "sparse", "--ffn", "keep", "--no-reorder-heads"]) == 0
+    plan2 = json.loads((out2 / "plan.json").read_text())
+    assert plan2["blocks"][0]["settings"] == w and plan2["config"]["options"]["sparse"]["reorder_heads"] is False
+    assert "attention:sparse:layout" not in json.loads((out2 / "report.json").read_text())["sections"]
     for args, needle in [(["--density", "0"], "density must be in"), (["--profile-lengths", "3,x"], "integers"),
                          (["--density", "0.5"], "needs calibration")]:
         capsys.readouterr()

@@ -266,19 +266,55 @@ def sparse_attention_core(
     return out
 
 
-def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
-                            head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
-                            window_two_sided=False):
-    """Fast path of `moh_compile::attention` for window attributes without head gates; else None."""
-    if window_sink is None or head_gates is not None:
-        return None
+def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
+                           head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided):
+    """The op with window attributes: every head's windowed attention for every token, then the
+    head gates if any (so key blocks outside the patterns are skipped, gate-0 rows are not; the
+    routed-head kernel skips rows instead, and `kernels.routed_attention` picks between them)."""
     b, s, _ = x.shape
     d = k.shape[-1]
     h = q_weight.shape[0] // d
     q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d)
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
                                 window_two_sided, scale)
+    if head_gates is not None:
+        ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
     return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
+
+
+def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
+                            head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
+                            window_two_sided=False):
+    """Fast path of `moh_compile::attention` for window attributes without head gates; else None."""
+    if window_sink is None or head_gates is not None:
+        return None
+    return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
+                                  None, scale, window_sink, window_alpha, window_beta, window_two_sided)
+
+
+# Cost of one (query, key) pair the block kernel computes (band padding included) relative to one
+# pair of dense SDPA: 1 + PAIR_COST_D / head_dim. Measured side by side on 2 threads (one-off,
+# docs/sparse.md): 2.8-3.5 at D=32 (512-2048 tokens), 1.9-2.4 at D=64 (2048-8192): small
+# per-block flash calls, the sink/band merge, band-edge masks.
+PAIR_COST_D = 80.0
+
+
+def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],
+                    window_alpha: list[int], window_beta: list[float], two_sided: bool,
+                    block: int = DEFAULT_BLOCK) -> float:
+    """Predicted cost of one (token, head) row of `sparse_attention_block`, in the units of
+    `kernels.routed_attention.routing_speedup` (a dense row costs d_in + d_out + 2 S_k): full
+    projections, and per key 2 x the pair cost for a sparse head's sink + band (span plus a
+    block of padding), 2 for each of a dense head's S_k keys; averaged over heads."""
+    pair_cost = 1.0 + PAIR_COST_D / head_dim
+    keys = []
+    for span, sink in zip(window_spans(window_alpha, window_beta, s_k), window_sink):
+        if span < 0:
+            keys.append(float(s_k))
+        else:
+            band = (span // 2) * 2 + block if two_sided else span + block - 1
+            keys.append(min(float(s_k), sink + band) * pair_cost)
+    return d_in + d_out + 2.0 * sum(keys) / max(1, len(keys))
 
 
 register_fast_kernel(sparse_attention_kernel)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moh_compile.kernels.block_sparse import sparse_attention_block, sparse_row_cost
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, is_causal_mask, merge_masks, register_fast_kernel, rotate_half,
                                       simplify_mask, window_mask)
@@ -39,9 +40,10 @@ class KernelStats:
     active_pairs: int = 0   # (token, head) pairs with gate != 0 seen so far
     query_rows: int = 0     # query rows projected / attended, capacity padding included
     dense_calls: int = 0    # op calls left to the dense masked path (`routing_speedup` <= 1)
+    sparse_calls: int = 0   # op calls with windows run by the block-sparse kernel (gates applied after)
 
     def reset(self) -> None:
-        self.calls = self.active_pairs = self.query_rows = self.dense_calls = 0
+        self.calls = self.active_pairs = self.query_rows = self.dense_calls = self.sparse_calls = 0
 
 
 STATS = KernelStats()
@@ -56,6 +58,12 @@ GROUP_SLACK = 0.125           # a head joins a group if padding stays within thi
 # `python benchmarks/bench_moh_dispatch.py`; benchmarks/results/moh_dispatch_2026-11-23.md).
 ROW_COST_PROJ_D = 48.0
 ROW_COST_CORE = 1.15
+# With window patterns (moh+sparse) the kernel and the dense path both carry a per-head (H, S, S_k)
+# mask: their core costs per key rise to these factors, fitted (with the block-sparse kernel's
+# `block_sparse.sparse_row_cost`) to side-by-side timings of the three paths, 12 heads x 32 / 64
+# dims, 256-2048 tokens, 25-75% of the heads (`python benchmarks/bench_moh_sparse_dispatch.py`).
+ROW_COST_CORE_WINDOWED = 2.7
+DENSE_CORE_WINDOWED = 2.1
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
@@ -148,8 +156,26 @@ def routing_speedup(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: 
     of it for the dense path when the mask is causal: SDPA's is_causal skips the masked half, the
     kernel's gathered queries carry an explicit mask)."""
     dense = d_in + d_out + (s_k if causal else 2 * s_k)
-    kernel = fraction * ((1 + ROW_COST_PROJ_D / head_dim) * (d_in + d_out) + ROW_COST_CORE * 2 * s_k)
+    kernel = routed_row_cost(fraction, d_in, d_out, head_dim, s_k)
     return dense / kernel if kernel > 0 else float("inf")
+
+
+def routed_row_cost(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int,
+                    core: float = ROW_COST_CORE) -> float:
+    """Predicted kernel cost per (token, head) row when it computes `fraction` of them (units of
+    `routing_speedup`: a dense row costs d_in + d_out + 2 S_k); `core`: cost per key."""
+    return fraction * ((1 + ROW_COST_PROJ_D / head_dim) * (d_in + d_out) + core * 2 * s_k)
+
+
+def windowed_path_costs(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],
+                        window_alpha: list[int], window_beta: list[float], two_sided: bool) -> dict[str, float]:
+    """Predicted cost per (token, head) row of the op's three paths when it has window patterns:
+    "routed" (this kernel, window masks gathered per head), "sparse" (the block-sparse kernel over
+    every row, gates applied after) and "dense" (the masked reference)."""
+    return {"sparse": sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
+                                      two_sided),
+            "routed": routed_row_cost(fraction, d_in, d_out, head_dim, s_k, ROW_COST_CORE_WINDOWED),
+            "dense": d_in + d_out + DENSE_CORE_WINDOWED * 2.0 * s_k}
 
 
 def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
@@ -180,15 +206,33 @@ def routed_attention_when_faster(
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
-    masked path, else None (the op then runs that path; the output is the same either way)."""
+    masked path, else None (the op then runs that path; the output is the same either way).
+
+    With window patterns (moh+sparse) there is a third path, `block_sparse.sparse_attention_block`:
+    every row, but only the key blocks in each head's pattern, gates applied after. Of the three
+    the one with the lowest predicted cost runs; long sequences go to it (and never build the
+    S x S window masks the other two need)."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
         return None
     plan = routing_plan(head_gates)
-    mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
+    fraction = plan.n_slots / max(1, head_gates.numel())
+    d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
+    if window_sink is not None:
+        costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
+                                    window_two_sided)
+        best = min(costs, key=costs.get)
+        if best == "sparse":
+            STATS.sparse_calls += 1
+            return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
+                                          o_bias, head_gates, scale, window_sink, window_alpha, window_beta,
+                                          window_two_sided)
+        if best == "dense":
+            STATS.dense_calls += 1
+            return None
+    mask = _kernel_mask(attn_mask, x.shape[1], s_k, window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
-    causal = is_causal_mask(mask, x.shape[1], k.shape[2])
-    if routing_speedup(plan.n_slots / max(1, head_gates.numel()), x.shape[-1], o_weight.shape[0], k.shape[-1],
-                       k.shape[2], causal) <= 1.0:
+    if window_sink is None and routing_speedup(fraction, d_in, d_out, head_dim, s_k,
+                                               is_causal_mask(mask, x.shape[1], s_k)) <= 1.0:
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan)

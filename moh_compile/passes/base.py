@@ -1,6 +1,7 @@
 """The shape every pass has: check (can this block be transformed, and if not why),
 plan (per-block settings as plain data) and rewrite (insert the new op, unwired), plus an
-optional configure/calibrate step after the rewrite is verified at its identity setting."""
+optional configure/calibrate step after the rewrite is verified at its identity setting, and an
+optional exact layout step after every pass is calibrated."""
 from __future__ import annotations
 
 import torch.fx as fx
@@ -50,4 +51,9 @@ class Pass:
         was verified; calibration: a calibrate.data.Calibration or None. Report data may hold
         "markdown" (shown in report.md) and "files" ({name: bytes}, e.g. PNG plots).
         """
+        return {}
+
+    def optimize(self, gm: fx.GraphModule, rewrites: list, config: CompileConfig, example: tuple) -> dict:
+        """Exact layout changes once every pass is calibrated (e.g. reorder heads so kernels batch
+        them), verified on the example inputs `(args, kwargs)`. Returns report data (may be empty)."""
         return {}

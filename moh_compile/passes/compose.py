@@ -52,5 +52,15 @@ class ComposedAttention(Pass):
         return {"parts": {k: {kk: vv for kk, vv in v.items() if kk != "files"} for k, v in sections.items()},
                 "markdown": markdown, "files": files}
 
+    def optimize(self, gm, rewrites, config, example) -> dict:
+        sections = {}
+        for p in self.parts:
+            sub = [(m, self._sub_plan(p, bp), rw) for m, bp, rw in rewrites]
+            sections[p.name] = p.optimize(gm, sub, config, example) or {}
+        sections = {k: v for k, v in sections.items() if v}
+        if not sections:
+            return {}
+        return {"parts": sections, "markdown": "\n\n".join(s["markdown"] for s in sections.values() if "markdown" in s)}
+
 
 __all__ = ["ComposedAttention"]

@@ -24,7 +24,7 @@ from moh_compile.match import graph as g
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moh_router import GATE_STYLES, KINDS, HeadRouter
 from moh_compile.plan import BlockPlan
-from moh_compile.rewrite import constant_value, drop_unread_attrs, record_values
+from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, record_values
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
@@ -129,7 +129,7 @@ class MoHAttention(Pass):
     def attention_parts(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> dict:
         b = match.block
         check_settings(block_plan.settings, b.num_heads)
-        name = _free_name(gm, "moh_router")
+        name = free_name(gm, "moh_router")
         # identity: all heads, gates 1; eval mode like the captured graph (no load-balance bookkeeping)
         gm.add_submodule(name, HeadRouter(b.num_heads, b.d_model, out_dim=b.d_out).train(False))
 
@@ -186,13 +186,6 @@ def _fitted(settings: dict) -> bool:
 
 
 # ---------------------------------------------------------------- graph helpers
-def _free_name(gm: fx.GraphModule, prefix: str) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}_{i}"):
-        i += 1
-    return f"{prefix}_{i}"
-
-
 def _router_node(gm: fx.GraphModule, rw) -> fx.Node:
     for n in rw.inserted:
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), HeadRouter) and n.graph is gm.graph:
@@ -280,7 +273,7 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
 
 def _replace_output_projection(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor) -> None:
     """Point the op's o_weight at a new parameter (the original stays the user's, untouched)."""
-    name = _free_name(gm, "moh_o_weight")
+    name = free_name(gm, "moh_o_weight")
     gm.register_parameter(name, torch.nn.Parameter(weight))
     with gm.graph.inserting_before(op):
         op.update_arg(8, gm.graph.get_attr(name))

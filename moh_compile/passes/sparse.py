@@ -12,6 +12,7 @@ sharing a KV head (GQA/MQA) share a pattern.
 """
 from __future__ import annotations
 
+import argparse
 import io
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from moh_compile.calibrate.sparse_profile import DENSE, candidate_grid, mass_out
 from moh_compile.errors import MohCompileError
 from moh_compile.flops import attention_flops
 from moh_compile.ops.attention import rotate_half
+from moh_compile.passes import head_order
 from moh_compile.passes.base import Pass
 from moh_compile.plan import BlockPlan
 from moh_compile.rewrite import record_values
@@ -44,6 +46,7 @@ class SparseOptions:
     profile_lengths: tuple = (256, 512)
     validate_length: int | None = None  # None: between the profile lengths, never one of them
     samples: int = 8  # sequences per profile length
+    reorder_heads: bool = True  # make heads with equal patterns adjacent (passes.head_order; exact)
 
     @classmethod
     def parse(cls, opts: dict) -> "SparseOptions":
@@ -58,6 +61,8 @@ class SparseOptions:
             raise MohCompileError(f"sink tokens must be a non-negative integer, got {o.sink_tokens}")
         if not o.profile_lengths or min(o.profile_lengths) < 2:
             raise MohCompileError(f"profile lengths must be integers >= 2, got {list(o.profile_lengths)}")
+        if not isinstance(o.reorder_heads, bool):
+            raise MohCompileError(f"reorder_heads must be true or false, got {o.reorder_heads!r}")
         if o.samples < 1:
             raise MohCompileError(f"profile samples must be at least 1, got {o.samples}")
         if o.validate_length is None:
@@ -236,6 +241,9 @@ class SparseAttention(Pass):
         g.add_argument("--validate-length", type=int, metavar="L",
                        help="length the chosen plan is validated at; not a profile length (default: between them)")
         g.add_argument("--profile-samples", type=int, metavar="N", help="sequences per profile length (default: 8)")
+        g.add_argument("--reorder-heads", action=argparse.BooleanOptionalAction, default=None,
+                       help="permute heads (and their weights) so heads with the same pattern are adjacent, "
+                            "which the kernel runs faster; exact (default: on)")
 
     def options_from_args(self, args) -> dict:
         out = {}
@@ -243,6 +251,8 @@ class SparseAttention(Pass):
                          ("validate_length", "validate_length"), ("samples", "profile_samples")):
             if getattr(args, opt, None) is not None:
                 out[key] = getattr(args, opt)
+        if getattr(args, "reorder_heads", None) is not None:
+            out["reorder_heads"] = bool(args.reorder_heads)
         if getattr(args, "profile_lengths", None):
             try:
                 out["profile_lengths"] = [int(n) for n in args.profile_lengths.split(",")]
@@ -282,6 +292,15 @@ class SparseAttention(Pass):
         validation = validate(gm, blocks, windows, calibration, opts, loss)
         return build_report(blocks, windows, opts, source="calibration", loss=loss, validation=validation,
                             candidates=candidates)
+
+    def optimize(self, gm, rewrites, config, example) -> dict:
+        """Reorder each block's heads by pattern (passes.head_order), unless reorder_heads is off.
+        Plans and reports keep the original head numbering."""
+        if not SparseOptions.parse(self.options(config)).reorder_heads:
+            return {}
+        results = head_order.reorder_heads(gm, {_op_node(gm, rw): bp.name for _, bp, rw in rewrites}, *example,
+                                           rtol=config.verify_rtol)
+        return {"head_order": results, "markdown": head_order.markdown(results)} if results else {}
 
 
 def candidate_alphas(lengths: list[int]) -> list[int]:

@@ -1,0 +1,144 @@
+"""Head reordering after the sparse pass (passes.head_order): heads with equal window patterns made
+adjacent by permuting weights once. It must be exact on every architecture it applies to, move
+K/V projection rows (not copy K/V per call), leave the user's model untouched, and undo itself
+where a projection is not laid out head by head."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moh_compile
+from moh_compile.passes.head_order import head_permutation
+from moh_compile.plan import BlockPlan, Plan
+from tests.models import ALL, build, main_output, reshape_inputs
+
+A = (1, 4, 0.0)   # sink 1, local span 4: sparse at the test length (24 tokens)
+DENSE = (0, -1, 0.0)
+
+
+def _plan(model, inputs, patterns_of, transform="sparse"):
+    """A plan giving each attention block the per-head patterns `patterns_of(block)` returns."""
+    blocks = []
+    for m in moh_compile.inspect(model, inputs).matches.attention:
+        sink, alpha, beta = zip(*patterns_of(m.block))
+        window = {"sink": list(sink), "alpha": list(alpha), "beta": list(beta), "two_sided": not m.block.causal}
+        blocks.append(BlockPlan(m.block.name, "attention", transform,
+                                window if transform == "sparse" else {"identity": {}, "sparse": window}))
+    return Plan(blocks=blocks)
+
+
+def _compile(model, inputs, plan, reorder, attention="sparse"):
+    cfg = moh_compile.CompileConfig(attention=attention, ffn="keep", options={"sparse": {"reorder_heads": reorder}})
+    return moh_compile.compile(model, inputs, cfg, plan=plan)
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        return main_output(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
+
+
+def _layout(compiled):
+    sec = compiled.report.sections.get("attention:sparse:layout") or {}
+    return sec.get("head_order", {})
+
+
+def test_permutation_groups_equal_patterns_and_moves_kv_groups_whole():
+    a, b = (1, 4, 0.0), (1, 8, 0.0)
+    assert head_permutation(*zip(a, b, a, b), rep=1) == [0, 2, 1, 3]
+    assert head_permutation(*zip(a, a, b, b), rep=1) is None  # already grouped
+    # GQA, 2 query heads per KV head: KV groups [a, b, a] -> [a, a, b], each group's heads together
+    assert head_permutation(*zip(a, a, b, b, a, a), rep=2) == [0, 1, 4, 5, 2, 3]
+    assert head_permutation(*zip(a, a, a, a), rep=4) is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reorder_is_exact_on_every_model(name):
+    """Interleaved patterns [A, dense, A, dense]: reordered to [A, A, dense, dense] where the model
+    has one KV head per query head, outputs equal to the unreordered compile at a length where the
+    windows matter; K/V projections read permuted copies; the user's model is untouched."""
+    model, inputs, _, facts = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = _plan(model, inputs, lambda blk: [A if h % 2 == 0 else DENSE for h in range(blk.num_heads)])
+    reordered, plain = _compile(model, inputs, plan, True), _compile(model, inputs, plan, False)
+    results = _layout(reordered)
+    assert results and not _layout(plain)
+    if facts["kv"] == facts["heads"]:
+        assert all(r.get("order") == [0, 2, 1, 3] for r in results.values()), results
+        assert sum(n.startswith("head_order_weight") for n, _ in reordered.graph_module.named_parameters()) >= 4
+    else:  # GQA / MQA with pairs sharing a KV head: [A, A, dense, dense] per KV group order is already grouped
+        assert all("skipped" in r for r in results.values()), results
+    x = reshape_inputs(inputs, 2, 24) if name != "vit" else reshape_inputs(inputs, 2, 17)
+    diff = (_out(reordered, x) - _out(plain, x)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _GQA6(nn.Module):
+    """6 query heads sharing 3 KV heads (pairs), so KV groups can be interleaved and reordered."""
+
+    def __init__(self, d=96, h=6, h_kv=3):
+        super().__init__()
+        self.h, self.h_kv, self.dh = h, h_kv, d // h
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, h_kv * self.dh), nn.Linear(d, h_kv * self.dh)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.dh).transpose(1, 2)
+        k, v = (p(x).view(b, s, self.h_kv, self.dh).transpose(1, 2) for p in (self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_gqa_moves_query_heads_with_their_kv_head():
+    torch.manual_seed(0)
+    model, inputs = _GQA6().eval(), (torch.randn(2, 8, 96),)
+    pats = [A, A, DENSE, DENSE, A, A]
+    plan = _plan(model, inputs, lambda blk: pats)
+    reordered, plain = _compile(model, inputs, plan, True), _compile(model, inputs, plan, False)
+    assert [r["order"] for r in _layout(reordered).values()] == [[0, 1, 4, 5, 2, 3]]
+    assert "| 0 1 4 5 2 3 |" in reordered.report.sections["attention:sparse:layout"]["markdown"]
+    assert "attention:sparse:layout" in reordered.report.markdown()
+    x = (torch.randn(2, 24, 96),)
+    assert (_out(reordered, x) - _out(plain, x)).abs().max() <= 1e-5
+
+
+def test_composed_identity_plus_sparse_reorders_too():
+    model, inputs, _, _ = build("bert")
+    plan = _plan(model, inputs, lambda blk: [A, DENSE, A, DENSE], transform="identity+sparse")
+    both = _compile(model, inputs, plan, True, attention="identity+sparse")
+    sec = both.report.sections["attention:identity+sparse:layout"]
+    assert all(r["order"] == [0, 2, 1, 3] for r in sec["parts"]["sparse"]["head_order"].values())
+    plain = _compile(model, inputs, plan, False, attention="identity+sparse")
+    x = reshape_inputs(inputs, 2, 24)
+    assert (_out(both, x) - _out(plain, x)).abs().max() <= 1e-5
+
+
+class _HeadMinorK(nn.Module):
+    """K laid out head-minor (feature = d * H + h): permuting whole rows of heads would be wrong,
+    so the reorder must find no valid layout and undo itself."""
+
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        self.h, self.dh = h, d // h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, v = (p(x).view(b, s, self.h, self.dh).transpose(1, 2) for p in (self.q, self.v))
+        k = self.k(x).view(b, s, self.dh, self.h).permute(0, 3, 1, 2)
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d))
+
+
+def test_unsupported_layout_is_undone_with_a_reason():
+    torch.manual_seed(0)
+    model, inputs = _HeadMinorK().eval(), (torch.randn(2, 8, 64),)
+    plan = _plan(model, inputs, lambda blk: [A, DENSE, A, DENSE])
+    reordered, plain = _compile(model, inputs, plan, True), _compile(model, inputs, plan, False)
+    (result,) = _layout(reordered).values()
+    assert "not laid out head by head" in result["skipped"]
+    assert not any(n.startswith("head_order_weight") for n, _ in reordered.graph_module.named_parameters())
+    x = (torch.randn(2, 24, 64),)
+    assert torch.equal(_out(reordered, x), _out(plain, x))
