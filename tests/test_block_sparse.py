@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moh_compile.ops  # noqa: F401  (registers the op)
+import moh_compile  # noqa: F401  (registers the op and its kernels)
 from moh_compile.calibrate.sparse_profile import pattern_density
-from moh_compile.kernels.block_sparse import sparse_attention_core, sparse_attention_kernel
+from moh_compile.kernels import block_sparse as bs
+from moh_compile.kernels.block_sparse import sparse_attention_block, sparse_attention_core, sparse_attention_kernel
 from moh_compile.ops.attention import attention_reference, merge_masks, window_mask, window_spans
 
 
@@ -112,9 +113,27 @@ def test_kernel_applies_only_to_window_attributes():
     assert sparse_attention_kernel(*base, None, 0.3) is None
     gates = torch.ones(b, s, h)
     assert sparse_attention_kernel(*base, gates, 0.3, [1] * h, [4] * h, [0.0] * h, False) is None
-    out = sparse_attention_kernel(*base, None, 0.3, [1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
-    ref = attention_reference(*base, None, 0.3, [1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
+    window = ([1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
+    out = sparse_attention_block(*base, None, 0.3, *window)
+    ref = attention_reference(*base, None, 0.3, *window)
     assert (out - ref).abs().max().item() < 1e-5
+    # 20 tokens: the bands cover nearly every key, the cost model leaves the call to the reference
+    bs.STATS.update(calls=0, dense_calls=0)
+    assert sparse_attention_kernel(*base, None, 0.3, *window) is None and bs.STATS["dense_calls"] == 1
+
+
+def test_kernel_runs_where_cheaper_than_the_dense_masked_path():
+    """1024 tokens, windows of 4-6 keys: the block kernel runs (through the op) and matches the reference."""
+    b, s, dm, h, d = 1, 1024, 32, 4, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, s, dm, generator=g)
+    qw, ow = torch.randn(h * d, dm, generator=g), torch.randn(dm, h * d, generator=g)
+    k, v = torch.randn(b, 2, s, d, generator=g), torch.randn(b, 2, s, d, generator=g)
+    args = (x, qw, None, k, v, None, None, None, ow, None, None, 0.3, [1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
+    bs.STATS.update(calls=0, dense_calls=0)
+    out = torch.ops.moh_compile.attention(*args)
+    assert bs.STATS == {"calls": 1, "dense_calls": 0}
+    assert (out - attention_reference(*args)).abs().max().item() < 1e-5
 
 
 def test_invalid_settings():

@@ -105,6 +105,23 @@ def test_gqa_moves_query_heads_with_their_kv_head():
     assert (_out(reordered, x) - _out(plain, x)).abs().max() <= 1e-5
 
 
+def test_rope_mha_llama_reorders_through_the_rotary_ops():
+    """K reaches the op through RoPE (mul, rotate-half slices, neg, cat, add): the walk back must
+    still find the one K projection. A LLaMA with as many KV heads as query heads."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.LlamaModel(T.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=4, intermediate_size=128, vocab_size=100)).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),
+              "use_cache": False}
+    plan = _plan(model, inputs, lambda blk: [A, DENSE, A, DENSE])
+    reordered, plain = _compile(model, inputs, plan, True), _compile(model, inputs, plan, False)
+    assert all(r.get("order") == [0, 2, 1, 3] for r in _layout(reordered).values())
+    x = {"input_ids": torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)), "use_cache": False}
+    assert (_out(reordered, x) - _out(plain, x)).abs().max() <= 1e-5
+
+
 def test_composed_identity_plus_sparse_reorders_too():
     model, inputs, _, _ = build("bert")
     plan = _plan(model, inputs, lambda blk: [A, DENSE, A, DENSE], transform="identity+sparse")

@@ -285,9 +285,17 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
 def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                             head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
                             window_two_sided=False):
-    """Fast path of `moh_compile::attention` for window attributes without head gates; else None."""
+    """Fast path of `moh_compile::attention` for window attributes without head gates; else None:
+    also when the cost model predicts the dense masked reference faster (short sequences, where
+    the bands cover most keys and the block kernel's per-call overheads dominate)."""
     if window_sink is None or head_gates is not None:
         return None
+    d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
+    if sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
+                       window_two_sided) > dense_windowed_row_cost(d_in, d_out, s_k):
+        STATS["dense_calls"] += 1
+        return None
+    STATS["calls"] += 1
     return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                                   None, scale, window_sink, window_alpha, window_beta, window_two_sided)
 
@@ -297,6 +305,16 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
 # docs/sparse.md): 2.8-3.5 at D=32 (512-2048 tokens), 1.9-2.4 at D=64 (2048-8192): small
 # per-block flash calls, the sink/band merge, band-edge masks.
 PAIR_COST_D = 80.0
+# Cost per key of the dense masked path with window masks (the op's reference: SDPA with an
+# (H, S, S_k) mask), in the same units; fitted side by side with the block-sparse and routed paths
+# (`python benchmarks/bench_moh_sparse_dispatch.py --fit`).
+DENSE_CORE_WINDOWED = 2.1
+STATS = {"calls": 0, "dense_calls": 0}  # op calls run by the block kernel / left to the reference
+
+
+def dense_windowed_row_cost(d_in: int, d_out: int, s_k: int) -> float:
+    """Predicted cost of one (token, head) row of the dense masked path with window masks."""
+    return d_in + d_out + DENSE_CORE_WINDOWED * 2.0 * s_k
 
 
 def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moh_compile.kernels.block_sparse import sparse_attention_block, sparse_row_cost
+from moh_compile.kernels.block_sparse import dense_windowed_row_cost, sparse_attention_block, sparse_row_cost
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, is_causal_mask, merge_masks, register_fast_kernel, rotate_half,
                                       simplify_mask, window_mask)
@@ -58,12 +58,12 @@ GROUP_SLACK = 0.125           # a head joins a group if padding stays within thi
 # `python benchmarks/bench_moh_dispatch.py`; benchmarks/results/moh_dispatch_2026-11-23.md).
 ROW_COST_PROJ_D = 48.0
 ROW_COST_CORE = 1.15
-# With window patterns (moh+sparse) the kernel and the dense path both carry a per-head (H, S, S_k)
-# mask: their core costs per key rise to these factors, fitted (with the block-sparse kernel's
-# `block_sparse.sparse_row_cost`) to side-by-side timings of the three paths, 12 heads x 32 / 64
-# dims, 256-2048 tokens, 25-75% of the heads (`python benchmarks/bench_moh_sparse_dispatch.py`).
+# With window patterns (moh+sparse) the kernel carries a per-head (H, S, S_k) mask: its core cost
+# per key rises to this factor, fitted with the block-sparse kernel's `sparse_row_cost` and the
+# dense masked path's `dense_windowed_row_cost` to side-by-side timings of the three paths,
+# 12 heads x 32 / 64 dims, 256-2048 tokens, 25-75% of the heads
+# (`python benchmarks/bench_moh_sparse_dispatch.py --fit`).
 ROW_COST_CORE_WINDOWED = 2.7
-DENSE_CORE_WINDOWED = 2.1
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
@@ -175,7 +175,7 @@ def windowed_path_costs(fraction: float, d_in: int, d_out: int, head_dim: int, s
     return {"sparse": sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                       two_sided),
             "routed": routed_row_cost(fraction, d_in, d_out, head_dim, s_k, ROW_COST_CORE_WINDOWED),
-            "dense": d_in + d_out + DENSE_CORE_WINDOWED * 2.0 * s_k}
+            "dense": dense_windowed_row_cost(d_in, d_out, s_k)}
 
 
 def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
