@@ -133,6 +133,44 @@ def test_composed_identity_plus_sparse_reorders_too():
     assert (_out(both, x) - _out(plain, x)).abs().max() <= 1e-5
 
 
+def test_routed_heads_get_their_gates_permuted(tmp_path):
+    """sparse+moh: the router keeps its head order, its gates are gathered into the new one; the
+    reordered graph still lowers to both ONNX forms (custom: when onnxruntime-extensions is here)."""
+    import importlib.util
+
+    from moh_compile.backends.ort_runtime import verify_onnx
+    from moh_compile.calibrate.data import Calibration
+
+    model, inputs, _, _ = build("bert")
+    g = torch.Generator().manual_seed(1)
+    calib = Calibration(batches=[{"input_ids": torch.randint(0, 100, (4, 40), generator=g),
+                                  "attention_mask": torch.ones(4, 40, dtype=torch.long)} for _ in range(3)])
+    def cfg(reorder):
+        return moh_compile.CompileConfig(attention="sparse+moh", ffn="keep", options={
+            "sparse": {"reorder_heads": reorder, "profile_lengths": [16, 32]}, "moh": {"active_heads": 0.5}})
+
+    plan = moh_compile.compile(model, inputs, cfg(False), calibration=calib).plan
+    for b in plan.blocks:  # interleaved patterns, the MoH structure as planned
+        if b.kind == "attention":
+            b.settings["sparse"] = {"sink": [1, 0, 1, 0], "alpha": [4, -1, 4, -1], "beta": [0.0] * 4,
+                                    "two_sided": True}
+    out = {reorder: moh_compile.compile(model, inputs, cfg(reorder), plan=plan, calibration=calib)
+           for reorder in (True, False)}
+    sec = out[True].report.sections["attention:sparse+moh:layout"]["parts"]["sparse"]["head_order"]
+    assert all(r.get("order") == [0, 2, 1, 3] for r in sec.values()), sec
+    gathers = [n for n in out[True].graph_module.graph.nodes if n.target is torch.ops.aten.index_select.default
+               and str(n.args[2].target).startswith("head_order_index")]
+    assert len(gathers) == 2
+    x = reshape_inputs(inputs, 2, 24)
+    assert (_out(out[True], x) - _out(out[False], x)).abs().max() <= 1e-5
+    program = out[True].export()
+    forms = ["portable"] + (["custom"] if importlib.util.find_spec("onnxruntime_extensions") else [])
+    for form in forms:
+        path = tmp_path / f"model.{form}.onnx"
+        out[True].export_onnx(path, form=form, program=program, capacity="exact")
+        assert verify_onnx(out[True], x, path, atol=1e-4, form=form) <= 1e-4
+
+
 class _HeadMinorK(nn.Module):
     """K laid out head-minor (feature = d * H + h): permuting whole rows of heads would be wrong,
     so the reorder must find no valid layout and undo itself."""

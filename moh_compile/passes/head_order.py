@@ -12,10 +12,11 @@ so only the order of the final sum over heads changes. Weights are permuted once
 new parameters; the user's model keeps its own. K and V are computed by the model's graph, so
 the pass finds the projection each comes from (the one linear behind it, through layout,
 pointwise and RoPE ops) and permutes that projection's rows; fused projections are handled by
-trying each head-aligned row offset. Every reorder is verified on the example inputs (K/V
-arrive permuted, model outputs unchanged) and undone if it does not verify, with the reason
-recorded. Skipped: ops with routed heads (the router's gates are per original head), masks or
-RoPE tables with a per-head dimension, heads that are already grouped.
+trying each head-aligned row offset. With routed heads (moh+sparse) the router's gates are
+gathered into the new order on each call (B x S x H values). Every reorder is verified on the
+example inputs (K/V arrive permuted, model outputs unchanged) and undone if it does not verify,
+with the reason recorded. Skipped: masks or RoPE tables with a per-head dimension, heads that
+are already grouped.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class _Edit:
     """Graph and module changes of one op's reorder, so a failed verification can undo them."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm, self.args, self.params, self.nodes, self.old = gm, {}, [], [], []
+        self.gm, self.args, self.old = gm, {}, []
+        self.added: list[tuple[fx.Node, str | None]] = []  # inserted nodes, with the attribute a get_attr reads
 
     def set_arg(self, node: fx.Node, old: fx.Node, new: fx.Node) -> None:
         """Make `node` read `new` where it read `old` (same shape: `new` takes over its metadata)."""
@@ -90,12 +92,26 @@ class _Edit:
             new.meta.setdefault("val", old.meta["val"])
 
     def param(self, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        """A new parameter holding `value`, read by a get_attr inserted before `before`."""
         name = free_name(self.gm, "head_order_weight")
         self.gm.register_parameter(name, torch.nn.Parameter(value.contiguous()))
-        self.params.append(name)
+        return self._get_attr(name, before)
+
+    def permuted_gates(self, gates: fx.Node, perm: list[int], before: fx.Node) -> fx.Node:
+        """gates[..., perm]: the router's (B, S, H) gates in the new head order (a small gather
+        per call; the router keeps its own order, so it stays trainable and re-fittable)."""
+        name = free_name(self.gm, "head_order_index")
+        self.gm.register_buffer(name, torch.tensor(perm, dtype=torch.long))
+        index = self._get_attr(name, before)
+        with self.gm.graph.inserting_before(before):
+            node = self.gm.graph.call_function(aten.index_select.default, (gates, 2, index))
+        self.added.append((node, None))
+        return node
+
+    def _get_attr(self, name: str, before: fx.Node) -> fx.Node:
         with self.gm.graph.inserting_before(before):
             node = self.gm.graph.get_attr(name)
-        self.nodes.append(node)
+        self.added.append((node, name))
         return node
 
     def undo(self) -> None:
@@ -104,14 +120,14 @@ class _Edit:
         self.prune()
 
     def prune(self) -> None:
-        """Remove the parameters this edit added that nothing reads (all of them after undo;
-        those of rejected offsets after a fused projection's search)."""
-        for node, name in zip(list(self.nodes), list(self.params)):
+        """Remove what this edit inserted that nothing reads (all of it after undo; the
+        parameters of rejected offsets after a fused projection's search), newest first."""
+        for node, name in reversed(list(self.added)):
             if not node.users:
                 self.gm.graph.erase_node(node)
-                delattr(self.gm, name)
-                self.nodes.remove(node)
-                self.params.remove(name)
+                if name is not None:
+                    delattr(self.gm, name)
+                self.added.remove((node, name))
         self.gm.recompile()
 
     def replaced(self) -> list[str]:
@@ -151,8 +167,6 @@ def _reorder_op(gm, op: fx.Node, example: tuple, reference: dict, rtol: float) -
     """Reorder one op's heads and verify; {"order": [...]} or {"skipped": reason}, graph unchanged then.
     reference: the model outputs ("out*") and this op's "k"/"v" before any reorder."""
     a = op.args
-    if a[_ARG["head_gates"]] is not None:
-        return {"skipped": "routed heads: the router's gates follow the original head order"}
     for name in ("attn_mask", "rope_cos", "rope_sin"):
         t = g.val(a[_ARG[name]]) if isinstance(a[_ARG[name]], fx.Node) else None
         if t is not None and t.dim() == 4 and t.shape[1] > 1:
@@ -185,6 +199,8 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     if a[_ARG["q_bias"]] is not None:
         edit.set_arg(op, a[_ARG["q_bias"]], edit.param(constant_value(gm, a[_ARG["q_bias"]])[q_rows], op))
     edit.set_arg(op, a[_ARG["o_weight"]], edit.param(constant_value(gm, a[_ARG["o_weight"]])[:, q_rows], op))
+    if a[_ARG["head_gates"]] is not None:
+        edit.set_arg(op, a[_ARG["head_gates"]], edit.permuted_gates(a[_ARG["head_gates"]], perm, op))
     new_args = list(op.args)
     for name in ("sink", "alpha", "beta"):
         new_args[_ARG[name]] = [a[_ARG[name]][p] for p in perm]
