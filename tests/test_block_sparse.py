@@ -103,33 +103,34 @@ def test_work_scales_with_pattern():
     assert math.isclose(pattern_density(s, 4, 100, 0.0, False, False), pat[0].sum().item() / s**2)
 
 
-def test_kernel_applies_only_to_window_attributes():
-    b, s, dm, h, d = 1, 20, 32, 4, 8
+def _op_operands(s: int, b: int = 1, dm: int = 32, h: int = 4, d: int = 8) -> tuple:
+    """(x, W_q, b_q, k, v, mask, cos, sin, W_o, b_o) of the op: 4 query heads on 2 KV heads."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, s, dm, generator=g)
     qw, ow = torch.randn(h * d, dm, generator=g), torch.randn(dm, h * d, generator=g)
     k, v = torch.randn(b, 2, s, d, generator=g), torch.randn(b, 2, s, d, generator=g)
-    base = (x, qw, None, k, v, None, None, None, ow, None)
+    return (x, qw, None, k, v, None, None, None, ow, None)
+
+
+WINDOW = ([1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
+
+
+def test_kernel_applies_only_to_window_attributes():
+    base = _op_operands(20)
     assert sparse_attention_kernel(*base, None, 0.3) is None
-    gates = torch.ones(b, s, h)
-    assert sparse_attention_kernel(*base, gates, 0.3, [1] * h, [4] * h, [0.0] * h, False) is None
-    window = ([1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
-    out = sparse_attention_block(*base, None, 0.3, *window)
-    ref = attention_reference(*base, None, 0.3, *window)
+    gates = torch.ones(1, 20, 4)
+    assert sparse_attention_kernel(*base, gates, 0.3, [1] * 4, [4] * 4, [0.0] * 4, False) is None
+    out = sparse_attention_block(*base, None, 0.3, *WINDOW)
+    ref = attention_reference(*base, None, 0.3, *WINDOW)
     assert (out - ref).abs().max().item() < 1e-5
     # 20 tokens: the bands cover nearly every key, the cost model leaves the call to the reference
     bs.STATS.update(calls=0, dense_calls=0)
-    assert sparse_attention_kernel(*base, None, 0.3, *window) is None and bs.STATS["dense_calls"] == 1
+    assert sparse_attention_kernel(*base, None, 0.3, *WINDOW) is None and bs.STATS["dense_calls"] == 1
 
 
 def test_kernel_runs_where_cheaper_than_the_dense_masked_path():
     """1024 tokens, windows of 4-6 keys: the block kernel runs (through the op) and matches the reference."""
-    b, s, dm, h, d = 1, 1024, 32, 4, 8
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, s, dm, generator=g)
-    qw, ow = torch.randn(h * d, dm, generator=g), torch.randn(dm, h * d, generator=g)
-    k, v = torch.randn(b, 2, s, d, generator=g), torch.randn(b, 2, s, d, generator=g)
-    args = (x, qw, None, k, v, None, None, None, ow, None, None, 0.3, [1, 0, 2, 0], [4, -1, 3, 6], [0.0] * 4, False)
+    args = (*_op_operands(1024), None, 0.3, *WINDOW)
     bs.STATS.update(calls=0, dense_calls=0)
     out = torch.ops.moh_compile.attention(*args)
     assert bs.STATS == {"calls": 1, "dense_calls": 0}
