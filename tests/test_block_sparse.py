@@ -137,6 +137,26 @@ def test_kernel_runs_where_cheaper_than_the_dense_masked_path():
     assert (out - attention_reference(*args)).abs().max().item() < 1e-5
 
 
+def test_large_window_masks_are_never_built():
+    """4 heads x 8 dims at 4096 tokens with half-length windows: the cost model alone would pick the
+    dense masked path, but its (B, H, S, S) mask would hold 67M elements, so the block kernel runs
+    (memory scales with the pattern); with head gates too, the block-sparse path runs."""
+    from moh_compile.kernels import routed_attention as ra
+
+    window = ([1] * 4, [4] * 4, [0.5] * 4, False)
+    base = _op_operands(4096)
+    o_weight = base[8]
+    assert not bs.window_masks_fit(1, 4, 4096, 4096)
+    assert bs.sparse_row_cost(32, 32, 8, 4096, *window) > bs.dense_windowed_row_cost(32, 32, 4096)
+    bs.STATS.update(calls=0, dense_calls=0)
+    out = torch.ops.moh_compile.attention(*base, None, 0.3, *window)
+    assert bs.STATS == {"calls": 1, "dense_calls": 0} and out.shape == (1, 4096, o_weight.shape[0])
+    ra.STATS.reset()
+    gates = (torch.rand(1, 4096, 4, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    torch.ops.moh_compile.attention(*base, gates, 0.3, *window)
+    assert (ra.STATS.sparse_calls, ra.STATS.calls, ra.STATS.dense_calls) == (1, 0, 0)
+
+
 def test_invalid_settings():
     q, k, v = _qkv(1, 3, 2, 10, 8)
     with pytest.raises(ValueError, match="multiple of kv heads"):

@@ -291,8 +291,9 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
     if window_sink is None or head_gates is not None:
         return None
     d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
-    if sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
-                       window_two_sided) > dense_windowed_row_cost(d_in, d_out, s_k):
+    if window_masks_fit(x.shape[0], len(window_alpha), x.shape[1], s_k) and sparse_row_cost(
+            d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
+            window_two_sided) > dense_windowed_row_cost(d_in, d_out, s_k):
         STATS["dense_calls"] += 1
         return None
     STATS["calls"] += 1
@@ -310,6 +311,12 @@ PAIR_COST_D = 80.0
 # (`python benchmarks/bench_moh_sparse_dispatch.py --fit`).
 DENSE_CORE_WINDOWED = 2.1
 STATS = {"calls": 0, "dense_calls": 0}  # op calls run by the block kernel / left to the reference
+
+
+def window_masks_fit(batch: int, heads: int, s_q: int, s_k: int) -> bool:
+    """Whether the paths that materialise the window patterns as a (B, H, S, S_k) mask may run:
+    at most _MASK_CHUNK_ELEMS elements, so memory keeps scaling with the pattern, not with S^2."""
+    return batch * heads * s_q * s_k <= _MASK_CHUNK_ELEMS
 
 
 def dense_windowed_row_cost(d_in: int, d_out: int, s_k: int) -> float:

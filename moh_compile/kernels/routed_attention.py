@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moh_compile.kernels.block_sparse import dense_windowed_row_cost, sparse_attention_block, sparse_row_cost
+from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, sparse_attention_block, sparse_row_cost,
+                                             window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, is_causal_mask, merge_masks, register_fast_kernel, rotate_half,
                                       simplify_mask, window_mask)
@@ -210,8 +211,9 @@ def routed_attention_when_faster(
 
     With window patterns (moh+sparse) there is a third path, `block_sparse.sparse_attention_block`:
     every row, but only the key blocks in each head's pattern, gates applied after. Of the three
-    the one with the lowest predicted cost runs; long sequences go to it (and never build the
-    S x S window masks the other two need)."""
+    the one with the lowest predicted cost runs; long sequences go to it, and so does every call
+    whose (B, H, S, S_k) window mask, which the other two build, would be large
+    (`block_sparse.window_masks_fit`)."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
         return None
     plan = routing_plan(head_gates)
@@ -220,7 +222,8 @@ def routed_attention_when_faster(
     if window_sink is not None:
         costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                     window_two_sided)
-        best = min(costs, key=costs.get)
+        fits = window_masks_fit(x.shape[0], head_gates.shape[-1], x.shape[1], s_k)
+        best = min(costs, key=costs.get) if fits else "sparse"  # the other two build (B, H, S, S_k) masks
         if best == "sparse":
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
