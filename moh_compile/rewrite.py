@@ -216,6 +216,12 @@ def probe_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], args: tuple, kwa
     return {k: v[-1] for k, v in values.items()}
 
 
+def tolerance(reference: torch.Tensor, rtol: float) -> float:
+    """Largest max-abs difference from `reference` that still counts as the same values: rtol of
+    its scale (1 + max |reference|), the rule every verification of a graph change uses."""
+    return rtol * (1.0 + float(reference.abs().max())) if reference.numel() else 0.0
+
+
 def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tuple, kwargs: dict,
                     rtol: float = 1e-4) -> list[float | str]:
     """Compare each pending rewrite with the block it replaces on the example inputs; wire in
@@ -234,7 +240,7 @@ def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tup
         new, old = values.get(f"new{i}"), values.get(f"old{i}")
         ok = error is None and new is not None and old is not None and new.shape == old.shape
         diff = (new - old).abs().max().item() if ok else float("inf")
-        ok = ok and diff <= rtol * (1.0 + old.abs().max().item())
+        ok = ok and diff <= tolerance(old, rtol)
         if ok:
             p.old.replace_all_uses_with(p.new, delete_user_cb=lambda u, p=p: u not in p.inserted)
             results.append(diff)

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from moh_compile.match import graph as g
-from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, probe_values
+from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, probe_values, tolerance
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
@@ -160,7 +160,7 @@ def _close(a, b, rtol: float) -> bool:
         return a == b
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
         return False
-    return a.numel() == 0 or float((a - b).abs().max()) <= rtol * (1.0 + float(b.abs().max()))
+    return a.numel() == 0 or float((a - b).abs().max()) <= tolerance(b, rtol)
 
 
 def _reorder_op(gm, op: fx.Node, example: tuple, reference: dict, rtol: float) -> dict:
@@ -230,8 +230,7 @@ def _permute_kv(edit: _Edit, op: fx.Node, which: str, perm_kv: list[int], d: int
     weight_args = lin.node.args
     for offset in range(0, min(lin.out_features - width, (_MAX_FUSED_OFFSETS - 1) * width) + 1, width):
         _permute_projection(edit, lin, perm_kv, d, offset)
-        gm.recompile()
-        values = probe_values(gm, {which: node, **(also or {})}, *example)
+        values = probe_values(gm, {which: node, **(also or {})}, *example)  # recompiles gm with the change
         if _close(values[which], want, rtol):
             edit.prune()
             return None, values
@@ -255,8 +254,7 @@ def reorder_heads(gm: fx.GraphModule, ops: dict[fx.Node, str], args: tuple, kwar
     results = {}
     for i, (op, name) in enumerate(ops.items()):
         reference = dict(outputs, k=before[f"k{i}"], v=before[f"v{i}"])
-        results[name] = _reorder_op(gm, op, (args, kwargs), reference, rtol)
-    gm.recompile()
+        results[name] = _reorder_op(gm, op, (args, kwargs), reference, rtol)  # leaves gm recompiled
     return results
 
 
