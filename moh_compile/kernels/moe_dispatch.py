@@ -7,21 +7,24 @@ and are folded into the combine as two vectorised terms (a per-token multiple of
 (T, n_const) @ (n_const, d) product).
 
 Two layouts for the FFN part (`moepp_dispatch(..., layout=...)`):
-  "sorted"   (default) gather every FFN (token, slot) pair once, sorted by expert, into a
-             reused workspace; per expert one matmul chain on its contiguous slice, written
-             into a contributions buffer; then one weighted per-token sum (embedding_bag).
+  "sorted"   (default) sort the (token, slot) pairs by expert; per expert gather its token rows
+             into a small cache-resident buffer and run the input GEMM into its contiguous slice
+             of one hidden buffer; one activation call and one routing-weight scaling over that
+             buffer; per expert the output GEMM into a small buffer, scatter-added into the
+             output rows of its tokens.
   "capacity" pad every expert to the largest expert's token count and run batched bmm.
 benchmarks/bench_moepp.py measures them side by side ("op" is the op, i.e. "sorted").
-The current "sorted" replaced a per-expert gather / weight / index_add variant: side by side on
-2 threads it was 0.96-1.3x as fast at d_model 384 (2048 tokens, keep 0.5: 52.6 -> 40.0 ms) and
-1.0-1.1x at 1024 (benchmarks/results/moepp_cpu_2026-11-22.md). A single gathered buffer
-without the workspace had been 10-40% slower than per-expert buffers: buffers that large are
-freshly mapped by the allocator on every call and page-faulted in.
+History, side by side on 2 threads: the sorted layout first replaced a per-expert gather /
+weight / index_add variant (0.96-1.3x as fast at d_model 384); it then gathered every pair
+into one pairs x d buffer and summed a pairs x d_out contributions buffer per token with one
+embedding_bag. Gathering and scattering per expert instead (this version) keeps those d-wide
+rows in cache: 0.85-0.90x of the time at d_model 384 and 2048 tokens, 0.92-1.0x elsewhere
+(benchmarks/results/moepp_cpu_2026-11-23.md). A single gathered buffer without the workspace
+had been 10-40% slower: buffers that large are freshly mapped by the allocator on every call.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moh_compile.kernels.workspace import WORKSPACE
 from moh_compile.ops.activations import apply_activation, apply_activation_
@@ -36,32 +39,38 @@ def _route(expert_idx: torch.Tensor, total: int):
     return order, counts, torch.div(order, k, rounding_mode="floor")
 
 
-def _ffn_sorted(xf, counts_list, order, tokens, flat_idx, flat_w, n, w_in, b_in, w_gate, b_gate, w_out,
-                activation):
-    """All FFN pairs gathered once (sorted by expert, so each expert's rows are one contiguous
-    slice), the experts' input GEMMs written side by side into one hidden buffer, ONE activation
-    call over it, one output GEMM per expert into a contributions buffer, then one weighted
-    per-token sum (embedding_bag over the token-major order of the pairs). Returns (T, d_out).
+def _ffn_sorted(xf, out, counts_list, order, tokens, flat_w, n, w_in, b_in, w_gate, b_gate, w_out, activation):
+    """Adds every FFN expert's weighted output into `out` (T, d_out), computing only its tokens.
 
-    The buffers live in the shared workspace: large per-call allocations are page-faulted in
-    on every call (an earlier single-buffer variant without it was 10-40% slower than per-expert
-    buffers). One activation call instead of one per expert: each small elementwise call costs
-    ~35 us of fixed overhead on 2 threads, which was most of the op's cost at a few tokens.
+    The (token, slot) pairs are sorted by expert, so each expert's pairs are one contiguous slice
+    of the hidden buffer H (pairs x F_e). Per expert: gather its token rows into a small buffer,
+    input GEMM into its slice of H. Then ONE activation call over H and one per-row scaling by
+    the routing weight (the output projection is linear, so weighting its input is exact). Per
+    expert again: output GEMM into a small buffer, scatter-added into its tokens' rows of `out`.
+
+    Why small per-expert buffers: the gathered inputs and the GEMM outputs are d-wide, 4-10x wider
+    than H; one expert's worth stays in cache between the gather, the GEMM and the scatter-add,
+    where pairs-sized buffers go through memory (module docstring).
+    One activation call instead of one per expert: each small elementwise call costs ~35-60 us
+    of fixed overhead on 2 threads. The buffers live in the shared workspace (fresh large
+    allocations are page-faulted in on every call).
     """
-    t, d = xf.shape
+    d = xf.shape[1]
     d_out, f_e = w_out.shape[1], w_in.shape[1]
     n_pairs = sum(counts_list[:n])  # FFN ids sort first, so their pairs lead the sorted order
+    if n_pairs == 0:
+        return
+    widest = max(counts_list[:n])
     n_hidden = 2 if w_gate is not None else 1
-    ws = WORKSPACE.take(n_pairs * (d + n_hidden * f_e + d_out), xf.dtype, xf.device)
-    xg = torch.index_select(xf, 0, tokens[:n_pairs], out=ws[: n_pairs * d].view(n_pairs, d))
-    used = n_pairs * d
-    h = ws[used: used + n_pairs * f_e].view(n_pairs, f_e)
-    used += n_pairs * f_e
+    ws = WORKSPACE.take(n_pairs * n_hidden * f_e + widest * (d + d_out), xf.dtype, xf.device)
+    h = ws[: n_pairs * f_e].view(n_pairs, f_e)
+    used = n_pairs * f_e
     g = None
     if w_gate is not None:
         g = ws[used: used + n_pairs * f_e].view(n_pairs, f_e)
         used += n_pairs * f_e
-    contrib = ws[used: used + n_pairs * d_out].view(n_pairs, d_out)
+    x_rows = ws[used: used + widest * d].view(widest, d)
+    y_rows = ws[used + widest * d: used + widest * (d + d_out)].view(widest, d_out)
     slices = []
     start = 0
     for e in range(n):
@@ -69,20 +78,18 @@ def _ffn_sorted(xf, counts_list, order, tokens, flat_idx, flat_w, n, w_in, b_in,
         if c:
             rows = slice(start, start + c)
             slices.append((e, rows))
-            _linear_into(h[rows], xg[rows], w_in[e], None if b_in is None else b_in[e])
+            xg = torch.index_select(xf, 0, tokens[rows], out=x_rows[:c])
+            _linear_into(h[rows], xg, w_in[e], None if b_in is None else b_in[e])
             if g is not None:
-                _linear_into(g[rows], xg[rows], w_gate[e], None if b_gate is None else b_gate[e])
+                _linear_into(g[rows], xg, w_gate[e], None if b_gate is None else b_gate[e])
         start += c
     act = apply_activation_(activation, g).mul_(h) if g is not None else apply_activation_(activation, h)
+    act.mul_(flat_w.index_select(0, order[:n_pairs]).unsqueeze(1))
     for e, rows in slices:
-        torch.mm(act[rows], w_out[e].t(), out=contrib[rows])
-    # position in the sorted order of every (token, slot) pair, read back in token-major order
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
-    is_ffn = flat_idx < n
-    per_token = is_ffn.view(t, -1).sum(1)
-    offsets = torch.cumsum(per_token, 0) - per_token
-    return F.embedding_bag(pos[is_ffn], contrib, offsets, mode="sum", per_sample_weights=flat_w[is_ffn])
+        y = torch.mm(act[rows], w_out[e].t(), out=y_rows[: rows.stop - rows.start])
+        # scatter_add_ with the row index broadcast over columns (a view): ~35% faster than
+        # index_add_ on 2 threads at these sizes; repeated tokens accumulate
+        out.scatter_add_(0, tokens[rows].unsqueeze(1).expand(-1, d_out), y)
 
 
 def _linear_into(out, x, w, b) -> None:
@@ -165,22 +172,19 @@ def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     wts = expert_weight.reshape(t, k).to(x.dtype)
     if layout not in ("sorted", "capacity"):
         raise ValueError(f"unknown layout {layout!r}; use 'sorted' or 'capacity'")
+    # experts add into out, which starts as the output bias (one pass instead of zeros + add)
+    out = xf.new_zeros((t, d_out)) if b_out is None else b_out.to(xf.dtype).expand(t, d_out).clone()
     if t and k:
         order, counts, tokens = _route(idx, total)
         counts_list = counts.tolist()
         if layout == "sorted":
-            out = _ffn_sorted(xf, counts_list, order, tokens, idx.reshape(-1), wts.reshape(-1), n, w_in, b_in,
-                              w_gate, b_gate, w_out, activation)
+            _ffn_sorted(xf, out, counts_list, order, tokens, wts.reshape(-1), n, w_in, b_in, w_gate, b_gate, w_out,
+                        activation)
         else:
-            out = xf.new_zeros((t, d_out))
             weights = wts.reshape(-1).index_select(0, order)
             _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_gate, b_gate, w_out, activation)
         if n_copy or n_const:
             _zero_compute(xf, out, idx, wts, n, n_zero, n_copy, const_vectors, const_gate_weight)
-    else:
-        out = xf.new_zeros((t, d_out))
-    if b_out is not None:
-        out.add_(b_out)
     return out.reshape(*x.shape[:-1], d_out)
 
 
