@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0.0, help="fine-tune budget per row (0: no fine-tune rows)")
     ap.add_argument("--train", nargs="+", default=["router", "all"])
     ap.add_argument("--comp-rank", type=int, default=0, help="compensation rank of the learned router")
+    ap.add_argument("--gate-style", choices=["binary", "weighted"], default="binary",
+                    help="gates of the learned router (the baselines stay binary)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="least-squares refit of W_O under the routing (the compile default)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate, router-only fine-tune")
@@ -72,9 +74,10 @@ def main() -> None:
         if args.baselines:
             for router in ("query_norm", "random"):
                 compile_row(f"{router} router, 0 shared", active, {"router": router})
-        base = compile_row(f"learned, training-free, {args.shared:g} shared, comp rank {args.comp_rank}"
-                           f"{'' if args.refit else ', no refit'}", active,
-                           {"shared_heads": args.shared, "comp_rank": args.comp_rank, "refit": args.refit})
+        base = compile_row(f"learned, training-free, {args.gate_style} gates, {args.shared:g} shared, "
+                           f"comp rank {args.comp_rank}{'' if args.refit else ', no refit'}", active,
+                           {"shared_heads": args.shared, "comp_rank": args.comp_rank, "refit": args.refit,
+                            "gate_style": args.gate_style})
         for train in args.train if args.minutes else []:
             student = copy.deepcopy(base)
             lr = args.lr if train == "router" else args.lr_all

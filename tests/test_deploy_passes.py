@@ -33,6 +33,9 @@ def _calibration(inputs, n=3, seq=40, seed=1):
 
 CONFIGS = {
     "moh": dict(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}}),
+    # the paper's two-stage weighted gates (shared-head softmax, fitted temperature) on top of routing
+    "moh-weighted": dict(attention="moh", ffn="keep",
+                         options={"moh": {"active_heads": 0.5, "shared_heads": 0.25, "gate_style": "weighted"}}),
     "moepp": dict(attention="keep", ffn="moepp", options={"moepp": {"experts": 4, "ffn_keep": 0.5}}),
     "sparse+moh+moepp": dict(attention="sparse+moh", ffn="moepp",
                              options={"sparse": {"profile_lengths": [16, 32], "validate_length": 24,
@@ -46,7 +49,8 @@ def _cases():
     """The combined graph (all three ops) on an encoder with padding and on a GQA+RoPE decoder;
     each pass alone on the decoder (slow-marked: the combined case already covers every op)."""
     yield pytest.param("bert", "sparse+moh+moepp", id="bert-sparse+moh+moepp")
-    for name in CONFIGS:
+    yield pytest.param("bert", "moh-weighted", id="bert-moh-weighted")
+    for name in (n for n in CONFIGS if n != "moh-weighted"):
         yield pytest.param("llama", name, marks=() if "+" in name else pytest.mark.slow, id=f"llama-{name}")
 
 

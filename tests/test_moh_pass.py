@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moh_compile
+from moh_compile.calibrate import moh_fit
 from moh_compile.cli import main
 from moh_compile.ops.attention import attention_reference
 from moh_compile.passes.moh_router import HeadRouter
@@ -112,6 +113,11 @@ def test_weighted_gates_and_finetune_router():
     compiled = moh_compile.compile(model, inputs, _moh(active_heads=0.5, gate_style="weighted"), calibration=calib)
     gates = _gates(compiled, inputs)[0]
     assert torch.equal((gates != 0).sum(-1), torch.full(gates.shape[:2], 2))
+    # the softmax temperature is fitted per block and recorded (plan settings and report)
+    layers = compiled.report.sections["attention:moh"]["layers"]
+    assert all(layer["gate_scale"] in moh_fit.GATE_SCALES for layer in layers)
+    plans = [bp for bp in compiled.plan.blocks if bp.transform == "moh"]
+    assert [bp.settings["gate_scale"]["scale"] for bp in plans] == [layer["gate_scale"] for layer in layers]
     before = [p.detach().clone() for p in compiled.graph_module.parameters()]
     result = moh_compile.finetune(compiled, model, calib, train="router", minutes=None, steps=3, progress=False)
     assert result["steps"] == 3

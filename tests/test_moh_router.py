@@ -146,6 +146,28 @@ def test_fit_recovers_exact_linear_scores():
     assert torch.equal(fit.router()(x)[0].bool(), moh_fit.oracle_active(contrib, 2))
 
 
+def test_weighted_gate_scale_keeps_the_heads_and_matches_binary_or_better():
+    """fit_gate_scale only sets the softmax temperature: the chosen heads stay, and the block error
+    ends at or below the binary gates' (a near-zero temperature reproduces them) and below a
+    badly scaled start's."""
+    x, contrib, _ = _planted()
+    fit = moh_fit.fit_block(x, contrib, num_active=3, num_shared=0)
+    binary, weighted = fit.router("binary").eval(), fit.router("weighted").eval()
+    with torch.no_grad():  # a temperature far from any useful one: very uneven gates
+        weighted.gate_temperature.fill_(50.0)
+    chosen = binary(x)[0] != 0
+    err_raw = moh_fit.block_error(x, contrib, weighted)
+    info = moh_fit.fit_gate_scale(weighted, x, contrib)
+    assert info["scale"] in moh_fit.GATE_SCALES
+    assert torch.equal(weighted(x)[0] != 0, chosen)
+    err_fit, err_binary = moh_fit.block_error(x, contrib, weighted), moh_fit.block_error(x, contrib, binary)
+    assert err_fit <= err_binary * 1.001
+    assert err_fit < 0.5 * err_raw
+    # the reported errors are the grid's, and the kept scale is their argmin
+    assert min(info["rel_errors"], key=info["rel_errors"].get) == str(info["scale"])
+    assert moh_fit.fit_gate_scale(binary, x, contrib) == {}
+
+
 def test_compensation_fit_removes_constant_heads():
     # heads 0, 1 add a constant vector: mean compensation makes dropping them free
     t = 500

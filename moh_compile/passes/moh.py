@@ -166,6 +166,7 @@ class MoHAttention(Pass):
             s["shared"] = list(router.shared)
             layers.append({"block": m.block.name, "shared": router.shared, "routed": router.routed, "k": router.k,
                            "router": s["router"], "gate_style": s["gate_style"], "fit_error": fit_error,
+                           **({"gate_scale": s["gate_scale"]["scale"]} if "gate_scale" in s else {}),
                            **_flops(m, router)})
         if replaced:  # the original W_O nodes and parameters nothing reads any more
             g.remove_dead_code(gm)
@@ -263,6 +264,9 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
     except ValueError as err:
         raise MohCompileError(f"MoH fit of {m.block.name}: {err}") from err
     router = fit.router(s["gate_style"])
+    gate_scale = moh_fit.fit_gate_scale(router, x, contrib, out_weight, token_weight)
+    if gate_scale:
+        s["gate_scale"] = gate_scale
     if not s.get("refit", False) or router.num_active == router.num_heads:
         return router, moh_fit.block_error(x, contrib, router), None
     new_o, info = moh_fit.refit_output_projection(router, x, ctx, o_weight, token_weight)

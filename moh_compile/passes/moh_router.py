@@ -19,7 +19,10 @@ Gates:
   (k+1)-th score of the token (detached), scaled by `ste_temperature`.
 - "weighted": released-code scaling of the paper's two-stage gates:
   [a1, a2] = 2 softmax(W_h x); shared g = a1 * n_shared * softmax(W_s x);
-  routed g = a2 * k * softmax(W_r x) renormalised over the top-k. All-zero router -> gates 1.
+  routed g = a2 * k * softmax(t * W_r x) renormalised over the top-k. All-zero router -> gates 1.
+  t (`gate_temperature`, a parameter, 1 by default) sets how unevenly the chosen heads are
+  weighted without changing which are chosen; the training-free fit picks it
+  (calibrate.moh_fit.fit_gate_scale).
 
 Compensation (added to the op output, O(H*E_out*(1+2r)) per token):
     comp = sum_h (1 - active_h) * (c_h + U_h^T (A_h^T x))      c_h (E_out,), A_h (E, r), U_h (r, E_out)
@@ -85,6 +88,7 @@ class HeadRouter(Router):
         if gate_style == "weighted":
             self.shared_weight = nn.Parameter(torch.zeros(ns, embed_dim))
             self.mix_weight = nn.Parameter(torch.zeros(2, embed_dim))
+            self.gate_temperature = nn.Parameter(torch.ones(()))
         if kind == "query_norm":
             if q_weight is None:
                 raise ValueError("kind 'query_norm' needs q_weight (the block's W_q, all heads)")
@@ -136,7 +140,7 @@ class HeadRouter(Router):
             tau = 0.5 * (top2[..., -2:-1] + top2[..., -1:])
             soft = torch.sigmoid((s - tau) / self.ste_temperature)
             return hard + (soft - soft.detach()), hard
-        probs = torch.softmax(s, dim=-1) * hard
+        probs = torch.softmax(s * self.gate_temperature, dim=-1) * hard
         probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return probs * self.k, hard
 
