@@ -99,8 +99,12 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
         if m.is_causal_flag:
             ones = b.call(aten.new_ones.default, x, [seq, seq], dtype=torch.bool)
             mask = b.call(aten.tril.default, ones)
-    return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=m.rope_cos,
-                rope_sin=m.rope_sin, o_weight=wo, o_bias=bo)
+    cos, sin = m.rope_cos, m.rope_sin
+    if m.rope_seq_major:  # cos/sin broadcast as (.., S, 1, D): the op applies RoPE heads-major, (.., 1, S, D)
+        cos, sin = (n if not isinstance(n, fx.Node) or g.val(n).dim() < 3 else b.call(aten.transpose.int, n, -3, -2)
+                    for n in (cos, sin))
+    return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
+                rope_sin=sin, o_weight=wo, o_bias=bo)
 
 
 GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]

@@ -63,6 +63,31 @@ class GQASDPABlock(nn.Module):
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
 
 
+class SeqMajorRopeBlock(GQASDPABlock):
+    """RoPE applied before the transpose to heads-major, on (B, S, H, D) with cos/sin (S, 1, D)
+    (as in several hand-written LLaMA ports), then GQA SDPA."""
+
+    def _rope(self, t):
+        s = t.shape[1]
+        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
+        ang = torch.cat([ang, ang], -1)
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        half = self.hd // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def forward(self, x):
+        b, s, d = x.shape
+        y = self.n1(x)
+        q = self._rope(self.q(y).view(b, s, self.h, self.hd)).transpose(1, 2)
+        k = self._rope(self.k(y).view(b, s, self.kv, self.hd)).transpose(1, 2)
+        v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        y = self.n2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
 class ManualBlock(nn.Module):
     """Hand-written softmax(QK^T / sqrt(d)) V with a fused qkv Linear (timm style) + GELU MLP."""
 
@@ -155,6 +180,9 @@ def build(name):
     if name == "gqa_sdpa":
         return GQASDPABlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=2, causal=True, rope=True, fused=False,
                                                             act="silu", gated=True)
+    if name == "rope_bshd":
+        return SeqMajorRopeBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=2, causal=True, rope=True, fused=False,
+                                                                 act="silu", gated=True)
     if name == "manual_block":
         return ManualBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
                                                            act="gelu")
@@ -162,7 +190,7 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "gqa_sdpa", "manual_block"]
+       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block"]
 
 
 def reshape_inputs(inputs, batch, seq):

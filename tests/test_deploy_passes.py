@@ -21,7 +21,11 @@ except ImportError:
 
 
 def _calibration(inputs, n=3, seq=40, seed=1):
+    """Random batches like `inputs`: token ids for HF models, (4, seq, E) activations for a model
+    that takes one float tensor."""
     g = torch.Generator().manual_seed(seed)
+    if isinstance(inputs, tuple):
+        return Calibration(batches=[(torch.randn(4, seq, inputs[0].shape[-1], generator=g),) for _ in range(n)])
     batches = []
     for _ in range(n):
         b = {"input_ids": torch.randint(0, 100, (4, seq), generator=g)}
@@ -50,6 +54,8 @@ def _cases():
     each pass alone on the decoder (slow-marked: the combined case already covers every op)."""
     yield pytest.param("bert", "sparse+moh+moepp", id="bert-sparse+moh+moepp")
     yield pytest.param("bert", "moh-weighted", id="bert-moh-weighted")
+    # RoPE applied seq-major, (B, S, H, D): cos/sin reach the ops transposed
+    yield pytest.param("rope_bshd", "sparse+moh+moepp", marks=pytest.mark.slow, id="rope_bshd-sparse+moh+moepp")
     for name in (n for n in CONFIGS if n != "moh-weighted"):
         yield pytest.param("llama", name, marks=() if "+" in name else pytest.mark.slow, id=f"llama-{name}")
 

@@ -34,6 +34,7 @@ class AttentionMatch:
     q_rows: tuple[int, int]
     rope_cos: fx.Node | None
     rope_sin: fx.Node | None
+    rope_seq_major: bool  # RoPE was applied before the head transpose, q as (B, S, H, D)
     k: fx.Node  # (B, Hkv, S, D) or (B*H, S, D)
     v: fx.Node
     mask: fx.Node | None
@@ -140,17 +141,18 @@ def _untranspose_last(node):
 
 # ---------------------------------------------------------------- walks
 def _walk_to_projection(node):
-    """From the query at the core back to (projection, pre-RoPE tensor, cos, sin, extra scale)."""
-    cos = sin = None
+    """From the query at the core back to (projection, cos, sin, the RoPE'd tensor, extra scale)."""
+    cos = sin = roped = None
     scale = 1.0
     for _ in range(64):
         lin = g.as_linear(node)
         if lin is not None:
-            return lin, cos, sin, scale
+            return lin, cos, sin, roped, scale
         rope = _match_rope(node)
         if rope is not None:
             if cos is not None:
                 raise NoMatch("two rotary embeddings on one query")
+            roped = node
             node, cos, sin = rope
             continue
         if g.is_call(node, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(node.args[1]) is not None:
@@ -311,8 +313,9 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
             raise NoMatch("cross-attention (keys from another sequence) is not supported yet")
     else:
         raise NoMatch(f"query has rank {qv.dim()}")
-    lin_q, cos, sin, pre_scale = _walk_to_projection(q)
+    lin_q, cos, sin, roped, pre_scale = _walk_to_projection(q)
     scale *= pre_scale
+    rope_seq_major = roped is not None and _rope_is_seq_major(roped, s_key, qv.dim())
     fused_rows = _fused_q_rows(q, lin_q)
     if num_heads is None:
         width = fused_rows[1] - fused_rows[0] if fused_rows else lin_q.out_features
@@ -365,7 +368,18 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
         v=_proj_info(v_lin, None) if v_lin else None,
         o=_proj_info(lin_o, None),
     )
-    return AttentionMatch(block, core_out, x, lin_q, q_rows, cos, sin, k_src, v_src, mask, is_causal, lin_o, y)
+    return AttentionMatch(block, core_out, x, lin_q, q_rows, cos, sin, rope_seq_major, k_src, v_src, mask, is_causal,
+                          lin_o, y)
+
+
+def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:
+    """Whether RoPE was applied to the query as (B, S, H, D) (before the transpose to heads-major,
+    so cos/sin broadcast as (.., S, 1, D)) rather than as the core's (B, H, S, D). The op takes
+    cos/sin heads-major; the rewrite transposes them for the former."""
+    shape = g.val(roped).shape
+    if core_rank != 4 or len(shape) != 4:
+        return False
+    return g.dim_key(shape[-2]) != s_key and g.dim_key(shape[-3]) == s_key
 
 
 def _fused_q_rows(q, lin):
