@@ -18,7 +18,7 @@ History, side by side on 2 threads: the sorted layout first replaced a per-exper
 weight / index_add variant (0.96-1.3x as fast at d_model 384); it then gathered every pair
 into one pairs x d buffer and summed a pairs x d_out contributions buffer per token with one
 embedding_bag. Gathering and scattering per expert instead (this version) keeps those d-wide
-rows in cache: 0.85-0.90x of the time at d_model 384 and 2048 tokens, 0.92-1.0x elsewhere
+rows in cache: 0.85-0.95x of the time at d_model 384 and 2048 tokens, 0.92-1.03x elsewhere
 (benchmarks/results/moepp_cpu_2026-11-23.md). A single gathered buffer without the workspace
 had been 10-40% slower: buffers that large are freshly mapped by the allocator on every call.
 """
@@ -48,8 +48,9 @@ def _ffn_sorted(xf, out, counts_list, order, tokens, flat_w, n, w_in, b_in, w_ga
     the routing weight (the output projection is linear, so weighting its input is exact). Per
     expert again: output GEMM into a small buffer, scatter-added into its tokens' rows of `out`.
 
-    Why small per-expert buffers: the gathered inputs and the GEMM outputs are d-wide, 4-10x wider
-    than H; one expert's worth stays in cache between the gather, the GEMM and the scatter-add,
+    Why small per-expert buffers: the gathered inputs and the GEMM outputs are d-wide, several times
+    wider than H (F_e = d_ffn / N, e.g. d / 4 for 16 experts of a 4d FFN); one expert's worth stays
+    in cache between the gather, the GEMM and the scatter-add,
     where pairs-sized buffers go through memory (module docstring).
     One activation call instead of one per expert: each small elementwise call costs ~35-60 us
     of fixed overhead on 2 threads. The buffers live in the shared workspace (fresh large
@@ -129,29 +130,26 @@ def _ffn_capacity(xf, out, counts, counts_list, tokens, weights, w_in, b_in, w_g
 
 
 def _zero_compute(xf, out, expert_idx, expert_weight, n_ffn, n_zero, n_copy, const_vectors, const_gate_weight):
-    """Copy and constant experts: out += c_x * x + c_v @ V, both vectorised over tokens."""
+    """Copy and constant experts: out += c_x * x + c_v @ V, both vectorised over tokens.
+
+    A constant expert's [a1, a2] = softmax(W_c x) over two logits is sigmoid((W_c[0] - W_c[1]) x)
+    and its complement, so the gate logits are one thin (T, n_const) product, computed only when
+    some token chose a constant expert (calibrated routers usually choose none)."""
     copy_lo = n_ffn + n_zero
-    const_lo = copy_lo + n_copy
     n_const = 0 if const_vectors is None else const_vectors.shape[0]
-    w = expert_weight.to(xf.dtype)
-    coef_x = None
-    if n_copy:
-        is_copy = (expert_idx >= copy_lo) & (expert_idx < const_lo)
-        coef_x = (w * is_copy).sum(dim=1)
+    n_cc = n_copy + n_const
+    # per-token weight of each copy / constant expert (T, n_cc); other slots go to a spare column
+    col = expert_idx - copy_lo
+    col = torch.where(col >= 0, col, n_cc)
+    table = xf.new_zeros(xf.shape[0], n_cc + 1).scatter_add_(1, col, expert_weight)
+    coef_x = table[:, :n_copy].sum(1) if n_copy else None
     if n_const:
-        pair = torch.nonzero(expert_idx >= const_lo)  # (P, 2): token, slot
-        if pair.shape[0]:
-            tok, slot = pair[:, 0], pair[:, 1]
-            c = expert_idx[tok, slot] - const_lo
-            # gate logits of every constant expert for every token: one thin (T, 2 n_const) matmul,
-            # O(d) per token, cheaper than gathering a (2, d) gate matrix per pair
-            logits = (xf @ const_gate_weight.reshape(2 * n_const, -1).t()).view(-1, n_const, 2)
-            a = torch.softmax(logits[tok, c], dim=-1) * w[tok, slot].unsqueeze(1)
-            cx = xf.new_zeros(xf.shape[0]).index_add_(0, tok, a[:, 0])
-            coef_x = cx if coef_x is None else coef_x + cx
-            cv = xf.new_zeros((xf.shape[0], n_const))
-            cv.index_put_((tok, c), a[:, 1], accumulate=True)
-            out.addmm_(cv, const_vectors)
+        w_const = table[:, n_copy:n_cc]
+        if bool(w_const.any()):
+            a1 = torch.sigmoid(xf @ (const_gate_weight[:, 0] - const_gate_weight[:, 1]).t())  # (T, n_const)
+            c_x = (w_const * a1).sum(1)
+            coef_x = c_x if coef_x is None else coef_x.add_(c_x)
+            out.addmm_(w_const - w_const * a1, const_vectors)
     if coef_x is not None:
         out.addcmul_(xf, coef_x.unsqueeze(1))
 
