@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moh_compile.errors import MohCompileError
+from moh_compile.progress import progress_bar
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 BUNDLED = {"example": "calib.txt", "example-eval": "eval.txt"}
@@ -136,35 +137,6 @@ def _batch_size(batch) -> int:
     args, kwargs = split_batch(batch)
     first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
     return 1 if first is None or first.dim() == 0 else first.shape[0]
-
-
-class progress_bar:
-    """A rich progress bar on a terminal-or-not, silent when disabled or for < 2 steps."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.enabled, self.bar = total, desc, enabled and total > 1, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            import sys
-            from rich.console import Console
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(file=sys.stderr), transient=True)
-            self.task = self.bar.add_task(self.desc, total=self.total)
-            self.bar.start()
-        return self.advance
-
-    def advance(self, n: int = 1, description: str | None = None) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n, **({"description": description} if description else {}))
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
 
 
 def tokenize_lines(lines: list[str], tokenizer, batch_size: int = 16, max_length: int = 128) -> list[dict]:

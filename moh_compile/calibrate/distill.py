@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moh_compile.calibrate.metrics import last_hidden
+from moh_compile.progress import progress_bar
 from moh_compile.passes.routing import find_routers
 
 TRAIN_MODES = ("router", "all")
@@ -64,34 +65,24 @@ def _cycle(batches: Iterable):
 
 
 class _Progress:
-    """rich progress bar when available and wanted, else a plain line every ~10%."""
+    """Fine-tuning progress (moh_compile.progress): steps, or the time budget when that ends first."""
+
+    RESOLUTION = 1000
 
     def __init__(self, total: int, enabled: bool, budget_s: float | None = None):
-        self.total, self.enabled, self.bar, self.budget_s, self.last = total, enabled, None, budget_s, 0.0
-        if enabled:
-            try:
-                from rich.progress import Progress
-                self.bar = Progress()
-                self.task = self.bar.add_task("distill", total=1.0)
-                self.bar.start()
-            except ImportError:
-                self.bar = None
+        self.total, self.budget_s = total, budget_s
+        self.bar = progress_bar(self.RESOLUTION, "distill", enabled)
+        self.advance = self.bar.__enter__()
 
     def update(self, step: int, loss: float, elapsed: float) -> None:
-        if not self.enabled:
-            return
         done = step / self.total
         if self.budget_s:
             done = max(done, min(1.0, elapsed / self.budget_s))
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, description=f"distill step {step} loss {loss:.5f}")
-        elif step == 1 or int(10 * done) > int(10 * self.last):
-            print(f"distill step {step} loss {loss:.5f} {elapsed:.0f}s", flush=True)
-        self.last = done
+        self.advance(max(0, int(self.RESOLUTION * done) - self.bar.done),
+                     description=f"distill step {step} loss {loss:.5f}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.__exit__(None, None, None)
 
 
 def _eval(module: nn.Module) -> None:
