@@ -142,6 +142,24 @@ def test_random_routing_matches_reference_and_formula(seed):
             torch.testing.assert_close(got[b, s], want, atol=ATOL, rtol=0)
 
 
+def test_expert_chosen_by_every_token_and_a_lookalike_with_a_repeat():
+    """An expert every token chose runs on x as is (no gather, no scatter); one with as many
+    pairs as tokens but a repeated token (and a token missing) must take the gathered path."""
+    gen = torch.Generator().manual_seed(7)
+    args = routed_case(gen)
+    idx = args[7].clone()
+    idx[idx == 0] = 1
+    idx[..., 0] = 0                      # expert 0: every token, once
+    whole = args[:7] + (idx,) + args[8:]
+    torch.testing.assert_close(moepp_dispatch(*whole), moepp_ffn_reference(*whole), atol=ATOL, rtol=0)
+    lookalike = idx.clone()
+    lookalike[0, 1, 0] = 1               # token 1 drops expert 0 ...
+    lookalike[0, 0, 1] = 0               # ... token 0 takes it twice: still one pair per token
+    assert int((lookalike == 0).sum()) == idx.shape[0] * idx.shape[1]
+    other = args[:7] + (lookalike,) + args[8:]
+    torch.testing.assert_close(moepp_dispatch(*other), moepp_ffn_reference(*other), atol=ATOL, rtol=0)
+
+
 def test_output_does_not_alias_the_shared_workspace():
     """The sorted kernel gathers into a reused per-thread buffer; a result must survive later
     calls of any kernel that takes the buffer (here the MoE++ op again, larger)."""

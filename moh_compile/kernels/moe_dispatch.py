@@ -47,6 +47,8 @@ def _ffn_sorted(xf, out, counts_list, order, tokens, flat_w, n, w_in, b_in, w_ga
     input GEMM into its slice of H. Then ONE activation call over H and one per-row scaling by
     the routing weight (the output projection is linear, so weighting its input is exact). Per
     expert again: output GEMM into a small buffer, scatter-added into its tokens' rows of `out`.
+    An expert that every token chose (calibrated routers have such experts in most MiniLM layers)
+    reads x as it is and adds its output GEMM straight into `out`: no gather, no scatter.
 
     Why small per-expert buffers: the gathered inputs and the GEMM outputs are d-wide, several times
     wider than H (F_e = d_ffn / N, e.g. d / 4 for 16 experts of a 4d FFN); one expert's worth stays
@@ -72,21 +74,28 @@ def _ffn_sorted(xf, out, counts_list, order, tokens, flat_w, n, w_in, b_in, w_ga
         used += n_pairs * f_e
     x_rows = ws[used: used + widest * d].view(widest, d)
     y_rows = ws[used + widest * d: used + widest * (d + d_out)].view(widest, d_out)
+    t = xf.shape[0]
+    every_token = torch.arange(t, device=xf.device) if t in counts_list[:n] else None
     slices = []
     start = 0
     for e in range(n):
         c = counts_list[e]
         if c:
             rows = slice(start, start + c)
-            slices.append((e, rows))
-            xg = torch.index_select(xf, 0, tokens[rows], out=x_rows[:c])
+            # an expert every token chose (common for calibrated routers): no gather, no scatter
+            whole = c == t and torch.equal(tokens[rows], every_token)
+            slices.append((e, rows, whole))
+            xg = xf if whole else torch.index_select(xf, 0, tokens[rows], out=x_rows[:c])
             _linear_into(h[rows], xg, w_in[e], None if b_in is None else b_in[e])
             if g is not None:
                 _linear_into(g[rows], xg, w_gate[e], None if b_gate is None else b_gate[e])
         start += c
     act = apply_activation_(activation, g).mul_(h) if g is not None else apply_activation_(activation, h)
     act.mul_(flat_w.index_select(0, order[:n_pairs]).unsqueeze(1))
-    for e, rows in slices:
+    for e, rows, whole in slices:
+        if whole:
+            out.addmm_(act[rows], w_out[e].t())
+            continue
         y = torch.mm(act[rows], w_out[e].t(), out=y_rows[: rows.stop - rows.start])
         # scatter_add_ with the row index broadcast over columns (a view): ~35% faster than
         # index_add_ on 2 threads at these sizes; repeated tokens accumulate
