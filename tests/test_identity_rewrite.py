@@ -59,3 +59,25 @@ def test_plan_round_trips_and_reapplies():
     again = moh_compile.compile(model, inputs, plan=plan)
     targets = [n.target for n in again.graph_module.graph.nodes]
     assert targets.count(torch.ops.moh_compile.attention.default) == 1
+
+
+def test_half_precision_eager_attention_is_matched_and_verified():
+    """HF eager attention in bfloat16 computes the softmax in float32 and casts back before P @ V
+    (and export adds a metadata assert on the probabilities): the block is still found, verified
+    at bfloat16's resolution, and the replaced softmax leaves the graph."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval().to(torch.bfloat16)
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    compiled = moh_compile.compile(model, inputs)
+    nodes = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert nodes.count(torch.ops.moh_compile.attention.default) == 1
+    assert nodes.count(torch.ops.moh_compile.ffn.default) == 1
+    assert torch.ops.aten.softmax.int not in nodes
+    x = reshape_inputs(inputs, 3, 11)
+    ref, got = _run(model, x).float(), _run(compiled, x).float()
+    assert (got - ref).abs().max().item() <= torch.finfo(torch.bfloat16).eps * (1 + ref.abs().max().item())

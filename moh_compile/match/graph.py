@@ -237,10 +237,24 @@ def layer_index(path: str) -> int | None:
 _SEEDED_BUT_PURE = {aten.scaled_dot_product_attention.default, aten.dropout.default, aten.native_dropout.default}
 
 
+def is_metadata_assert(node) -> bool:
+    """torch.export's `_assert_tensor_metadata` check of a tensor (emitted for `.to(dtype)` calls):
+    a user of the tensor that carries no data."""
+    return is_call(node, {aten._assert_tensor_metadata.default})
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values (metadata asserts left out)."""
+    return [u for u in node.users if not is_metadata_assert(u)]
+
+
 def remove_dead_code(gm: fx.GraphModule) -> None:
-    """DCE that also drops unused SDPA/dropout nodes (fx keeps "seeded" ops as impure)."""
+    """DCE that also drops unused SDPA/dropout nodes (fx keeps "seeded" ops as impure), and
+    metadata asserts on tensors nothing else reads (they would keep a replaced block alive)."""
     def impure(node: fx.Node) -> bool:
         if node.op == "call_function" and node.target in _SEEDED_BUT_PURE:
+            return False
+        if is_metadata_assert(node) and isinstance(node.args[0], fx.Node) and not data_users(node.args[0]):
             return False
         return node.is_impure()
 
