@@ -13,7 +13,8 @@ PLAIN_EVERY_S = 10.0
 
 
 class progress_bar:
-    """`with progress_bar(total, desc) as advance: advance(n=1, description=None)`."""
+    """`with progress_bar(total, desc) as advance: advance(n=1, description=None)`, or
+    `advance = bar.start()` ... `bar.close()` where a with-block does not fit."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.enabled = total, desc, enabled and total > 1
@@ -22,6 +23,13 @@ class progress_bar:
         self.done = 0
 
     def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def start(self):
         if self.enabled:
             from rich.console import Console
 
@@ -35,7 +43,7 @@ class progress_bar:
                 self.bar.start()
             else:
                 self.plain = True
-                self.start = self.last_line = time.perf_counter()
+                self.started_at = self.last_line = time.perf_counter()
         return self.advance
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
@@ -52,15 +60,14 @@ class progress_bar:
 
     def _line(self, now: float) -> None:
         self.last_line = now
-        print(f"{self.desc}: {min(100.0, 100.0 * self.done / self.total):.0f}% ({now - self.start:.0f}s)",
+        print(f"{self.desc}: {min(100.0, 100.0 * self.done / self.total):.0f}% ({now - self.started_at:.0f}s)",
               file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
         elif self.plain:
             self._line(time.perf_counter())
-        return False
 
 
 __all__ = ["progress_bar", "PLAIN_EVERY_S"]

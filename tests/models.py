@@ -31,7 +31,11 @@ class SDPABlock(nn.Module):
 
 class GQASDPABlock(nn.Module):
     """Hand-written GQA with rotate-half RoPE and SDPA(enable_gqa=True): K/V stay (B, Hkv, S, D),
-    SDPA repeats them itself (the modern hand-written form; HF emits it when no mask is passed)."""
+    SDPA repeats them itself (the modern hand-written form; HF emits it when no mask is passed).
+    seq_major: RoPE applied before the transpose to heads-major, on (B, S, H, D) with cos/sin
+    (S, 1, D), as in several hand-written LLaMA ports."""
+
+    seq_major = False
 
     def __init__(self, d=64, h=4, kv=2):
         super().__init__()
@@ -43,19 +47,25 @@ class GQASDPABlock(nn.Module):
         self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
 
     def _rope(self, t):
-        s = t.shape[2]
+        s = t.shape[1 if self.seq_major else 2]
         inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
         ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
         ang = torch.cat([ang, ang], -1)
+        if self.seq_major:
+            ang = ang[:, None, :]
         cos, sin = ang.cos(), ang.sin()
         half = self.hd // 2
         return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
 
+    def _heads(self, t, n):
+        """(B, S, n*D) -> RoPE'd (B, n, S, D), RoPE before or after the transpose."""
+        t = t.view(*t.shape[:2], n, self.hd)
+        return self._rope(t).transpose(1, 2) if self.seq_major else self._rope(t.transpose(1, 2))
+
     def forward(self, x):
         b, s, d = x.shape
         y = self.n1(x)
-        q = self._rope(self.q(y).view(b, s, self.h, self.hd).transpose(1, 2))
-        k = self._rope(self.k(y).view(b, s, self.kv, self.hd).transpose(1, 2))
+        q, k = self._heads(self.q(y), self.h), self._heads(self.k(y), self.kv)
         v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
@@ -64,28 +74,9 @@ class GQASDPABlock(nn.Module):
 
 
 class SeqMajorRopeBlock(GQASDPABlock):
-    """RoPE applied before the transpose to heads-major, on (B, S, H, D) with cos/sin (S, 1, D)
-    (as in several hand-written LLaMA ports), then GQA SDPA."""
+    """GQASDPABlock with RoPE applied sequence-major, on (B, S, H, D)."""
 
-    def _rope(self, t):
-        s = t.shape[1]
-        inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
-        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
-        ang = torch.cat([ang, ang], -1)
-        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-        half = self.hd // 2
-        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
-
-    def forward(self, x):
-        b, s, d = x.shape
-        y = self.n1(x)
-        q = self._rope(self.q(y).view(b, s, self.h, self.hd)).transpose(1, 2)
-        k = self._rope(self.k(y).view(b, s, self.kv, self.hd)).transpose(1, 2)
-        v = self.v(y).view(b, s, self.kv, self.hd).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
-        y = self.n2(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+    seq_major = True
 
 
 class ManualBlock(nn.Module):

@@ -72,7 +72,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, budget_s: float | None = None):
         self.total, self.budget_s = total, budget_s
         self.bar = progress_bar(self.RESOLUTION, "distill", enabled)
-        self.advance = self.bar.__enter__()
+        self.advance = self.bar.start()
 
     def update(self, step: int, loss: float, elapsed: float) -> None:
         done = step / self.total
@@ -82,7 +82,7 @@ class _Progress:
                      description=f"distill step {step} loss {loss:.5f}")
 
     def close(self) -> None:
-        self.bar.__exit__(None, None, None)
+        self.bar.close()
 
 
 def _eval(module: nn.Module) -> None:

@@ -192,15 +192,13 @@ def fit_gate_scale(router: HeadRouter, x: torch.Tensor, contrib: torch.Tensor,
     tokens. Returns {"scale", "rel_errors"} (scale in units of 1 / std(scores)); {} for other routers."""
     if router.gate_style != "weighted" or router.kind != "learned" or router.k in (0, len(router.routed)):
         return {}
-    router.eval()
     unit = 1.0 / router.scores(x).std().clamp_min(1e-12).item()
     full = contrib.sum(1)
     errors = {}
     for c in GATE_SCALES:
         router.gate_temperature.fill_(c * unit)
-        gates, comp = router(x)
-        approx = (gates.unsqueeze(-1) * contrib).sum(1) + (0 if comp is None else comp)
-        errors[c] = head_errors((approx - full).unsqueeze(1), out_weight, token_weight).pow(2).sum().item()
+        residual = routed_output(router, x, contrib) - full
+        errors[c] = head_errors(residual.unsqueeze(1), out_weight, token_weight).pow(2).sum().item()
     best = min(errors, key=errors.get)
     router.gate_temperature.fill_(best * unit)
     total = max(head_errors(full.unsqueeze(1), out_weight, token_weight).pow(2).sum().item(), 1e-30)
@@ -261,9 +259,12 @@ def oracle_active(contrib: torch.Tensor, num_active: int, shared: list[int] = ()
 def block_error(x: torch.Tensor, contrib: torch.Tensor, router: HeadRouter, full: torch.Tensor | None = None) -> float:
     """Relative error || MoH block output - dense block output || / || dense output || (no o_bias);
     `full` is the dense output when `contrib` comes from a refitted W_O (default: contrib.sum(1))."""
-    gates, comp = router.eval()(x)
     full = contrib.sum(1) if full is None else full
+    return ((routed_output(router, x, contrib) - full).norm() / full.norm()).item()
+
+
+def routed_output(router: HeadRouter, x: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
+    """(T, E_out) the block output (no o_bias) under the router's gates and compensation."""
+    gates, comp = router.eval()(x)
     approx = (gates.unsqueeze(-1) * contrib).sum(1)
-    if comp is not None:
-        approx = approx + comp
-    return ((approx - full).norm() / full.norm()).item()
+    return approx if comp is None else approx + comp

@@ -62,9 +62,6 @@ def _guess_name(node: fx.Node) -> str:
 
 
 # ---------------------------------------------------------------- core
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
-
-
 def _core_from(node: fx.Node):
     """Returns (core_out, q, k, v, mask, scale, is_causal, kind) or None if not a core.
 
@@ -93,7 +90,7 @@ def _core_from(node: fx.Node):
     # eval dropout, copies and dtype casts (softmax in float32 for half-precision models, as HF's
     # eager attention does) may sit between the probabilities and P @ V
     while len(users) == 1 and (g.is_eval_dropout(users[0]) or g.is_call(users[0], {aten.clone.default})
-                               or g.is_call(users[0], _CASTS)):
+                               or g.is_call(users[0], g.CASTS)):
         probs, users = users[0], g.data_users(users[0])
     pv = [u for u in users if g.is_call(u, g.MATMUL) and u.args[0] is probs]
     if not pv:

@@ -17,6 +17,7 @@ aten = torch.ops.aten
 
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}  # dtype conversions
 MATMUL = {aten.matmul.default, aten.bmm.default}
 BADDBMM = {aten.baddbmm.default}
 
@@ -63,7 +64,7 @@ def is_passthrough(node) -> bool:
     if isinstance(node, fx.Node) and node.op == "call_function":
         if node.target in LAYOUT:
             return True
-        if node.target in (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default):
+        if node.target in CASTS:
             src, dst = val(node.args[0]), val(node)
             return src is not None and dst is not None and src.dtype == dst.dtype
         if node.target is operator.getitem and is_call(node.args[0], SPLITS):
