@@ -46,8 +46,14 @@ def dynamic_spec(x):
     return {i: Dim.AUTO for i in range(x.dim())}
 
 
-def _at_least_batch_two(x):
-    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1:
+def _example_tensor(x):
+    """An example input as export should see it: contiguous (a sliced example would make export
+    guard on its strides, and every contiguous input later fail that guard) and with a batch of
+    at least 2 (a batch of 1 would be specialised)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.contiguous()
+    if x.dim() >= 2 and x.shape[0] == 1:
         return torch.cat([x, x], dim=0)
     return x
 
@@ -55,8 +61,8 @@ def _at_least_batch_two(x):
 def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> Captured:
     """Export `model` into the IR. Raises MohCompileError with the cause summarised."""
     args, kwargs = normalize_inputs(example_inputs)
-    args = tuple(_at_least_batch_two(a) for a in args)
-    kwargs = {k: _at_least_batch_two(v) for k, v in kwargs.items()}
+    args = tuple(_example_tensor(a) for a in args)
+    kwargs = {k: _example_tensor(v) for k, v in kwargs.items()}
     dyn = None
     if dynamic:
         dyn = {"args": tuple(dynamic_spec(a) for a in args), "kwargs": {k: dynamic_spec(v) for k, v in kwargs.items()}}

@@ -76,7 +76,9 @@ def hf_example_inputs(config, batch: int = 2, seq: int = 16) -> dict:
         raise MohCompileError("cannot derive example inputs from this config; pass --input-shape")
     ids = torch.randint(0, min(vocab, 1000), (batch, seq), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_decoder", False) or _is_causal_lm(config):
+    if getattr(config, "is_encoder_decoder", False):  # a decoder length of its own, so neither is specialised
+        inputs["decoder_input_ids"] = ids[:, : seq // 2].contiguous()
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False) or _is_causal_lm(config):
         inputs["use_cache"] = False
     return inputs
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 from moh_compile.match import graph as g
 from moh_compile.match.graph import remove_dead_code
@@ -24,7 +25,8 @@ _PROBES: dict[str, list] = {}
 
 
 def _probe(key: str, t: torch.Tensor) -> None:
-    _PROBES.setdefault(key, []).append(t.detach())
+    # a copy: graphs may update a value in place later (Falcon adds attention into the MLP output)
+    _PROBES.setdefault(key, []).append(t.detach().clone())
 
 
 torch.fx.wrap("_probe")
@@ -42,18 +44,36 @@ class PendingRewrite:
 
 
 class _Builder:
-    """Inserts nodes in order right after `anchor`, remembering what it inserted."""
+    """Inserts nodes in order right after `anchor`, remembering what it inserted. Inserted nodes
+    get shape metadata (meta["val"]) like export's own, so later graph analysis reads them alike."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node):
         self.graph = graph
         self.before = anchor.next
         self.nodes: list[fx.Node] = []
+        self.fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes])
 
     def call(self, target, *args, **kwargs) -> fx.Node:
         with self.graph.inserting_before(self.before):
             node = self.graph.call_function(target, tuple(args), kwargs)
+        self._infer_val(node)
         self.nodes.append(node)
         return node
+
+    def _infer_val(self, node: fx.Node) -> None:
+        """Run the node on its inputs' fake values; no metadata when an input has none."""
+        if self.fake_mode is None:
+            return
+        missing = []
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                       lambda n: n.meta["val"] if "val" in n.meta else missing.append(n))
+        if missing:
+            return
+        try:
+            with self.fake_mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+        except Exception:  # metadata is a convenience: a node it cannot describe still runs
+            pass
 
     def module(self, name: str, *args) -> fx.Node:
         with self.graph.inserting_before(self.before):
@@ -64,21 +84,60 @@ class _Builder:
     def attr(self, name: str) -> fx.Node:
         with self.graph.inserting_before(self.before):
             node = self.graph.get_attr(name)
+        value = g.attribute(self.graph.owning_module, name)
+        if self.fake_mode is not None and isinstance(value, torch.Tensor):
+            node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True)
         self.nodes.append(node)
         return node
 
+    def constant(self, prefix: str, value: torch.Tensor) -> fx.Node:
+        """A new buffer of the module (an index table, say), read by a get_attr node."""
+        gm = self.graph.owning_module
+        name = free_name(gm, prefix)
+        gm.register_buffer(name, value)
+        return self.attr(name)
 
-def _weight_as_linear(b: _Builder, lin: g.LinearLike, rows: tuple[int, int] | None):
-    """Weight in nn.Linear layout (out, in), sliced to `rows` of a fused projection."""
-    w = lin.weight
-    if rows is not None and (rows[0], rows[1]) != (0, lin.out_features):
-        w = b.call(aten.slice.Tensor, w, 1 if lin.weight_is_in_out else 0, rows[0], rows[1])
+
+def _weight_as_linear(b: _Builder, lin: g.LinearLike, rows: list[int] | None):
+    """Weight in nn.Linear layout (out, in), restricted to `rows` of the projection, in that
+    order: a slice when they are one range (a fused projection's q block), else a gather (per
+    head interleaved fused layouts, RoPE dim permutations)."""
+    w, bias = lin.weight, lin.bias
+    out_dim = 1 if lin.weight_is_in_out else 0
+    if rows is not None and rows != list(range(lin.out_features)):
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            w = b.call(aten.slice.Tensor, w, out_dim, rows[0], rows[0] + len(rows))
+            if bias is not None:
+                bias = b.call(aten.slice.Tensor, bias, 0, rows[0], rows[0] + len(rows))
+        else:
+            index = b.constant("moh_q_rows", torch.tensor(rows))
+            w = b.call(aten.index_select.default, w, out_dim, index)
+            if bias is not None:
+                bias = b.call(aten.index_select.default, bias, 0, index)
     if lin.weight_is_in_out:
         w = b.call(aten.t.default, w)
-    bias = lin.bias
-    if bias is not None and rows is not None and (rows[0], rows[1]) != (0, lin.out_features):
-        bias = b.call(aten.slice.Tensor, bias, 0, rows[0], rows[1])
     return w, bias
+
+
+def _rope_operands(b: _Builder, m: AttentionMatch, k: fx.Node):
+    """(cos, sin, k) for the op's full-head rotate-half RoPE: tables padded to the head (cos 1,
+    sin 0 on dims the model does not rotate) and, for other pairings, the tables and the keys
+    put in the permuted head-dim order the op's W_q rows already have (match/rope.py)."""
+    rope, d = m.rope, m.block.head_dim
+    if rope is None:
+        return None, None, k
+    cos, sin = rope.cos, rope.sin
+    if (rope.offset, rope.width) != (0, d):
+        pad = [rope.offset, d - rope.offset - rope.width]
+        cos = b.call(aten.constant_pad_nd.default, cos, pad, 1.0)
+        sin = b.call(aten.constant_pad_nd.default, sin, pad, 0.0)
+    if m.head_perm is not None:
+        perm = b.constant("moh_head_perm", torch.tensor(m.head_perm))
+        cos, sin, k = (b.call(aten.index_select.default, t, -1, perm) for t in (cos, sin, k))
+    if m.rope_seq_major and g.val(rope.cos).dim() >= 3:
+        # cos/sin broadcast as (.., S, 1, D): the op applies RoPE heads-major, (.., 1, S, D)
+        cos, sin = (b.call(aten.transpose.int, t, -3, -2) for t in (cos, sin))
+    return cos, sin, k
 
 
 def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
@@ -87,22 +146,20 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
     x = m.x if blk.layout == "batch_first" else b.call(aten.transpose.int, m.x, 0, 1)
     wq, bq = _weight_as_linear(b, m.q_proj, m.q_rows)
     wo, bo = _weight_as_linear(b, m.o_proj, None)
-    k, v, mask = m.k, m.v, m.mask
-    if g.val(k).dim() == 3 or (mask is not None and g.val(mask).dim() == 3) or m.is_causal_flag:
+    cos, sin, k = _rope_operands(b, m, m.k)
+    v, mask = m.v, m.mask
+    if g.val(m.k).dim() == 3 or (mask is not None and g.val(mask).dim() == 3) or m.is_causal_flag:
         bsz = b.call(aten.sym_size.int, x, 0)
         seq = b.call(aten.sym_size.int, x, 1)
-        if g.val(k).dim() == 3:
-            k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq, blk.head_dim])
-            v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq, blk.head_dim])
+        seq_k = b.call(aten.sym_size.int, m.k, -2)  # the keys' own length (cross-attention: the encoder's)
+        if g.val(m.k).dim() == 3:
+            k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq_k, blk.head_dim])
+            v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq_k, blk.head_dim])
         if mask is not None and g.val(mask).dim() == 3:
-            mask = b.call(aten.view.default, mask, [bsz, -1, seq, seq])
+            mask = b.call(aten.view.default, mask, [bsz, -1, seq, seq_k])
         if m.is_causal_flag:
-            ones = b.call(aten.new_ones.default, x, [seq, seq], dtype=torch.bool)
+            ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
             mask = b.call(aten.tril.default, ones)
-    cos, sin = m.rope_cos, m.rope_sin
-    if m.rope_seq_major:  # cos/sin broadcast as (.., S, 1, D): the op applies RoPE heads-major, (.., 1, S, D)
-        cos, sin = (n if not isinstance(n, fx.Node) or g.val(n).dim() < 3 else b.call(aten.transpose.int, n, -3, -2)
-                    for n in (cos, sin))
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
                 rope_sin=sin, o_weight=wo, o_bias=bo)
 
@@ -181,10 +238,7 @@ def constant_value(gm: fx.GraphModule, node):
     if not isinstance(node, fx.Node):
         return node
     if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj.detach()
+        return g.attribute(gm, node.target).detach()
     if node.op == "call_function":
         args = fx.node.map_arg(node.args, lambda a: constant_value(gm, a))
         kwargs = fx.node.map_arg(node.kwargs, lambda a: constant_value(gm, a))

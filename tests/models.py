@@ -133,6 +133,31 @@ def hf(name):
         mask = torch.ones_like(ids)
         mask[1, -3:] = 0  # padding in the second sequence
         return m, {"input_ids": ids, "attention_mask": mask}
+    if name == "gpt_neox":  # fused qkv laid out per head, partial rotate-half RoPE (Pythia)
+        m = T.GPTNeoXModel(T.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                           intermediate_size=128, vocab_size=100, rotary_pct=0.25))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "phi":  # partial rotate-half RoPE, separate projections, parallel attention and MLP
+        m = T.PhiModel(T.PhiConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                   intermediate_size=128, vocab_size=100, partial_rotary_factor=0.5))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "gptj":  # interleaved ("rotate every two") partial RoPE applied as (B, S, H, D)
+        m = T.GPTJModel(T.GPTJConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, rotary_dim=8, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name == "falcon":  # fused qkv grouped per KV head [q.., k, v] (GQA), x @ W.T projections
+        m = T.FalconModel(T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_kv_heads=2,
+                                         new_decoder_architecture=True, vocab_size=100))
+        return m, {"input_ids": ids, "use_cache": False}
+    if name in ("bart", "t5"):  # encoder-decoder: self-attention both sides, decoder cross-attention
+        if name == "bart":
+            m = T.BartModel(T.BartConfig(encoder_layers=1, decoder_layers=1, d_model=64, encoder_attention_heads=4,
+                                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                         vocab_size=100, max_position_embeddings=64))
+        else:  # T5: relative position bias as a per-head additive mask, no 1/sqrt(d) scaling
+            m = T.T5Model(T.T5Config(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, num_heads=4, d_ff=128,
+                                     vocab_size=100))
+        return m, {"input_ids": ids, "decoder_input_ids": ids[:, :5], "use_cache": False}
     if name == "vit":
         m = T.ViTModel(T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                    intermediate_size=128, image_size=32, patch_size=8))
@@ -144,15 +169,25 @@ def build(name):
     """(model in eval mode, example inputs, expected (attention, ffn) counts, expected facts)."""
     torch.manual_seed(0)
     x_bf = torch.randn(2, 8, 64)
-    if name in ("gpt2", "llama", "llama_mqa", "bert", "vit"):
+    if name in ("gpt2", "llama", "llama_mqa", "bert", "vit", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5"):
         m, inputs = hf(name)
-        layers = 1 if name == "llama_mqa" else 2
+        layers = {"llama_mqa": 1, "bart": 3, "t5": 3}.get(name, 2)
+        ffns = {"llama_mqa": 1}.get(name, 2)
         facts = {"gpt2": dict(heads=4, kv=4, causal=True, rope=False, fused=True, act="gelu_tanh"),
                  "llama": dict(heads=4, kv=2, causal=True, rope=True, fused=False, act="silu", gated=True),
                  "llama_mqa": dict(heads=4, kv=1, causal=True, rope=True, fused=False, act="silu", gated=True),
                  "bert": dict(heads=4, kv=4, causal=False, rope=False, fused=False, act="gelu"),
-                 "vit": dict(heads=4, kv=4, causal=False, rope=False, fused=False, act="gelu")}[name]
-        return m.eval(), inputs, (layers, layers), facts
+                 "vit": dict(heads=4, kv=4, causal=False, rope=False, fused=False, act="gelu"),
+                 "gpt_neox": dict(heads=4, kv=4, causal=True, rope=True, fused=True, act="gelu"),
+                 "phi": dict(heads=4, kv=4, causal=True, rope=True, fused=False, act="gelu_tanh"),
+                 "gptj": dict(heads=4, kv=4, causal=True, rope=True, fused=False, act="gelu_tanh"),
+                 # Falcon repeats K/V to every query head before RoPE, so the op takes them repeated
+                 "falcon": dict(heads=8, kv=8, causal=True, rope=True, fused=True, act="gelu", kv_repeated=True),
+                 # causal None: encoder (two-sided), decoder (causal) and cross blocks in one model
+                 "bart": dict(heads=4, kv=4, causal=None, rope=False, fused=False, act="gelu", cross=1),
+                 "t5": dict(heads=4, kv=4, causal=None, rope=False, fused=False, act="relu", cross=1, scale=1.0,
+                            per_head_mask=True)}[name]
+        return m.eval(), inputs, (layers, ffns), facts
     if name.startswith("tel"):
         bf, nf = "bf" in name, "nf" in name
         layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=bf, norm_first=nf)
@@ -181,7 +216,7 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block"]
+       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5"]
 
 
 def reshape_inputs(inputs, batch, seq):
@@ -194,6 +229,8 @@ def reshape_inputs(inputs, batch, seq):
                 out[k] = torch.randn(batch, *v.shape[1:], generator=gen)
             elif k == "input_ids":
                 out[k] = torch.randint(0, 100, (batch, seq), generator=gen)
+            elif k == "decoder_input_ids":  # a decoder length of its own
+                out[k] = torch.randint(0, 100, (batch, max(1, seq - 3)), generator=gen)
             elif k == "attention_mask":
                 mask = torch.ones(batch, seq, dtype=v.dtype)
                 mask[-1, -2:] = 0

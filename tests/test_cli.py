@@ -60,6 +60,20 @@ def test_cli_inspect_real_minilm():
     assert "Hugging Face directory" in stderr
 
 
+def test_cli_inspects_hugging_face_encoder_decoder_directory(tmp_path, capsys):
+    """A saved transformers directory (tiny BART): example inputs derived from its config, with a
+    decoder length of their own; the decoder's cross-attention is found as such."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BartModel(transformers.BartConfig(
+        encoder_layers=1, decoder_layers=1, d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=100, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "bart")
+    assert main(["inspect", str(tmp_path / "bart"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    attn = [b for b in report["blocks"] if b["kind"] == "attention"]
+    assert sorted((b["cross"], b["causal"]) for b in attn) == [(False, False), (False, True), (True, False)]
+
+
 def test_missing_file(capsys, tmp_path):
     _one_line_error(capsys, main(["inspect", str(tmp_path / "nope.pt")]), "no such file")
 

@@ -19,16 +19,29 @@ def test_blocks_found_and_described(name):
         assert b.num_kv_heads == facts["kv"]
         assert b.head_dim == 64 // facts["heads"]
         assert b.d_model == 64 and b.d_out == 64
-        assert b.scale == pytest.approx(1 / (64 // facts["heads"]) ** 0.5)
-        assert b.causal is facts["causal"]
+        assert b.scale == pytest.approx(facts.get("scale", 1 / (64 // facts["heads"]) ** 0.5))
+        if facts["causal"] is not None:
+            assert b.causal is facts["causal"]
         assert b.rope is facts["rope"]
         assert b.q.fused is facts["fused"]
         assert b.q.weight is not None and b.o.weight is not None
         assert b.params > 0
+    assert sum(b.cross for b in attn) == facts.get("cross", 0)
     for b in ffn:
         assert b.activation == facts["act"]
         assert b.gated is facts.get("gated", False)
         assert b.d_model == 64
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_encoder_decoder_blocks(name):
+    """Encoder self-attention is two-sided, decoder self-attention causal, and cross-attention
+    (decoder queries, encoder keys) is matched as such."""
+    model, inputs, _, _ = build(name)
+    attn = {m.block.name: m.block for m in moh_compile.inspect(model, inputs).matches.attention}
+    kinds = sorted((b.cross, b.causal) for b in attn.values())
+    assert kinds == [(False, False), (False, True), (True, False)], attn.keys()
+    assert all(n.startswith("encoder.") == (not b.cross and not b.causal) for n, b in attn.items())
 
 
 def test_attention_type_labels():

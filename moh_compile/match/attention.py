@@ -2,21 +2,24 @@
 
 Anchor: the attention core, either one SDPA node or softmax(Q K^T * scale + mask) @ V.
 From it the matcher walks back along the query to its projection (through layout ops,
-scalar pre-scaling and a rotate-half RoPE), walks the keys/values back to their un-expanded
-(GQA) form, and walks the core's output forward to the output projection. Every decision
+scalar pre-scaling and a rotary embedding of any pairing, match/rope.py), reads which
+projection rows make each query head by running those layout ops (match/feature_map.py),
+walks the keys/values back to their un-expanded (GQA) form, and walks the core's output
+forward to the output projection. Every decision
 that the graph's symbolic shapes cannot settle is left to the rewrite's numerical check,
 which rejects a block whose rewrite does not reproduce it.
 """
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from moh_compile.match import graph as g
 from moh_compile.match.blocks import AttentionBlock, ProjectionInfo, Skipped
+from moh_compile.match.feature_map import NotALayoutPath, feature_index, head_rows
+from moh_compile.match.rope import Rope, head_dim_permutation, match_rope
 
 aten = g.aten
 
@@ -31,9 +34,9 @@ class AttentionMatch:
     core: fx.Node
     x: fx.Node  # 3-D input of the q projection, (B, S, E) or (S, B, E)
     q_proj: g.LinearLike
-    q_rows: tuple[int, int]
-    rope_cos: fx.Node | None
-    rope_sin: fx.Node | None
+    q_rows: list[int]  # rows of q_proj's weight that make the op's W_q, in order (H * D)
+    rope: Rope | None
+    head_perm: list[int] | None  # head-dim order the op sees (RoPE pairs as rotate-half); None: as is
     rope_seq_major: bool  # RoPE was applied before the head transpose, q as (B, S, H, D)
     k: fx.Node  # (B, Hkv, S, D) or (B*H, S, D)
     v: fx.Node
@@ -144,19 +147,19 @@ def _untranspose_last(node):
 
 # ---------------------------------------------------------------- walks
 def _walk_to_projection(node):
-    """From the query at the core back to (projection, cos, sin, the RoPE'd tensor, extra scale)."""
-    cos = sin = roped = None
+    """From the query at the core back to (projection, rope, extra scale): through layout ops,
+    scalar scalings and one rotary embedding."""
+    rope = None
     scale = 1.0
     for _ in range(64):
         lin = g.as_linear(node)
         if lin is not None:
-            return lin, cos, sin, roped, scale
-        rope = _match_rope(node)
-        if rope is not None:
-            if cos is not None:
+            return lin, rope, scale
+        found = match_rope(node)
+        if found is not None:
+            if rope is not None:
                 raise NoMatch("two rotary embeddings on one query")
-            roped = node
-            node, cos, sin = rope
+            rope, node = found, found.src
             continue
         if g.is_call(node, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(node.args[1]) is not None:
             scale *= g.scalar_of(node.args[1])
@@ -173,49 +176,6 @@ def _desc(node) -> str:
     if isinstance(node, fx.Node):
         return f"{node.op} {getattr(node.target, '__name__', node.target)}"
     return repr(node)
-
-
-def _match_rope(node):
-    """q*cos + rotate_half(q)*sin  ->  (q, cos, sin)."""
-    if not g.is_call(node, {aten.add.Tensor}):
-        return None
-    a, b = node.args[0], node.args[1]
-    if not (g.is_call(a, {aten.mul.Tensor}) and g.is_call(b, {aten.mul.Tensor})):
-        return None
-    for plain, rotated in ((a, b), (b, a)):
-        for i in (0, 1):
-            src, cos = plain.args[i], plain.args[1 - i]
-            for j in (0, 1):
-                cat, sin = rotated.args[j], rotated.args[1 - j]
-                if _is_rotate_half_of(cat, src):
-                    return src, cos, sin
-    return None
-
-
-def _is_rotate_half_of(cat, src) -> bool:
-    if not g.is_call(cat, {aten.cat.default}):
-        return False
-    parts = cat.args[0]
-    dim = cat.args[1] if len(cat.args) > 1 else 0
-    if len(parts) != 2 or dim not in (-1, g.val(cat).dim() - 1):
-        return False
-    neg, second = parts
-    if not g.is_call(neg, {aten.neg.default}):
-        return False
-    hi, lo = neg.args[0], second
-    d = g.static_int(g.val(src).shape[-1])
-    return (_is_last_dim_slice(hi, src, d // 2, d) and _is_last_dim_slice(lo, src, 0, d // 2))
-
-
-def _is_last_dim_slice(node, src, start, end) -> bool:
-    if not g.is_call(node, {aten.slice.Tensor}) or node.args[0] is not src:
-        return False
-    rank = g.val(src).dim()
-    dim = node.args[1] if len(node.args) > 1 else 0
-    s = node.args[2] if len(node.args) > 2 else 0
-    e = node.args[3] if len(node.args) > 3 else None
-    e = end if e is None or (isinstance(e, int) and e >= end) else e
-    return dim % rank == rank - 1 and s == start and e == end
 
 
 def _unexpand_kv(node, num_heads: int):
@@ -306,29 +266,31 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
         num_heads = g.static_int(qv.shape[1])
         s_key = g.dim_key(qv.shape[2])
         b_key = g.dim_key(qv.shape[0])
-        if g.dim_key(kv_.shape[2]) != s_key:
-            raise NoMatch("cross-attention (keys from another sequence) is not supported yet")
     elif qv.dim() == 3:
         num_heads = None
         s_key = g.dim_key(qv.shape[1])
         b_key = None
-        if g.dim_key(kv_.shape[1]) != s_key:
-            raise NoMatch("cross-attention (keys from another sequence) is not supported yet")
     else:
         raise NoMatch(f"query has rank {qv.dim()}")
-    lin_q, cos, sin, roped, pre_scale = _walk_to_projection(q)
+    lin_q, rope, pre_scale = _walk_to_projection(q)
     scale *= pre_scale
-    rope_seq_major = roped is not None and _rope_is_seq_major(roped, s_key, qv.dim())
-    fused_rows = _fused_q_rows(q, lin_q)
+    rope_seq_major = rope is not None and _rope_is_seq_major(rope.src, s_key, qv.dim())
+    q_rows = _query_rows(q, lin_q, num_heads)
     if num_heads is None:
-        width = fused_rows[1] - fused_rows[0] if fused_rows else lin_q.out_features
-        num_heads = width // d if width % d == 0 else 0
+        num_heads = len(q_rows) // d if len(q_rows) % d == 0 else 0
         if not num_heads:
             raise NoMatch("cannot infer the number of heads")
     hd = num_heads * d
-    q_rows = fused_rows or (0, hd)
-    if q_rows[1] - q_rows[0] != hd or q_rows[1] > lin_q.out_features:
+    if len(q_rows) != hd:
         raise NoMatch("query projection width is not heads x head_dim")
+    head_perm = None
+    if rope is not None:
+        if rope.head_dim != d:
+            raise NoMatch("rotary embedding is not applied over the head dim")
+        perm = head_dim_permutation(rope)
+        if perm != list(range(d)):
+            head_perm = perm
+            q_rows = [q_rows[h * d + p] for h in range(num_heads) for p in perm]
     x, layout = _walk_back_to_3d(lin_q.x, s_key, b_key)
     if g.val(x).shape[-1] != lin_q.in_features:
         raise NoMatch("query projection input is not token-wise")
@@ -364,15 +326,16 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
         scale=scale,
         causal=True if is_causal else None,
         has_mask=mask is not None or is_causal,
-        rope=cos is not None,
+        rope=rope is not None,
         layout=layout,
         q=_proj_info(lin_q, q_rows),
         k=_proj_info(k_lin, None) if k_lin else None,
         v=_proj_info(v_lin, None) if v_lin else None,
         o=_proj_info(lin_o, None),
+        cross=g.dim_key(kv_.shape[-2]) != s_key,
     )
-    return AttentionMatch(block, core_out, x, lin_q, q_rows, cos, sin, rope_seq_major, k_src, v_src, mask, is_causal,
-                          lin_o, y)
+    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, head_perm, rope_seq_major, k_src, v_src, mask,
+                          is_causal, lin_o, y)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:
@@ -385,48 +348,16 @@ def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:
     return g.dim_key(shape[-2]) != s_key and g.dim_key(shape[-3]) == s_key
 
 
-def _fused_q_rows(q, lin):
-    """For fused qkv projections: which output features of the projection are the query.
-
-    Read off the split/select/slice on the path from the projection to the query; None when
-    the path takes the projection whole.
-    """
-    cur = q
-    for _ in range(64):
-        if cur is lin.node or not isinstance(cur, fx.Node):
-            return None
-        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.split.Tensor}):
-            size = int(cur.args[0].args[1])
-            return (cur.args[1] * size, (cur.args[1] + 1) * size)
-        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.split_with_sizes.default}):
-            sizes = list(cur.args[0].args[1])
-            start = sum(sizes[: cur.args[1]])
-            return (start, start + sizes[cur.args[1]])
-        if g.is_call(cur, {aten.select.int}):
-            n = g.static_int(g.val(cur.args[0]).shape[cur.args[1]])
-            width = lin.out_features // n
-            return (cur.args[2] * width, (cur.args[2] + 1) * width)
-        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], {aten.unbind.int, aten.chunk.default}):
-            src = cur.args[0]
-            if src.target is aten.unbind.int:
-                dim = src.args[1] if len(src.args) > 1 else 0
-                n = g.static_int(g.val(src.args[0]).shape[dim])
-            else:
-                n = int(src.args[1])
-            width = lin.out_features // n
-            return (cur.args[1] * width, (cur.args[1] + 1) * width)
-        if g.is_call(cur, {aten.slice.Tensor}):
-            src = g.val(cur.args[0])
-            dim = cur.args[1] % src.dim()
-            if dim == src.dim() - 1 and src.shape[-1] == lin.out_features and g.val(cur).shape[-1] != src.shape[-1]:
-                start = int(cur.args[2])
-                return (start, start + g.static_int(g.val(cur).shape[-1]))
-        if g.is_call(cur, {operator.getitem}) and g.is_call(cur.args[0], g.SPLITS):
-            raise NoMatch("fused projection split in an unsupported way")
-        if not cur.args:
-            return None
-        cur = cur.args[0]
-    return None
+def _query_rows(q, lin, num_heads: int | None) -> list[int]:
+    """Rows of the projection that make each query head, heads in order (H * D rows)."""
+    try:
+        index = feature_index(q, lin.node)
+    except NotALayoutPath as err:
+        raise NoMatch(f"the query is not a re-layout of its projection (at {err})") from None
+    rows = head_rows(index, num_heads)
+    if rows is None:
+        raise NoMatch("query heads do not map to fixed rows of the projection")
+    return rows
 
 
 def _projection_of(node):
@@ -435,9 +366,9 @@ def _projection_of(node):
         lin = g.as_linear(cur)
         if lin is not None:
             return lin
-        rope = _match_rope(cur)
+        rope = match_rope(cur)
         if rope is not None:
-            cur = rope[0]
+            cur = rope.src
             continue
         if g.is_passthrough(cur) and cur.args:
             cur = cur.args[0]
@@ -446,8 +377,10 @@ def _projection_of(node):
     return None
 
 
-def _proj_info(lin, rows) -> ProjectionInfo:
+def _proj_info(lin, rows: list[int] | None) -> ProjectionInfo:
+    """rows: the projection rows used, in order (None: all); recorded as a range when they are one."""
     bias = g.param_name(lin.bias) if lin.bias is not None else None
-    fused = rows is not None and (rows[1] - rows[0]) != lin.out_features
-    return ProjectionInfo(weight=g.param_name(lin.weight), bias=bias, rows=tuple(rows) if fused else None,
-                          fused=fused)
+    fused = rows is not None and len(rows) != lin.out_features
+    contiguous = rows is not None and rows == list(range(rows[0], rows[0] + len(rows)))
+    return ProjectionInfo(weight=g.param_name(lin.weight), bias=bias,
+                          rows=(rows[0], rows[0] + len(rows)) if fused and contiguous else None, fused=fused)

@@ -37,6 +37,7 @@ class AttentionBlock:
     o: ProjectionInfo
     params: int = 0
     kind: str = "attention"
+    cross: bool = False  # keys/values from another sequence (encoder-decoder cross-attention)
 
     @property
     def attention_type(self) -> str:

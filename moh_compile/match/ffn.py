@@ -138,6 +138,8 @@ def _match_from_fc_out(fc_out: g.LinearLike, exclude) -> FFNMatch | None:
             gate_lin, gate_rows, chain, name = gate
             if _back_through_views(gate_lin.x) is not _back_through_views(up.x):
                 continue
+            if gate_lin.node is up.node and gate_rows == up_rows:
+                break  # x * f(x) of one projection (quick-GELU, CLIP): an activation, not a gate
             if name is None:
                 raise NoMatch("gated FFN with an activation moh-compile does not recognise")
             return _build(fc_out, up, up_rows, gate_lin, gate_rows, name, exclude)

@@ -26,8 +26,8 @@ LAYOUT = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default, aten.contiguous.default, aten.clone.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.select.int, aten.slice.Tensor,
-    aten.unflatten.int, aten.flatten.using_ints, aten.alias.default, aten.expand.default,
-    aten.t.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.unflatten.int, aten.flatten.using_ints, aten.alias.default, aten.expand.default, aten.broadcast_to.default,
+    aten.t.default, aten.numpy_T.default, aten.detach.default, aten.lift_fresh_copy.default,
 }
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
           aten.split.sizes, aten.tensor_split.sections}
@@ -187,6 +187,14 @@ def as_linear(node) -> LinearLike | None:
         if _is_weight(w) and val(w) is not None and val(w).dim() == 2 and not _is_weight(x):
             return LinearLike(node, x, w, None, True)
     return None
+
+
+def attribute(gm: fx.GraphModule, target: str):
+    """The module attribute a get_attr node reads (dotted path)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def param_name(node) -> str | None:

@@ -11,8 +11,8 @@ columns of W_o and its window attributes move together, and attention is compute
 so only the order of the final sum over heads changes. Weights are permuted once, here, into
 new parameters; the user's model keeps its own. K and V are computed by the model's graph, so
 the pass finds the projection each comes from (the one linear behind it, through layout,
-pointwise and RoPE ops) and permutes that projection's rows; fused projections are handled by
-trying each head-aligned row offset. With routed heads (moh+sparse) the router's gates are
+pointwise and RoPE ops) and permutes that projection's rows; which rows make each head is read
+off the graph's own layout ops (match/feature_map.py), so fused layouts of any kind work. With routed heads (moh+sparse) the router's gates are
 gathered into the new order on each call (B x S x H values). Every reorder is verified on the
 example inputs (K/V arrive permuted, model outputs unchanged) and undone if it does not verify,
 with the reason recorded. Skipped: masks or RoPE tables with a per-head dimension, heads that
@@ -24,13 +24,13 @@ import torch
 import torch.fx as fx
 
 from moh_compile.match import graph as g
+from moh_compile.match.feature_map import GATHERS, NotALayoutPath, feature_index, head_rows
 from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, probe_values, tolerance
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
 _ARG = {"q_weight": 1, "q_bias": 2, "k": 3, "v": 4, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7,
         "o_weight": 8, "head_gates": 10, "sink": 12, "alpha": 13, "beta": 14}
-_MAX_FUSED_OFFSETS = 8
 
 
 def head_permutation(sink: list, alpha: list, beta: list, rep: int) -> list[int] | None:
@@ -47,15 +47,9 @@ def head_permutation(sink: list, alpha: list, beta: list, rep: int) -> list[int]
     return [kv * rep + r for kv in order for r in range(rep)]
 
 
-def _rows(perm: list[int], d: int, offset: int = 0, total: int | None = None) -> torch.Tensor:
-    """Row index of a projection whose rows [offset, offset + len(perm) * d) are heads of d rows,
-    reordered by `perm`; other rows stay (total: the projection's row count)."""
-    heads = torch.cat([torch.arange(p * d, (p + 1) * d) for p in perm]) + offset
-    if total is None:
-        return heads
-    idx = torch.arange(total)
-    idx[offset:offset + len(heads)] = heads
-    return idx
+def _rows(perm: list[int], d: int) -> torch.Tensor:
+    """Row index of a projection made of heads of d rows, reordered by `perm`."""
+    return torch.cat([torch.arange(p * d, (p + 1) * d) for p in perm])
 
 
 def _source_linear(node: fx.Node) -> g.LinearLike | None:
@@ -71,7 +65,7 @@ def _source_linear(node: fx.Node) -> g.LinearLike | None:
         if lin is not None:
             found.append(lin)
         elif n.op == "call_function" and (g.is_passthrough(n) or n.target in g.POINTWISE
-                                          or n.target is aten.cat.default):
+                                          or n.target is aten.cat.default or n.target in GATHERS):
             stack.extend(n.all_input_nodes)
     return found[0] if len(found) == 1 else None
 
@@ -115,13 +109,9 @@ class _Edit:
         return node
 
     def undo(self) -> None:
+        """Restore the edited nodes' arguments and remove everything this edit inserted."""
         for node, args in self.args.items():
             node.args = args
-        self.prune()
-
-    def prune(self) -> None:
-        """Remove what this edit inserted that nothing reads (all of it after undo; the
-        parameters of rejected offsets after a fused projection's search), newest first."""
         for node, name in reversed(list(self.added)):
             if not node.users:
                 self.gm.graph.erase_node(node)
@@ -136,11 +126,15 @@ class _Edit:
         return [name for name in map(g.param_name, self.old) if name]
 
 
-def _permute_projection(edit: _Edit, lin: g.LinearLike, perm_kv: list[int], d: int, offset: int) -> None:
-    """Point `lin` at copies of its weight (and bias) with the head rows at `offset` reordered."""
+def _permute_projection(edit: _Edit, lin: g.LinearLike, perm_kv: list[int], head_rows: list[int]) -> None:
+    """Point `lin` at copies of its weight (and bias) whose head row groups (`head_rows`, d rows
+    per head, in head order) are reordered by `perm_kv`; other rows stay."""
     w = constant_value(edit.gm, lin.weight)
     out_dim = 1 if lin.weight_is_in_out else 0
-    idx = _rows(perm_kv, d, offset, w.shape[out_dim])
+    d = len(head_rows) // len(perm_kv)
+    idx = torch.arange(w.shape[out_dim])
+    rows = torch.tensor(head_rows).view(len(perm_kv), d)
+    idx[rows.reshape(-1)] = rows[perm_kv].reshape(-1)
     edit.set_arg(lin.node, lin.weight, edit.param(w.index_select(out_dim, idx), lin.node))
     if lin.bias is not None:
         b = constant_value(edit.gm, lin.bias)
@@ -205,11 +199,11 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     for name in ("sink", "alpha", "beta"):
         new_args[_ARG[name]] = [a[_ARG[name]][p] for p in perm]
     op.args = tuple(new_args)
-    reason, _ = _permute_kv(edit, op, "k", perm_kv, d, example, reference, rtol)
+    reason, _ = _permute_kv(edit, op, "k", perm_kv, example, reference, rtol)
     if reason:
         return reason
     # the model outputs are read in the same runs as v (the last change)
-    reason, values = _permute_kv(edit, op, "v", perm_kv, d, example, reference, rtol, _model_outputs(gm))
+    reason, values = _permute_kv(edit, op, "v", perm_kv, example, reference, rtol, _model_outputs(gm))
     if reason:
         return reason
     if not all(_close(values[k], reference[k], rtol) for k in values if k.startswith("out")):
@@ -217,26 +211,29 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     return None
 
 
-def _permute_kv(edit: _Edit, op: fx.Node, which: str, perm_kv: list[int], d: int, example: tuple,
-                reference: dict, rtol: float, also: dict | None = None) -> tuple[str | None, dict]:
-    """Reorder the rows of the projection `which` (k or v) comes from. Returns (None when verified,
-    else why not; the values of `which` and of the `also` nodes in the verifying run)."""
+def _permute_kv(edit: _Edit, op: fx.Node, which: str, perm_kv: list[int], example: tuple,
+               reference: dict, rtol: float, also: dict | None = None) -> tuple[str | None, dict]:
+    """Reorder the rows of the projection `which` (k or v) comes from; which rows make each head
+    is read off the graph (match/feature_map.py), whatever the fused layout. Returns (None when
+    verified, else why not; the values of `which` and of the `also` nodes in the verifying run)."""
     gm, node = edit.gm, op.args[_ARG[which]]
     lin = _source_linear(node)
     if lin is None:
         return f"{which} does not come from exactly one projection", {}
-    width = len(perm_kv) * d
+    try:
+        rows = head_rows(feature_index(node, lin.node), len(perm_kv))
+    except NotALayoutPath as err:
+        return f"{which} is computed from its projection, not re-laid out (at {err})", {}
+    if rows is None:
+        return f"the rows of {which}'s projection are not laid out head by head", {}
+    if len(set(rows)) != len(rows):
+        return f"{which} heads are copies of fewer heads (repeated before the op), shared across groups", {}
+    _permute_projection(edit, lin, perm_kv, rows)
+    values = probe_values(gm, {which: node, **(also or {})}, *example)  # recompiles gm with the change
     want = reference[which].index_select(1, torch.tensor(perm_kv))
-    weight_args = lin.node.args
-    for offset in range(0, min(lin.out_features - width, (_MAX_FUSED_OFFSETS - 1) * width) + 1, width):
-        _permute_projection(edit, lin, perm_kv, d, offset)
-        values = probe_values(gm, {which: node, **(also or {})}, *example)  # recompiles gm with the change
-        if _close(values[which], want, rtol):
-            edit.prune()
-            return None, values
-        lin.node.args = weight_args  # try the next head-aligned offset of a fused projection
-        lin = g.as_linear(lin.node)
-    return f"the rows of {which}'s projection are not laid out head by head", {}
+    if not _close(values[which], want, rtol):
+        return f"{which} did not arrive in the new head order", {}
+    return None, values
 
 
 def reorder_heads(gm: fx.GraphModule, ops: dict[fx.Node, str], args: tuple, kwargs: dict,

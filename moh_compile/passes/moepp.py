@@ -33,6 +33,7 @@ from torch import nn
 
 from moh_compile.calibrate.data import real_tokens
 from moh_compile.errors import MohCompileError
+from moh_compile.match.graph import shape_keys
 from moh_compile.flops import ffn_flops
 from moh_compile.ops.activations import apply_activation
 from moh_compile.ops.moepp import split_ffn_into_experts
@@ -164,7 +165,10 @@ class MoEPPPass(Pass):
         n = st["experts"]
         groups = st.get("groups") or torch.arange(match.block.d_hidden).reshape(n, -1).tolist()
         name = _name(match.block.name)
-        prev = getattr(gm, "_moepp_last_logits", None) if st["gating_residual"] else None
+        # the gating residual links blocks that route the same tokens (not an encoder's to a decoder's)
+        tokens = shape_keys(match.x)[:-1]
+        prev_logits, prev_tokens = getattr(gm, "_moepp_last_logits", (None, None))
+        prev = prev_logits if st["gating_residual"] and prev_tokens == tokens else None
 
         def emit(b, ops):
             w = {k: _const_value(gm, ops[k]) for k in ("w_in", "b_in", "w_out", "w_gate", "b_gate")}
@@ -186,7 +190,7 @@ class MoEPPPass(Pass):
             out = b.call(torch.ops.moh_compile.moepp_ffn.default, ops["x"], e["w_in"], e["b_in"], e["w_gate"],
                          e["b_gate"], e["w_out"], ops["b_out"], idx, weight, e["const_vectors"],
                          e["const_gate_weight"], st["zero_experts"], st["copy_experts"], match.activation)
-            gm._moepp_last_logits = logits
+            gm._moepp_last_logits = (logits, tokens)
             return b.call(aten.add.Tensor, out, comp)
 
         return insert_ffn(gm, match, emit)

@@ -262,6 +262,11 @@ class SparseAttention(Pass):
         SparseOptions.parse(dict(out))  # bad values fail before the model is loaded
         return out
 
+    def check(self, match, config) -> str | None:
+        if match.block.cross:
+            return "cross-attention: windows around a query's position do not apply to another sequence's keys"
+        return None
+
     def plan(self, match, config) -> BlockPlan:
         SparseOptions.parse(self.options(config))  # reject bad options before any work
         return BlockPlan(match.block.name, self.kind, self.name, {})

@@ -1,0 +1,98 @@
+"""RoPE pairings and fused-projection layouts: what the matcher reads off the graph.
+
+The end-to-end exactness of these rewrites is in test_identity_rewrite (GPT-NeoX, Phi, GPT-J and
+Falcon are in the model zoo); here the pieces are checked one by one, with numbers.
+"""
+import pytest
+import torch
+from torch import nn
+
+import moh_compile
+from moh_compile.match.rope import Rope, head_dim_permutation, match_rope
+from moh_compile.ops.attention import rotate_half
+from tests.models import build
+
+
+def _rotate_every_two(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class _RopeSpelling(nn.Module):
+    """q after one of the RoPE spellings models use (rotated dims: `rot` of 16)."""
+
+    def __init__(self, style: str, rot: int):
+        super().__init__()
+        self.style, self.rot = style, rot
+
+    def forward(self, q, cos, sin):
+        r = self.rot
+        part, rest = q[..., :r], q[..., r:]
+        rotated = _rotate_every_two(part) if self.style == "interleaved" else rotate_half(part)
+        roped = part * cos + rotated * sin
+        return roped if r == q.shape[-1] else torch.cat([roped, rest], dim=-1)
+
+
+def _tables(s: int, r: int, interleaved: bool):
+    angle = torch.arange(s)[:, None] * torch.rand(r // 2)[None, :] * 3
+    if interleaved:
+        angle = angle.repeat_interleave(2, dim=-1)
+    else:
+        angle = torch.cat([angle, angle], dim=-1)
+    return angle.cos(), angle.sin()
+
+
+@pytest.mark.parametrize("style,rot,pairs", [
+    ("half", 16, [(i, i + 8) for i in range(8)]),
+    ("half", 4, [(0, 2), (1, 3)]),  # GPT-NeoX / Phi partial rotary
+    ("interleaved", 8, [(0, 1), (2, 3), (4, 5), (6, 7)]),  # GPT-J
+    ("interleaved", 16, [(2 * i, 2 * i + 1) for i in range(8)]),
+])
+def test_every_pairing_is_full_rotate_half_after_the_permutation(style, rot, pairs):
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 16)
+    cos, sin = _tables(5, rot, style == "interleaved")
+    program = torch.export.export(_RopeSpelling(style, rot), (q, cos, sin))
+    out = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
+    rope = match_rope(out)
+    assert isinstance(rope, Rope) and rope.pairs == pairs and (rope.offset, rope.width) == (0, rot)
+    assert rope.is_full_rotate_half is (style == "half" and rot == 16)
+    # the op's rotate-half over all 16 dims, on permuted q with padded, permuted tables,
+    # gives the model's RoPE output, permuted the same way
+    perm = torch.tensor(head_dim_permutation(rope))
+    assert sorted(perm.tolist()) == list(range(16))
+    pad = [0, 16 - rot]
+    cos_p = nn.functional.pad(cos, pad, value=1.0)[..., perm]
+    sin_p = nn.functional.pad(sin, pad, value=0.0)[..., perm]
+    qp = q[..., perm]
+    want = _RopeSpelling(style, rot)(q, cos, sin)[..., perm]
+    assert torch.allclose(qp * cos_p + rotate_half(qp) * sin_p, want, atol=1e-6)
+
+
+def test_head_dim_permutation_of_rotate_half_is_the_identity():
+    rope = Rope(src=None, cos=None, sin=None, offset=0, width=8, pairs=[(i, i + 4) for i in range(4)], head_dim=8)
+    assert head_dim_permutation(rope) == list(range(8))
+
+
+@pytest.mark.parametrize("name,rows_of_head", [
+    # GPT-NeoX: qkv viewed as (.., H, 3 * D), q is the first D of each head's 3 * D rows
+    ("gpt_neox", lambda h, d: [h * 48 + j for j in range(d)]),
+    # Falcon (new architecture, 8 query heads over 2 KV heads): per KV group [4 q heads, k, v]
+    ("falcon", lambda h, d: [(h // 4) * 48 + (h % 4) * 8 + j for j in range(d)]),
+])
+def test_fused_layouts_give_each_query_head_its_rows(name, rows_of_head):
+    model, inputs, _, facts = build(name)
+    for m in moh_compile.inspect(model, inputs).matches.attention:
+        d, heads = m.block.head_dim, m.block.num_heads
+        perm = m.head_perm or list(range(d))
+        want = [rows_of_head(h, d)[p] for h in range(heads) for p in perm]
+        assert m.q_rows == want
+        assert m.block.q.fused and m.block.q.rows is None  # not one range: recorded as fused only
+
+
+def test_partial_rope_models_get_a_head_dim_permutation():
+    for name, rotated in (("gpt_neox", 4), ("phi", 8), ("gptj", 8)):
+        model, inputs, _, _ = build(name)
+        for m in moh_compile.inspect(model, inputs).matches.attention:
+            assert m.rope.width == rotated and m.head_perm is not None and m.head_perm != sorted(m.head_perm)
+    model, inputs, _, _ = build("llama")
+    assert all(m.head_perm is None for m in moh_compile.inspect(model, inputs).matches.attention)
