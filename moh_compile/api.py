@@ -21,6 +21,7 @@ from moh_compile.capture import Captured, capture
 from moh_compile.config import CompileConfig
 from moh_compile.errors import MohCompileError
 from moh_compile.match import MatchResult, find_blocks
+from moh_compile.match.attention import MASKED_OUT
 from moh_compile.plan import BlockPlan, Plan
 from moh_compile.report import Report, block_rows
 from moh_compile.rewrite import commit_verified, probe_values
@@ -38,7 +39,8 @@ class Inspection:
 
 def _detect_causality(captured: Captured, matches: MatchResult) -> None:
     """Fill block.causal from the mask values on the example inputs (causal: no key after the query)."""
-    watch = {f"m{i}": m.mask for i, m in enumerate(matches.attention) if m.mask is not None and not m.is_causal_flag}
+    watch = {f"m{i}": m.mask_probe for i, m in enumerate(matches.attention)
+             if m.mask_probe is not None and not m.is_causal_flag}
     values = probe_values(captured.module, watch, captured.args, captured.kwargs) if watch else {}
     for i, m in enumerate(matches.attention):
         if m.is_causal_flag:
@@ -48,7 +50,7 @@ def _detect_causality(captured: Captured, matches: MatchResult) -> None:
         if mask is None:
             m.block.causal = False
             continue
-        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        visible = mask if mask.dtype == torch.bool else mask > MASKED_OUT / 2
         s_q, s_k = visible.shape[-2], visible.shape[-1]
         upper = torch.ones(s_q, s_k, dtype=torch.bool).triu(1)
         m.block.causal = bool(s_q > 1 and not visible[..., upper].any() and visible[..., ~upper].any())

@@ -16,7 +16,7 @@ from torch._guards import detect_fake_mode
 
 from moh_compile.match import graph as g
 from moh_compile.match.graph import remove_dead_code
-from moh_compile.match.attention import AttentionMatch
+from moh_compile.match.attention import AttentionMatch, MaskStep
 from moh_compile.match.ffn import FFNMatch
 
 aten = torch.ops.aten
@@ -147,21 +147,38 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
     wq, bq = _weight_as_linear(b, m.q_proj, m.q_rows)
     wo, bo = _weight_as_linear(b, m.o_proj, None)
     cos, sin, k = _rope_operands(b, m, m.k)
-    v, mask = m.v, m.mask
-    if g.val(m.k).dim() == 3 or (mask is not None and g.val(mask).dim() == 3) or m.is_causal_flag:
-        bsz = b.call(aten.sym_size.int, x, 0)
-        seq = b.call(aten.sym_size.int, x, 1)
-        seq_k = b.call(aten.sym_size.int, m.k, -2)  # the keys' own length (cross-attention: the encoder's)
-        if g.val(m.k).dim() == 3:
-            k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq_k, blk.head_dim])
-            v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq_k, blk.head_dim])
-        if mask is not None and g.val(mask).dim() == 3:
-            mask = b.call(aten.view.default, mask, [bsz, -1, seq, seq_k])
-        if m.is_causal_flag:
-            ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
-            mask = b.call(aten.tril.default, ones)
+    v = m.v
+    bsz = b.call(aten.sym_size.int, x, 0)
+    seq = b.call(aten.sym_size.int, x, 1)
+    seq_k = b.call(aten.sym_size.int, m.k, -2)  # the keys' own length (cross-attention: the encoder's)
+    if g.val(m.k).dim() == 3:
+        k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq_k, blk.head_dim])
+        v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq_k, blk.head_dim])
+    mask = _mask_operand(b, m.mask_steps, x, bsz)
+    if m.is_causal_flag:
+        ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
+        mask = b.call(aten.tril.default, ones)
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
                 rope_sin=sin, o_weight=wo, o_bias=bo)
+
+
+def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
+    """The op's one mask from the model's masking steps: additive terms summed; a masked_fill as
+    the model's fill value where its condition holds (a bool "visible" mask when it is the only
+    step and fills -inf). Terms of (B*H, S, S_k) scores are viewed as (B, H, S, S_k)."""
+    mask = None
+    for step in steps:
+        t = step.tensor
+        if step.scores_rank == 3 and g.val(t).dim() == 3:
+            t = b.call(aten.view.default, t, [bsz, -1, b.call(aten.sym_size.int, t, 1), b.call(aten.sym_size.int, t, 2)])
+        if step.kind == "add":
+            mask = t if mask is None else b.call(aten.add.Tensor, mask, t)
+        elif len(steps) == 1 and step.value == float("-inf"):
+            mask = b.call(aten.logical_not.default, t)
+        else:
+            base = mask if mask is not None else b.call(aten.new_zeros.default, x, [])
+            mask = b.call(aten.where.ScalarSelf, t, step.value, base)
+    return mask
 
 
 GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]

@@ -99,6 +99,29 @@ class ManualBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.n2(x))))
 
 
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's hand-written causal attention: fused c_attn split three ways, scores filled with
+    -inf where a registered tril buffer is 0, then softmax @ v."""
+
+    def __init__(self, d=64, h=4, block_size=64):
+        super().__init__()
+        self.h = h
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).contiguous().view(b, t, c)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
 class MHAModel(nn.Module):
     """A custom model around nn.MultiheadAttention (need_weights default: the bmm path)."""
 
@@ -209,6 +232,9 @@ def build(name):
     if name == "rope_bshd":
         return SeqMajorRopeBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=2, causal=True, rope=True, fused=False,
                                                                  act="silu", gated=True)
+    if name == "nanogpt":
+        return NanoGPTBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=True, rope=False, fused=True,
+                                                            act="gelu")
     if name == "manual_block":
         return ManualBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
                                                            act="gelu")
@@ -216,7 +242,7 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5"]
+       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5", "nanogpt"]
 
 
 def reshape_inputs(inputs, batch, seq):

@@ -79,3 +79,38 @@ def test_attention_weights_returned_are_skipped_not_rewritten():
 
     with pytest.raises(moh_compile.MohCompileError, match="no attention blocks"):
         moh_compile.inspect(ReturnsWeights().eval(), (torch.randn(2, 6, 32),))
+
+
+class _FilledScores(torch.nn.Module):
+    """Hand-written attention whose scores are masked_filled with `value`, then scaled by `post`."""
+
+    def __init__(self, value, post=1.0):
+        super().__init__()
+        self.value, self.post = value, post
+        self.qkv, self.o = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in self.qkv(x).split(64, dim=-1))
+        scores = (q @ k.transpose(-2, -1)) / 4.0
+        keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~keep, self.value) * self.post
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, 64))
+
+
+@pytest.mark.parametrize("value,post,reason", [(0.5, 1.0, "not a masking value"),
+                                               (float("-inf"), 2.0, "scaled after the mask")])
+def test_masking_the_op_cannot_express_is_skipped_with_a_reason(value, post, reason):
+    with pytest.raises(moh_compile.MohCompileError, match=reason):
+        moh_compile.inspect(_FilledScores(value, post).eval(), (torch.randn(2, 8, 64),))
+
+
+def test_masked_fill_attention_is_causal_and_exact():
+    """A -inf fill becomes the op's bool mask; causality is read from the masked scores."""
+    model = _FilledScores(float("-inf")).eval()
+    (m,) = moh_compile.inspect(model, (torch.randn(2, 8, 64),)).matches.attention
+    assert m.block.causal is True and m.block.has_mask and [s.kind for s in m.mask_steps] == ["fill"]
+    compiled = moh_compile.compile(model, (torch.randn(2, 8, 64),))
+    x = torch.randn(3, 11, 64)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() <= 1e-5

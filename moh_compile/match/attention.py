@@ -29,6 +29,18 @@ class NoMatch(Exception):
 
 
 @dataclass
+class MaskStep:
+    """One way the model masks the attention scores: "add" a tensor (additive masks, ALiBi,
+    position biases; SDPA's attn_mask is one), or "fill" the scores where `tensor` is True with
+    `value` (masked_fill). `scores_rank`: 3 when the scores were (B*H, S, S_k) at that step."""
+
+    kind: str
+    tensor: fx.Node
+    value: float = 0.0
+    scores_rank: int = 4
+
+
+@dataclass
 class AttentionMatch:
     block: AttentionBlock
     core: fx.Node
@@ -40,7 +52,8 @@ class AttentionMatch:
     rope_seq_major: bool  # RoPE was applied before the head transpose, q as (B, S, H, D)
     k: fx.Node  # (B, Hkv, S, D) or (B*H, S, D)
     v: fx.Node
-    mask: fx.Node | None
+    mask_steps: list[MaskStep]  # how the model masks the scores, in order; [] = no mask
+    mask_probe: fx.Node | None  # values that show which keys each query sees (causality detection)
     is_causal_flag: bool
     o_proj: g.LinearLike
     y: fx.Node  # node whose value the op output replaces, (B, S, E) or (S, B, E)
@@ -66,7 +79,9 @@ def _guess_name(node: fx.Node) -> str:
 
 # ---------------------------------------------------------------- core
 def _core_from(node: fx.Node):
-    """Returns (core_out, q, k, v, mask, scale, is_causal, kind) or None if not a core.
+    """Returns (core_out, q, k, v, mask ops, mask probe, scale, is_causal, kind) or None if not a
+    core. The probe is the tensor whose values show which keys each query sees (SDPA's mask;
+    the masked scores).
 
     kind "sdpa_gqa": SDPA(enable_gqa=True), whose K/V already have the (B, Hkv, S, D) form the
     op takes (SDPA repeats them itself), so there is no repeat to walk back through."""
@@ -83,17 +98,19 @@ def _core_from(node: fx.Node):
             raise NoMatch("attention dropout is active (capture the model in eval mode)")
         d = g.static_int(g.val(q).shape[-1])
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        return node, q, k, v, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa"
+        steps = [] if mask is None else [MaskStep("add", mask, scores_rank=g.val(q).dim())]
+        return node, q, k, v, steps, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa"
     # softmax(scores) @ v
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     rank = g.val(node).dim()
     if dim not in (-1, rank - 1):
         return None
     probs, users = node, g.data_users(node)
-    # eval dropout, copies and dtype casts (softmax in float32 for half-precision models, as HF's
-    # eager attention does) may sit between the probabilities and P @ V
+    # eval dropout, copies, dtype casts (softmax in float32 for half-precision models, as HF's
+    # eager attention does) and views (Bloom: 4-D probabilities, 3-D P @ V) may sit between the
+    # probabilities and P @ V
     while len(users) == 1 and (g.is_eval_dropout(users[0]) or g.is_call(users[0], {aten.clone.default})
-                               or g.is_call(users[0], g.CASTS)):
+                               or g.is_call(users[0], g.CASTS) or g.is_call(users[0], _VIEWS)):
         probs, users = users[0], g.data_users(users[0])
     pv = [u for u in users if g.is_call(u, g.MATMUL) and u.args[0] is probs]
     if not pv:
@@ -101,33 +118,60 @@ def _core_from(node: fx.Node):
     if len(users) != 1:
         raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
     v = pv[0].args[1]
-    scale, mask = 1.0, None
-    s = node.args[0]
-    while True:
-        if g.is_call(s, {aten.add.Tensor}) and g.val(s.args[1]) is not None and mask is None:
-            s, mask = s.args[0], s.args[1]
-        elif g.is_call(s, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(s.args[1]) is not None:
-            scale *= g.scalar_of(s.args[1])
-            s = s.args[0]
-        elif g.is_call(s, {aten.div.Tensor, aten.div.Scalar}) and g.scalar_of(s.args[1]) is not None:
-            scale /= g.scalar_of(s.args[1])
-            s = s.args[0]
-        else:
-            break
-    if g.is_call(s, g.BADDBMM):
-        mask, q, kt = s.args[0], s.args[1], s.args[2]
-        scale *= float(s.kwargs.get("alpha", 1.0))
-    elif g.is_call(s, g.MATMUL):
-        q, kt = s.args[0], s.args[1]
-    else:
-        raise NoMatch("softmax input is not a Q K^T product")
+    q, kt, scale, mask_steps = _scores_source(node.args[0])
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")
     while g.is_call(q, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(q.args[1]) is not None:
         scale *= g.scalar_of(q.args[1])
         q = q.args[0]
-    return pv[0], q, k, v, mask, scale, False, "softmax(QK^T)V"
+    return pv[0], q, k, v, mask_steps, node.args[0] if mask_steps else None, scale, False, "softmax(QK^T)V"
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+MASKED_OUT = -1e4  # a fill value at or below this gives probability 0 in float32 (exp underflows)
+
+
+def _scores_source(s):
+    """Walk the softmax input back to Q K^T: (q, k^T, scale, mask steps in forward order).
+    Views and dtype casts on the way are walked through; a fill must be low enough to mean
+    "masked" (nanoGPT's masked_fill(mask == 0, -inf))."""
+    scale, steps = 1.0, []
+    while True:
+        add = g.is_call(s, {aten.add.Tensor}) and g.val(s.args[1]) is not None
+        fill = g.is_call(s, {aten.masked_fill.Scalar})
+        if (add or fill) and scale != 1.0:
+            raise NoMatch("scores are scaled after the mask is applied")
+        if add:
+            steps.append(MaskStep("add", s.args[1], scores_rank=g.val(s).dim()))
+            s = s.args[0]
+        elif fill:
+            value = g.scalar_of(s.args[2])
+            if value is None or value > MASKED_OUT:
+                raise NoMatch(f"scores are filled with {s.args[2]}, not a masking value")
+            steps.append(MaskStep("fill", s.args[1], value, g.val(s).dim()))
+            s = s.args[0]
+        elif g.is_call(s, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(s.args[1]) is not None:
+            scale *= g.scalar_of(s.args[1])
+            s = s.args[0]
+        elif g.is_call(s, {aten.div.Tensor, aten.div.Scalar}) and g.scalar_of(s.args[1]) is not None:
+            scale /= g.scalar_of(s.args[1])
+            s = s.args[0]
+        elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
+            s = s.args[0]
+        else:
+            break
+    if g.is_call(s, g.BADDBMM):
+        if s.kwargs.get("beta", 1.0) != 1.0:
+            raise NoMatch("baddbmm scales its input (beta != 1)")
+        steps.append(MaskStep("add", s.args[0], scores_rank=g.val(s).dim()))
+        q, kt = s.args[1], s.args[2]
+        scale *= float(s.kwargs.get("alpha", 1.0))
+    elif g.is_call(s, g.MATMUL):
+        q, kt = s.args[0], s.args[1]
+    else:
+        raise NoMatch("softmax input is not a Q K^T product")
+    return q, kt, scale, steps[::-1]
 
 
 def _untranspose_last(node):
@@ -257,7 +301,7 @@ def _walk_forward_to_3d(node, s_key, b_key):
 
 
 # ---------------------------------------------------------------- block
-def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> AttentionMatch:
+def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal, kind) -> AttentionMatch:
     qv, kv_ = g.val(q), g.val(k)
     if qv is None or kv_ is None:
         raise NoMatch("missing shape information")
@@ -325,7 +369,7 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
         d_out=lin_o.out_features,
         scale=scale,
         causal=True if is_causal else None,
-        has_mask=mask is not None or is_causal,
+        has_mask=bool(mask_steps) or is_causal,
         rope=rope is not None,
         layout=layout,
         q=_proj_info(lin_q, q_rows),
@@ -334,8 +378,8 @@ def _match_block(gm, core_out, q, k, v, mask, scale, is_causal, kind) -> Attenti
         o=_proj_info(lin_o, None),
         cross=g.dim_key(kv_.shape[-2]) != s_key,
     )
-    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, head_perm, rope_seq_major, k_src, v_src, mask,
-                          is_causal, lin_o, y)
+    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, head_perm, rope_seq_major, k_src, v_src, mask_steps,
+                          mask_probe, is_causal, lin_o, y)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:
