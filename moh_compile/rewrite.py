@@ -170,7 +170,8 @@ def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) 
     for step in steps:
         t = step.tensor
         if step.scores_rank == 3 and g.val(t).dim() == 3:
-            t = b.call(aten.view.default, t, [bsz, -1, b.call(aten.sym_size.int, t, 1), b.call(aten.sym_size.int, t, 2)])
+            rows, cols = (b.call(aten.sym_size.int, t, i) for i in (1, 2))
+            t = b.call(aten.view.default, t, [bsz, -1, rows, cols])
         if step.kind == "add":
             mask = t if mask is None else b.call(aten.add.Tensor, mask, t)
         elif len(steps) == 1 and step.value == float("-inf"):

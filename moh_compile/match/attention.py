@@ -79,7 +79,7 @@ def _guess_name(node: fx.Node) -> str:
 
 # ---------------------------------------------------------------- core
 def _core_from(node: fx.Node):
-    """Returns (core_out, q, k, v, mask ops, mask probe, scale, is_causal, kind) or None if not a
+    """Returns (core_out, q, k, v, mask steps, mask probe, scale, is_causal, kind) or None if not a
     core. The probe is the tensor whose values show which keys each query sees (SDPA's mask;
     the masked scores).
 

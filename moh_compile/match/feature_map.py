@@ -61,16 +61,13 @@ def feature_index(node: fx.Node, projection: fx.Node) -> torch.Tensor:
             return n
         if n in env:
             return env[n]
-        source = in_place_source(n) if n is not projection else None
         if n is projection:
             shape = [concrete(s) for s in g.val(n).shape]
             out = torch.arange(shape[-1]).expand(shape).contiguous()
-        elif source is not None:
+        elif (source := in_place_source(n)) is not None:
             out = run(source)
         elif isinstance(n.meta.get("val"), (torch.SymInt, int)) and n.op == "call_function":
             out = concrete(n.meta["val"])
-        elif g.is_call(n, {aten.sym_size.int}) and g.val(n.args[0]) is not None:  # inserted by a rewrite
-            out = concrete(g.val(n.args[0]).shape[n.args[1]])
         elif n.op == "get_attr":
             out = _attribute(gm, n.target)  # constant indices of a gather
         elif n.op == "call_function" and (n.target in g.LAYOUT or n.target in g.SPLITS or n.target in GATHERS

@@ -12,8 +12,9 @@ so only the order of the final sum over heads changes. Weights are permuted once
 new parameters; the user's model keeps its own. K and V are computed by the model's graph, so
 the pass finds the projection each comes from (the one linear behind it, through layout,
 pointwise and RoPE ops) and permutes that projection's rows; which rows make each head is read
-off the graph's own layout ops (match/feature_map.py), so fused layouts of any kind work. With routed heads (moh+sparse) the router's gates are
-gathered into the new order on each call (B x S x H values). Every reorder is verified on the
+off the graph's own layout ops (match/feature_map.py), so fused layouts of any kind work. With
+routed heads (moh+sparse) the router's gates are gathered into the new order on each call
+(B x S x H values). Every reorder is verified on the
 example inputs (K/V arrive permuted, model outputs unchanged) and undone if it does not verify,
 with the reason recorded. Skipped: masks or RoPE tables with a per-head dimension, heads that
 are already grouped.
