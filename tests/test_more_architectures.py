@@ -54,3 +54,10 @@ def test_every_block_matched_and_identity_exact(name):
     with torch.no_grad():
         want, got = model(**x).last_hidden_state, compiled(**x).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_qk_norm_is_skipped_with_its_reason():
+    """Qwen3 normalises each query head before RoPE; the op cannot hold that yet, and says so."""
+    model = T.Qwen3Model(T.Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16)).eval()
+    with pytest.raises(moh_compile.MohCompileError, match="QK-norm"):
+        moh_compile.inspect(model, _inputs("qwen3", 2, 8))

@@ -212,8 +212,29 @@ def _walk_to_projection(node):
         if g.is_passthrough(node):
             node = node.args[0]
             continue
+        if _normalised(node):
+            raise NoMatch("the query is normalised between its projection and attention (QK-norm, as in Qwen3, "
+                          "Gemma 3 and OLMo 2): not supported yet")
         raise NoMatch(f"could not trace the query back to a projection (stopped at {_desc(node)})")
     raise NoMatch("query path too long")
+
+
+_NORMS = {aten.rsqrt.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+
+
+def _normalised(node, depth: int = 6) -> bool:
+    """Whether a normalisation (rsqrt, layer/RMS norm) computes `node` within a few ops, not
+    looking past a projection (the block's input norm is not the query's)."""
+    stack, seen = [(node, 0)], set()
+    while stack:
+        n, hops = stack.pop()
+        if n in seen or hops > depth or g.as_linear(n) is not None:
+            continue
+        seen.add(n)
+        if g.is_call(n, _NORMS):
+            return True
+        stack.extend((a, hops + 1) for a in n.all_input_nodes)
+    return False
 
 
 def _desc(node) -> str:
