@@ -55,11 +55,11 @@ def test_every_pairing_is_full_rotate_half_after_the_permutation(style, rot, pai
     out = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
     rope = match_rope(out)
     assert isinstance(rope, Rope) and rope.pairs == pairs and (rope.offset, rope.width) == (0, rot)
-    assert rope.is_full_rotate_half is (style == "half" and rot == 16)
     # the op's rotate-half over all 16 dims, on permuted q with padded, permuted tables,
     # gives the model's RoPE output, permuted the same way
     perm = torch.tensor(head_dim_permutation(rope))
     assert sorted(perm.tolist()) == list(range(16))
+    assert (perm.tolist() == list(range(16))) is (style == "half" and rot == 16)  # only plain rotate-half stays
     pad = [0, 16 - rot]
     cos_p = nn.functional.pad(cos, pad, value=1.0)[..., perm]
     sin_p = nn.functional.pad(sin, pad, value=0.0)[..., perm]

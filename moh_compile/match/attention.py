@@ -122,9 +122,9 @@ def _core_from(node: fx.Node):
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")
-    while g.is_call(q, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(q.args[1]) is not None:
-        scale *= g.scalar_of(q.args[1])
-        q = q.args[0]
+    while (scaled := g.scalar_scaling(q)) is not None:
+        q, factor = scaled
+        scale *= factor
     return pv[0], q, k, v, mask_steps, node.args[0] if mask_steps else None, scale, False, "softmax(QK^T)V"
 
 
@@ -151,12 +151,9 @@ def _scores_source(s):
                 raise NoMatch(f"scores are filled with {s.args[2]}, not a masking value")
             steps.append(MaskStep("fill", s.args[1], value, g.val(s).dim()))
             s = s.args[0]
-        elif g.is_call(s, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(s.args[1]) is not None:
-            scale *= g.scalar_of(s.args[1])
-            s = s.args[0]
-        elif g.is_call(s, {aten.div.Tensor, aten.div.Scalar}) and g.scalar_of(s.args[1]) is not None:
-            scale /= g.scalar_of(s.args[1])
-            s = s.args[0]
+        elif (scaled := g.scalar_scaling(s)) is not None:
+            s, factor = scaled
+            scale *= factor
         elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
             s = s.args[0]
         else:
@@ -205,9 +202,9 @@ def _walk_to_projection(node):
                 raise NoMatch("two rotary embeddings on one query")
             rope, node = found, found.src
             continue
-        if g.is_call(node, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(node.args[1]) is not None:
-            scale *= g.scalar_of(node.args[1])
-            node = node.args[0]
+        if (scaled := g.scalar_scaling(node)) is not None:
+            node, factor = scaled
+            scale *= factor
             continue
         if g.is_passthrough(node):
             node = node.args[0]

@@ -32,9 +32,8 @@ def in_place_source(node) -> fx.Node | None:
     rope = match_rope(node)
     if rope is not None:
         return rope.src
-    if g.is_call(node, {aten.mul.Tensor, aten.mul.Scalar}) and g.scalar_of(node.args[1]) is not None:
-        return node.args[0]
-    return None
+    scaled = g.scalar_scaling(node)
+    return scaled[0] if scaled is not None else None
 
 
 def feature_index(node: fx.Node, projection: fx.Node) -> torch.Tensor:

@@ -128,6 +128,15 @@ def static_int(d) -> int | None:
     return int(d)
 
 
+def scalar_scaling(node) -> tuple[fx.Node, float] | None:
+    """(input, factor) when node = input * scalar or input / scalar; else None."""
+    if is_call(node, {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}):
+        f = scalar_of(node.args[1])
+        if f is not None:
+            return node.args[0], (f if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / f)
+    return None
+
+
 def scalar_of(x) -> float | None:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)

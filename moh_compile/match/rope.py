@@ -37,11 +37,6 @@ class Rope:
     pairs: list[tuple[int, int]]  # rotated (a, b) dim pairs, as dims of src (offset included)
     head_dim: int
 
-    @property
-    def is_full_rotate_half(self) -> bool:
-        half = self.head_dim // 2
-        return self.pairs == [(i, i + half) for i in range(half)]
-
 
 def head_dim_permutation(rope: Rope) -> list[int]:
     """Order of the head's dims that turns the rope's pairs into rotate-half pairs (j, j + D/2):
