@@ -66,6 +66,7 @@ class Report:
                 continue
             qkv = "fused" if b["q"]["fused"] else "separate"
             kind = b["attention_type"] + (" (cross)" if b.get("cross") else "")
+            kind += " QK-norm" if b.get("qk_norm") else ""
             rows.append([b["name"], str(b["layer"]), b["core"], kind, str(b["num_heads"]),
                          str(b["num_kv_heads"]), str(b["head_dim"]), str(b["d_model"]), str(b["causal"]),
                          str(b["has_mask"]), str(b["rope"]), qkv, f"{b['params']:,}", f"{b['flops'] / 1e6:.1f}"])

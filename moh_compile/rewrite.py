@@ -140,6 +140,23 @@ def _rope_operands(b: _Builder, m: AttentionMatch, k: fx.Node):
     return cos, sin, k
 
 
+def _q_norm_operand(b: _Builder, m: AttentionMatch) -> fx.Node | None:
+    """The op's per-dim query-norm scale: the model's parameter (plus its offset, Gemma's 1 + w;
+    ones when the norm has no scale), in the op's head-dim order. None without QK-norm."""
+    norm = m.q_norm
+    if norm is None:
+        return None
+    if norm.weight is None:
+        w = b.constant("moh_q_norm_ones", torch.ones(norm.width, dtype=g.val(m.q_proj.weight).dtype))
+    else:
+        w = norm.weight
+        if norm.weight_offset:
+            w = b.call(aten.add.Tensor, w, norm.weight_offset)
+    if m.head_perm is not None:
+        w = b.call(aten.index_select.default, w, 0, b.constant("moh_head_perm", torch.tensor(m.head_perm)))
+    return w
+
+
 def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
     """Graph nodes for the op's operands, in the op's canonical layouts."""
     blk = m.block
@@ -159,7 +176,7 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
         ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
         mask = b.call(aten.tril.default, ones)
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
-                rope_sin=sin, o_weight=wo, o_bias=bo)
+                rope_sin=sin, o_weight=wo, o_bias=bo, q_norm_weight=_q_norm_operand(b, m))
 
 
 def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
@@ -199,7 +216,8 @@ def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | 
     out = b.call(torch.ops.moh_compile.attention.default, ops["x"], ops["q_weight"], ops["q_bias"], ops["k"],
                  ops["v"], ops["attn_mask"], ops["rope_cos"], ops["rope_sin"], ops["o_weight"], ops["o_bias"],
                  gates, float(m.block.scale), w.get("sink"), w.get("alpha"), w.get("beta"),
-                 bool(w.get("two_sided", False)))
+                 bool(w.get("two_sided", False)),
+                 *(() if m.q_norm is None else (ops["q_norm_weight"], float(m.q_norm.eps))))
     if compensation is not None:
         out = b.call(aten.add.Tensor, out, compensation)
     if m.block.layout == "seq_first":

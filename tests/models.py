@@ -181,6 +181,14 @@ def hf(name):
             m = T.T5Model(T.T5Config(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=16, num_heads=4, d_ff=128,
                                      vocab_size=100))
         return m, {"input_ids": ids, "decoder_input_ids": ids[:, :5], "use_cache": False}
+    if name == "qwen3":  # QK-norm: each query and key head RMS-normalised before RoPE; GQA
+        m = T.Qwen3Model(T.Qwen3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=100))
+        with torch.no_grad():  # norm scales start at 1: make them matter, so a misplaced one shows
+            for n, p in m.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel())[torch.randperm(p.numel())])
+        return m, {"input_ids": ids, "use_cache": False}
     if name == "vit":
         m = T.ViTModel(T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                    intermediate_size=128, image_size=32, patch_size=8))
@@ -192,7 +200,8 @@ def build(name):
     """(model in eval mode, example inputs, expected (attention, ffn) counts, expected facts)."""
     torch.manual_seed(0)
     x_bf = torch.randn(2, 8, 64)
-    if name in ("gpt2", "llama", "llama_mqa", "bert", "vit", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5"):
+    if name in ("gpt2", "llama", "llama_mqa", "bert", "vit", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5",
+                "qwen3"):
         m, inputs = hf(name)
         layers = {"llama_mqa": 1, "bart": 3, "t5": 3}.get(name, 2)
         ffns = {"llama_mqa": 1}.get(name, 2)
@@ -209,7 +218,9 @@ def build(name):
                  # causal None: encoder (two-sided), decoder (causal) and cross blocks in one model
                  "bart": dict(heads=4, kv=4, causal=None, rope=False, fused=False, act="gelu", cross=1),
                  "t5": dict(heads=4, kv=4, causal=None, rope=False, fused=False, act="relu", cross=1, scale=1.0,
-                            per_head_mask=True)}[name]
+                            per_head_mask=True),
+                 "qwen3": dict(heads=4, kv=2, causal=True, rope=True, fused=False, act="silu", gated=True,
+                               qk_norm=True)}[name]
         return m.eval(), inputs, (layers, ffns), facts
     if name.startswith("tel"):
         bf, nf = "bf" in name, "nf" in name
@@ -242,7 +253,8 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5", "nanogpt"]
+       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5", "nanogpt",
+       "qwen3"]
 
 
 def reshape_inputs(inputs, batch, seq):

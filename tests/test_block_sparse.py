@@ -220,3 +220,20 @@ def test_causal_flag_equals_tril_mask(two_sided):
     out = sparse_attention_core(q, k, v, None, sink, alpha, beta, two_sided, 0.25, block=32, causal=True)
     ref = _ref(q, k, v, torch.ones(s, s, dtype=torch.bool).tril(), sink, alpha, beta, two_sided, 0.25)
     assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_block_with_query_norm_matches_reference():
+    """The op's windowed path with QK-norm (each query head RMS-normalised before RoPE)."""
+    g = torch.Generator().manual_seed(4)
+    b, s, h, h_kv, d, e = 2, 90, 4, 2, 16, 32
+    x, wq, wo = torch.randn(b, s, e, generator=g), torch.randn(h * d, e, generator=g) * 0.3, torch.randn(e, h * d)
+    k, v = torch.randn(b, h_kv, s, d, generator=g), torch.randn(b, h_kv, s, d, generator=g)
+    ang = torch.arange(s).view(s, 1) * torch.linspace(0.05, 1.0, d // 2).repeat(2).view(1, d)
+    cos, sin = ang.cos().view(1, 1, s, d), ang.sin().view(1, 1, s, d)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    window = ([2, 0, 1, 4], [8, -1, 20, 5], [0.0, 0.0, 0.1, 0.0], False)
+    norm = (torch.linspace(0.5, 1.5, d), 1e-6)
+    args = (x, wq, None, k, v, causal, cos, sin, wo, None, None, 0.25, *window)
+    out = sparse_attention_block(*args, *norm)
+    assert (out - attention_reference(*args, *norm)).abs().max().item() < 1e-5
+    assert (out - attention_reference(*args)).abs().max().item() > 1e-2

@@ -56,6 +56,8 @@ def _cases():
     yield pytest.param("bert", "moh-weighted", id="bert-moh-weighted")
     # RoPE applied seq-major, (B, S, H, D): cos/sin reach the ops transposed
     yield pytest.param("rope_bshd", "sparse+moh+moepp", marks=pytest.mark.slow, id="rope_bshd-sparse+moh+moepp")
+    # QK-norm: the query norm travels as the node's q_norm_weight input (custom) or standard ops
+    yield pytest.param("qwen3", "sparse+moh+moepp", id="qwen3-sparse+moh+moepp")
     for name in (n for n in CONFIGS if n != "moh-weighted"):
         yield pytest.param("llama", name, marks=() if "+" in name else pytest.mark.slow, id=f"llama-{name}")
 

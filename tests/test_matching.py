@@ -23,6 +23,7 @@ def test_blocks_found_and_described(name):
         if facts["causal"] is not None:
             assert b.causal is facts["causal"]
         assert b.rope is facts["rope"]
+        assert b.qk_norm is facts.get("qk_norm", False)
         assert b.q.fused is facts["fused"]
         assert b.q.weight is not None and b.o.weight is not None
         assert b.params > 0

@@ -337,7 +337,7 @@ def test_masks_are_simplified_before_gathering():
 
 
 def test_causal_masks_run_as_is_causal():
-    from moh_compile.ops.attention import head_contexts, is_causal_mask
+    from moh_compile.ops.attention import head_contexts, is_causal_mask, rotate_half
 
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     assert is_causal_mask(causal.expand(3, 1, 7, 7).contiguous(), 7, 7)
@@ -349,7 +349,7 @@ def test_causal_masks_run_as_is_causal():
     x, wq, bq, k, v, _, cos, sin = args[:8]
     via_is_causal = head_contexts(x, wq, bq, k, v, causal.expand(3, 1, 7, 7).contiguous(), cos, sin, 8 ** -0.5)
     q = (torch.nn.functional.linear(x, wq, bq).view(3, 7, 4, 8).transpose(1, 2))
-    q = q * cos + ra.rotate_half(q) * sin
+    q = q * cos + rotate_half(q) * sin
     explicit = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=8 ** -0.5,
                                                                 enable_gqa=True)
     assert (via_is_causal - explicit).abs().max().item() <= 1e-6
@@ -387,3 +387,24 @@ def test_non_contiguous_inputs():
     args[10] = args[10].permute(2, 0, 1).contiguous().permute(1, 2, 0)      # gates head-major
     assert not (args[0].is_contiguous() or args[1].is_contiguous() or args[10].is_contiguous())
     assert max_diff(args) <= 1e-5
+
+
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_query_norm_then_rope_matches_reference_and_model_order(mask):
+    """QK-norm models (Qwen3): each query head is RMS-normalised, then rotated. The kernel
+    normalises only the rows it projects, and agrees with the reference; the reference agrees
+    with the model's own order of operations, written out here."""
+    b, s, h, d = 3, 11, 8, 16
+    args = make_args(b=b, s=s, h=h, hkv=2, d=d, e=40, rope=True, mask=mask, gates="random", seed=3)
+    w = torch.linspace(0.5, 1.5, d)
+    norm = dict(q_norm_weight=w, q_norm_eps=1e-6)
+    assert max_diff(args, **norm) <= 1e-5
+    x, wq, bq, k, v, m, cos, sin, wo, bo, g, scale = args
+    q = (x @ wq.T + bq).view(b, s, h, d)
+    q = (w * (q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6))).transpose(1, 2)
+    q = q * cos + torch.cat([-q[..., d // 2:], q[..., :d // 2]], -1) * sin
+    kk, vv = (t.repeat_interleave(h // 2, 1) for t in (k, v))
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=scale)
+    want = (ctx * g.transpose(1, 2).unsqueeze(-1)).transpose(1, 2).reshape(b, s, h * d) @ wo.T + bo
+    assert (attention_reference(*args, **norm) - want).abs().max().item() <= 1e-5
+    assert (attention_reference(*args) - want).abs().max().item() > 1e-2  # the norm matters

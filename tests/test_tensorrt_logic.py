@@ -16,7 +16,7 @@ _DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bflo
        torch.int64: "int64", torch.int32: "int32"}
 
 
-def _attention_args(b=2, s=5, e=16, h=4, hkv=2, d=8, routed=True, window=False):
+def _attention_args(b=2, s=5, e=16, h=4, hkv=2, d=8, routed=True, window=False, q_norm=False):
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)
     args = dict(x=r(b, s, e), q_weight=r(h * d, e), q_bias=r(h * d), k=r(b, hkv, s, d), v=r(b, hkv, s, d),
@@ -27,7 +27,12 @@ def _attention_args(b=2, s=5, e=16, h=4, hkv=2, d=8, routed=True, window=False):
     if window:
         kw = dict(window_sink=[1] * h, window_alpha=[2] * h, window_beta=[0.0] * h, window_two_sided=False)
         attrs.update({k: v for k, v in kw.items() if k != "window_two_sided"})
+    if q_norm:  # QK-norm: the optional last input, one scale per head dim
+        kw.update(q_norm_weight=r(d), q_norm_eps=1e-6)
+        attrs["q_norm_eps"] = 1e-6
     y = torch.ops.moh_compile.attention(*args.values(), d ** -0.5, **kw)
+    if q_norm:
+        args["q_norm_weight"] = kw["q_norm_weight"]
     return args, attrs, y
 
 
@@ -51,6 +56,7 @@ def _ffn_args():
 CASES = {
     "MohRoutedAttention": lambda: _attention_args(),
     "MohRoutedAttention_window_dense": lambda: _attention_args(routed=False, window=True),
+    "MohRoutedAttention_qk_norm": lambda: _attention_args(q_norm=True),
     "MohFFN": _ffn_args,
     "MohMoEppFFN": _moepp_args,
 }
@@ -84,6 +90,8 @@ def test_rules_reject_inconsistent_plans():
         T.output_shape("MohRoutedAttention", shapes, dict(attrs, num_kv_heads=3))
     with pytest.raises(ValueError, match="window_alpha"):
         T.output_shape("MohRoutedAttention", shapes, dict(attrs, window_alpha=[1, 2]))
+    with pytest.raises(ValueError, match="q_norm_weight"):
+        T.output_shape("MohRoutedAttention", dict(shapes, q_norm_weight=(4 * 8,)), attrs)  # all heads, not one
     margs, mattrs, _ = _moepp_args()
     mshapes = {k: tuple(v.shape) for k, v in margs.items() if v is not None}
     with pytest.raises(ValueError, match="top_k"):

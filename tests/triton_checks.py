@@ -55,7 +55,8 @@ def check_routed_core(device, dtype, b=2, h=4, hkv=2, s=40, d=16, frac=0.5, seed
     return max(_err(out.cpu(), ref_sel, valid), pad_zero)
 
 
-def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, window=False, rope=True):
+def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, window=False, rope=True, q_norm=False):
+    """The op's arguments; q_norm appends a QK-norm scale and eps (Qwen3-style models)."""
     g = torch.Generator().manual_seed(seed)
     dm = h * d
     x = torch.randn(b, s, dm, generator=g)
@@ -79,17 +80,18 @@ def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, windo
     if window:
         win = ([2] + [0] * (h - 1), [3] + [-1] + [5] * (h - 2), [0.1] + [0.0] + [0.2] * (h - 2), False)
     t = lambda z: None if z is None else z.to(device, dtype)  # noqa: E731
+    norm = (t(torch.rand(d, generator=g) + 0.5), 1e-6) if q_norm else ()
     return (t(x), t(wq), t(bq), t(k), t(v), mask.to(device), t(cos), t(sin), t(wo), t(bo), t(gates), d ** -0.5,
-            *win)
+            *win, *norm)
 
 
-def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1, rel=False):
+def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1, rel=False, q_norm=False):
     """The registered hook through the op vs attention_reference in float64 on CPU."""
     from moh_compile.kernels.triton.register import attention_fast_kernel
     from moh_compile.ops.attention import attention_reference
 
     args = _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=0.5 if mode != "window" else 0.7,
-                           window=mode != "routed")
+                           window=mode != "routed", q_norm=q_norm)
     out = attention_fast_kernel(*args)
     if out is None:
         return float("inf")
@@ -99,17 +101,19 @@ def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1,
     return _rel(out.cpu(), ref) if rel else _err(out.cpu(), ref)
 
 
-def check_routed_block(device, dtype, q_mode, o_mode, b=2, h=4, hkv=2, s=32, d=16, seed=5, rel=False):
+def check_routed_block(device, dtype, q_mode, o_mode, b=2, h=4, hkv=2, s=32, d=16, seed=5, rel=False,
+                       q_norm=False):
     """routed_attention_block in each projection mode vs attention_reference (gates, rope, padding)."""
     from moh_compile.kernels.triton.register import decompose_mask
     from moh_compile.kernels.triton.routed_attention import routed_attention_block
     from moh_compile.ops.attention import attention_reference
 
-    args = _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=0.6)
+    args = _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=0.6, q_norm=q_norm)
     x, wq, bq, k, v, mask, cos, sin, wo, bo, gates, scale = args[:12]
     causal, kpm = decompose_mask(mask, b, s, s)
+    norm = dict(q_norm_weight=args[16], q_norm_eps=args[17]) if q_norm else {}
     out = routed_attention_block(x, wq, bq, k, v, wo, bo, gates, scale, causal, kpm, cos, sin,
-                                 q_mode=q_mode, o_mode=o_mode)
+                                 q_mode=q_mode, o_mode=o_mode, **norm)
     ref_args = [a.cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else
                 (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args]
     ref = attention_reference(*ref_args)
@@ -249,6 +253,11 @@ INTERPRETER_CHECKS = {
     "block_dense_q_fused": lambda: check_routed_block("cpu", torch.float32, "dense", "fused"),
     "block_gather_per_head": lambda: check_routed_block("cpu", torch.float32, "gather_gemm", "per_head"),
     "block_dense_scatter": lambda: check_routed_block("cpu", torch.float32, "dense", "scatter_dense"),
+    # QK-norm (Qwen3): each chosen query row normalised before RoPE, in both projection modes
+    "block_gather_fused_qk_norm": lambda: check_routed_block("cpu", torch.float32, "gather_gemm", "fused",
+                                                             q_norm=True),
+    "block_dense_fused_qk_norm": lambda: check_routed_block("cpu", torch.float32, "dense", "fused", q_norm=True),
+    "attention_op_window_qk_norm": lambda: check_attention_op("cpu", torch.float32, "window", q_norm=True),
     "sparse_causal": lambda: check_sparse("cpu", torch.float32, True, False),
     "sparse_causal_two_sided": lambda: check_sparse("cpu", torch.float32, True, True),
     "sparse_bidir_one_sided": lambda: check_sparse("cpu", torch.float32, False, False),

@@ -97,19 +97,23 @@ ATTENTION_PORTS = [
     Port("x"), Port("q_weight"), Port("q_bias", optional=True), Port("k"), Port("v"),
     Port("attn_mask", "M", optional=True), Port("rope_cos", optional=True), Port("rope_sin", optional=True),
     Port("o_weight"), Port("o_bias", optional=True), Port("head_gates", optional=True),
+    Port("q_norm_weight", optional=True),
 ]
 ATTENTION_SCHEMA = make_schema(
     ATTENTION_OP, ATTENTION_PORTS,
     [("scale", _A.FLOAT, True), ("num_heads", _A.INT, True), ("num_kv_heads", _A.INT, True),
      ("head_dim", _A.INT, True), ("routed", _A.INT, True), ("window_sink", _A.INTS, False),
-     ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False)],
-    "moh_compile::attention: Q projection, per-head (routed, windowed) attention, gated O projection.",
+     ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False),
+     ("q_norm_eps", _A.FLOAT, False)],
+    "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE), per-head "
+    "(routed, windowed) attention, gated O projection.",
     out_weight="o_weight", masks=True,
 )
 
 
 def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False):
+                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+                        q_norm_weight=None, q_norm_eps=0.0):
     """onnxscript translation of moh_compile::attention (head counts read from static weight shapes)."""
     head_dim = int(k.shape[-1])
     attrs = dict(scale=float(scale), num_heads=int(q_weight.shape[0]) // head_dim, num_kv_heads=int(k.shape[1]),
@@ -117,8 +121,10 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
     if window_sink is not None:
         attrs.update(window_sink=[int(s) for s in window_sink], window_alpha=[int(a) for a in window_alpha],
                      window_beta=[float(b) for b in window_beta], window_two_sided=int(window_two_sided))
+    if q_norm_weight is not None:
+        attrs["q_norm_eps"] = float(q_norm_eps)
     return _moh.MohRoutedAttention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
-                                   head_gates, **attrs)
+                                   head_gates, q_norm_weight, **attrs)
 
 
 def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
@@ -127,8 +133,10 @@ def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> tor
     if "window_sink" in attrs:
         window = dict(window_sink=list(attrs["window_sink"]), window_alpha=list(attrs["window_alpha"]),
                       window_beta=list(attrs["window_beta"]), window_two_sided=bool(attrs["window_two_sided"]))
-    args = [inputs.get(p.name) for p in ATTENTION_PORTS]
-    return torch.ops.moh_compile.attention(*args, float(attrs["scale"]), **window)
+    args = [inputs.get(p.name) for p in ATTENTION_PORTS if p.name != "q_norm_weight"]
+    return torch.ops.moh_compile.attention(*args, float(attrs["scale"]), **window,
+                                           q_norm_weight=inputs.get("q_norm_weight"),
+                                           q_norm_eps=float(attrs.get("q_norm_eps", 0.0)))
 
 
 # ---------------------------------------------------------------- ffn

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.ops.attention import and_pattern, as_4d, rotate_half
+from moh_compile.ops.attention import and_pattern, as_4d, finish_queries
 from moh_compile.ops.ffn import ffn_reference
 
 
@@ -85,7 +85,7 @@ def _kv_for_heads(k, v, heads: list[int], num_heads: int):
     return k.index_select(1, idx), v.index_select(1, idx)
 
 
-def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window,
+def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
                  heads: list[int], num_heads: int):
     """Every token through the selected heads (all heads for the identity setting); gates may be None."""
     b, s, _ = x.shape
@@ -94,8 +94,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
     q = torch.matmul(x.unsqueeze(1), wq.transpose(1, 2))  # (B, Hs, S, D)
     if bq is not None:
         q = q + bq
-    if rope_cos is not None:
-        q = q * rope_cos + rotate_half(q) * rope_sin
+    q = finish_queries(q, rope_cos, rope_sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
     mask = None if attn_mask is None else as_4d(attn_mask)
     if mask is not None and mask.shape[1] != 1 and len(heads) != num_heads:
@@ -145,7 +144,7 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
     return ctx, mask is not None
 
 
-def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window,
+def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
                   heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
     """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
     into `out` (B, S, E_out) or zeros."""
@@ -160,10 +159,11 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
     q = torch.matmul(_gather_rows(x.reshape(b * s, e), flat), wq.transpose(1, 2))  # (B, Hr, C, D)
     if bq is not None:
         q = q + bq
+    cos = sin = None
     if rope_cos is not None:
-        cos = torch.broadcast_to(rope_cos, (b, 1, s, d)).reshape(b * s, d)
-        sin = torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d)
-        q = q * _gather_rows(cos, flat) + rotate_half(q) * _gather_rows(sin, flat)
+        cos = _gather_rows(torch.broadcast_to(rope_cos, (b, 1, s, d)).reshape(b * s, d), flat)
+        sin = _gather_rows(torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d), flat)
+    q = finish_queries(q, cos, sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
     ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale)
     y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
@@ -174,12 +174,14 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+                       q_norm_weight=None, q_norm_eps=0.0,
                        dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
     """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
     num_heads = q_weight.shape[0] // d
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
-    args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window)
+    args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window,
+            (q_norm_weight, q_norm_eps))
     if routed_heads is None or head_gates is None:
         dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
     out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
@@ -196,13 +198,13 @@ def attention_capacity(
     attn_mask: torch.Tensor | None, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
-    window_two_sided: bool, dense_heads: list[int], routed_heads: list[int], group_sizes: list[int],
-    group_caps: list[int],
+    window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, dense_heads: list[int],
+    routed_heads: list[int], group_sizes: list[int], group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              dense_heads, routed_heads, group_sizes, group_caps)
+                              q_norm_weight, q_norm_eps, dense_heads, routed_heads, group_sizes, group_caps)
 
 
 @attention_capacity.register_fake

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, sparse_attention_block, sparse_row_cost,
                                              window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
-from moh_compile.ops.attention import (as_4d, is_causal_mask, merge_masks, register_fast_kernel, rotate_half,
+from moh_compile.ops.attention import (as_4d, finish_queries, is_causal_mask, merge_masks, register_fast_kernel,
                                       simplify_mask, window_mask)
 
 
@@ -191,7 +191,7 @@ def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
 
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-    window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+    window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
@@ -199,12 +199,12 @@ def routed_attention_cpu(
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates))
+                   routing_plan(head_gates), q_norm_weight, q_norm_eps)
 
 
 def routed_attention_when_faster(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-    window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+    window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
     masked path, else None (the op then runs that path; the output is the same either way).
@@ -228,7 +228,7 @@ def routed_attention_when_faster(
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
                                           o_bias, head_gates, scale, window_sink, window_alpha, window_beta,
-                                          window_two_sided)
+                                          window_two_sided, q_norm_weight, q_norm_eps)
         if best == "dense":
             STATS.dense_calls += 1
             return None
@@ -238,7 +238,8 @@ def routed_attention_when_faster(
                                                is_causal_mask(mask, x.shape[1], s_k)) <= 1.0:
         STATS.dense_calls += 1
         return None
-    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan)
+    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
+                   q_norm_weight, q_norm_eps)
 
 
 def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
@@ -249,7 +250,8 @@ def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, wind
     return simplify_mask(attn_mask)
 
 
-def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan):
+def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan,
+            q_norm_weight=None, q_norm_eps=0.0):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d = k.shape[-1]
@@ -287,9 +289,10 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
                 torch.mm(xq[j], w_q, out=q[j])
             else:
                 torch.addmm(q_bias[head * d:(head + 1) * d], xq[j], w_q, out=q[j])
+        cos = sin = None
         if rope_cos is not None:
             cos, sin = cos_all[span].view(g, b * cap, d), sin_all[span].view(g, b * cap, d)
-            q = q * cos + rotate_half(q) * sin
+        q = finish_queries(q, cos, sin, q_norm_weight, q_norm_eps)
         q = q.view(g, b, cap, d).transpose(0, 1)                                       # (B, G, C, D)
         # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
         kv_idx = idx // per_kv

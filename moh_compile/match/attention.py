@@ -19,6 +19,7 @@ import torch.fx as fx
 from moh_compile.match import graph as g
 from moh_compile.match.blocks import AttentionBlock, ProjectionInfo, Skipped
 from moh_compile.match.feature_map import NotALayoutPath, feature_index, head_rows
+from moh_compile.match.qk_norm import RmsNorm, match_rms_norm
 from moh_compile.match.rope import Rope, head_dim_permutation, match_rope
 
 aten = g.aten
@@ -48,6 +49,7 @@ class AttentionMatch:
     q_proj: g.LinearLike
     q_rows: list[int]  # rows of q_proj's weight that make the op's W_q, in order (H * D)
     rope: Rope | None
+    q_norm: RmsNorm | None  # per-head RMS norm of the query before RoPE (QK-norm); the keys keep theirs
     head_perm: list[int] | None  # head-dim order the op sees (RoPE pairs as rotate-half); None: as is
     rope_seq_major: bool  # RoPE was applied before the head transpose, q as (B, S, H, D)
     k: fx.Node  # (B, Hkv, S, D) or (B*H, S, D)
@@ -187,31 +189,43 @@ def _untranspose_last(node):
 
 
 # ---------------------------------------------------------------- walks
-def _walk_to_projection(node):
-    """From the query at the core back to (projection, rope, extra scale): through layout ops,
-    scalar scalings and one rotary embedding."""
-    rope = None
+def _walk_to_projection(node, head_dim: int):
+    """From the query at the core back to (projection, rope, extra scale, QK-norm): through layout
+    ops, scalar scalings, one rotary embedding and one per-head RMS norm before it."""
+    rope = norm = None
     scale = 1.0
     for _ in range(64):
         lin = g.as_linear(node)
         if lin is not None:
-            return lin, rope, scale
+            return lin, rope, scale, norm
         found = match_rope(node)
         if found is not None:
             if rope is not None:
                 raise NoMatch("two rotary embeddings on one query")
+            if norm is not None:
+                raise NoMatch("the query is normalised after its rotary embedding: not supported")
             rope, node = found, found.src
             continue
         if (scaled := g.scalar_scaling(node)) is not None:
+            if norm is not None:  # the norm would undo the scaling except for its eps
+                raise NoMatch("the query is scaled before its QK-norm: not supported")
             node, factor = scaled
             scale *= factor
+            continue
+        if (normed := match_rms_norm(node)) is not None:
+            if norm is not None:
+                raise NoMatch("two norms on one query")
+            if normed.width != head_dim:
+                raise NoMatch(f"the query is normalised over {normed.width} features, not per head ({head_dim}): "
+                              "QK-norm across all heads (as in OLMo 2) is not supported yet")
+            norm, node = normed, normed.src
             continue
         if g.is_passthrough(node):
             node = node.args[0]
             continue
         if _normalised(node):
-            raise NoMatch("the query is normalised between its projection and attention (QK-norm, as in Qwen3, "
-                          "Gemma 3 and OLMo 2): not supported yet")
+            raise NoMatch("the query is normalised between its projection and attention by something other than "
+                          "a per-head RMS norm (e.g. a LayerNorm QK-norm): not supported yet")
         raise NoMatch(f"could not trace the query back to a projection (stopped at {_desc(node)})")
     raise NoMatch("query path too long")
 
@@ -334,7 +348,7 @@ def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal
         b_key = None
     else:
         raise NoMatch(f"query has rank {qv.dim()}")
-    lin_q, rope, pre_scale = _walk_to_projection(q)
+    lin_q, rope, pre_scale, q_norm = _walk_to_projection(q, d)
     scale *= pre_scale
     rope_seq_major = rope is not None and _rope_is_seq_major(rope.src, s_key, qv.dim())
     q_rows = _query_rows(q, lin_q, num_heads)
@@ -389,6 +403,7 @@ def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal
         causal=True if is_causal else None,
         has_mask=bool(mask_steps) or is_causal,
         rope=rope is not None,
+        qk_norm=q_norm is not None,
         layout=layout,
         q=_proj_info(lin_q, q_rows),
         k=_proj_info(k_lin, None) if k_lin else None,
@@ -396,8 +411,8 @@ def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal
         o=_proj_info(lin_o, None),
         cross=g.dim_key(kv_.shape[-2]) != s_key,
     )
-    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, head_perm, rope_seq_major, k_src, v_src, mask_steps,
-                          mask_probe, is_causal, lin_o, y)
+    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, q_norm, head_perm, rope_seq_major, k_src, v_src,
+                          mask_steps, mask_probe, is_causal, lin_o, y)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:

@@ -38,6 +38,7 @@ class AttentionBlock:
     params: int = 0
     kind: str = "attention"
     cross: bool = False  # keys/values from another sequence (encoder-decoder cross-attention)
+    qk_norm: bool = False  # each query head RMS-normalised before RoPE (Qwen3, Gemma 3)
 
     @property
     def attention_type(self) -> str:

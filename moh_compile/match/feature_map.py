@@ -4,9 +4,10 @@ Why by running, not by pattern: fused QKV projections are split in many layouts 
 three blocks; per head [q_h, k_h, v_h] as GPT-NeoX does; grouped [q.., k, v] per KV head as
 Falcon does), through views, transposes, chunks, slices and selects. Running exactly the
 graph's own layout ops (and gathers by constant indices) on a tensor that holds each feature's
-index answers every layout the same way. Rotary embeddings and scalar scalings keep every entry
-where it is, so they are walked through. Symbolic sizes get small distinct concrete values, so a view that mixes batch or
-sequence with features cannot pass unnoticed.
+index answers every layout the same way. Rotary embeddings, RMS norms over the last dim and
+scalar scalings keep every entry where it is, so they are walked through. Symbolic sizes get
+small distinct concrete values, so a view that mixes batch or sequence with features cannot
+pass unnoticed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from moh_compile.match import graph as g
+from moh_compile.match.qk_norm import match_rms_norm
 from moh_compile.match.rope import match_rope
 
 aten = g.aten
@@ -28,10 +30,14 @@ class NotALayoutPath(Exception):
 
 
 def in_place_source(node) -> fx.Node | None:
-    """The input of a node that keeps each entry's feature in place (RoPE, a scalar scaling)."""
+    """The input of a node that keeps each entry's feature in place (RoPE, an RMS norm over the
+    last dim, a scalar scaling)."""
     rope = match_rope(node)
     if rope is not None:
         return rope.src
+    norm = match_rms_norm(node)
+    if norm is not None:
+        return norm.src
     scaled = g.scalar_scaling(node)
     return scaled[0] if scaled is not None else None
 

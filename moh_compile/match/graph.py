@@ -164,7 +164,7 @@ class LinearLike:
         return int(w.shape[0] if self.weight_is_in_out else w.shape[1])
 
 
-def _is_weight(node) -> bool:
+def is_weight(node) -> bool:
     """True for a parameter or a view of one (weights never depend on the model's inputs)."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 8:
@@ -185,15 +185,15 @@ def as_linear(node) -> LinearLike | None:
     if node.target is aten.linear.default:
         w = node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if _is_weight(w) and val(w) is not None and val(w).dim() == 2:
+        if is_weight(w) and val(w) is not None and val(w).dim() == 2:
             return LinearLike(node, node.args[0], w, b, False)
     if node.target is aten.addmm.default:
         b, x, w = node.args[:3]
-        if node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and _is_weight(w):
+        if node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and is_weight(w):
             return LinearLike(node, x, w, b, True)
     if node.target in (aten.mm.default, aten.matmul.default):
         x, w = node.args[:2]
-        if _is_weight(w) and val(w) is not None and val(w).dim() == 2 and not _is_weight(x):
+        if is_weight(w) and val(w) is not None and val(w).dim() == 2 and not is_weight(x):
             return LinearLike(node, x, w, None, True)
     return None
 

@@ -93,13 +93,23 @@ def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) ->
     return and_pattern(attn_mask, None if pattern is None else pattern.unsqueeze(0))
 
 
-def project_queries(x, q_weight, q_bias, rope_cos, rope_sin, head_dim: int) -> torch.Tensor:
-    """q = rope(x @ W_q.T + b_q) as (B, H, S, D): every head, every token."""
-    b, s, _ = x.shape
-    q = F.linear(x, q_weight, q_bias).view(b, s, q_weight.shape[0] // head_dim, head_dim).transpose(1, 2)
+def finish_queries(q, rope_cos, rope_sin, q_norm_weight=None, q_norm_eps: float = 0.0) -> torch.Tensor:
+    """Projected queries (head dim last) -> what the core sees: the per-head RMS norm of QK-norm
+    models (Qwen3, Gemma 3), then RoPE. Every implementation of the op goes through here, so
+    they all round the same way as the model (x * rsqrt(mean(x^2) + eps) * w, in that order)."""
+    if q_norm_weight is not None:
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + q_norm_eps) * q_norm_weight
     if rope_cos is not None:
         q = q * rope_cos + rotate_half(q) * rope_sin
     return q
+
+
+def project_queries(x, q_weight, q_bias, rope_cos, rope_sin, head_dim: int, q_norm_weight=None,
+                    q_norm_eps: float = 0.0) -> torch.Tensor:
+    """q = rope(norm(x @ W_q.T + b_q)) as (B, H, S, D): every head, every token."""
+    b, s, _ = x.shape
+    q = F.linear(x, q_weight, q_bias).view(b, s, q_weight.shape[0] // head_dim, head_dim).transpose(1, 2)
+    return finish_queries(q, rope_cos, rope_sin, q_norm_weight, q_norm_eps)
 
 
 def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -152,6 +162,8 @@ def head_contexts(
     window_alpha: list[int] | None = None,
     window_beta: list[float] | None = None,
     window_two_sided: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """Every head's context vectors (B, H, S, D), before gating and the output projection.
 
@@ -159,7 +171,7 @@ def head_contexts(
     """
     s = x.shape[1]
     h = q_weight.shape[0] // k.shape[-1]
-    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, k.shape[-1])
+    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, k.shape[-1], q_norm_weight, q_norm_eps)
     pattern = None
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
@@ -186,10 +198,12 @@ def attention_reference(
     window_alpha: list[int] | None = None,
     window_beta: list[float] | None = None,
     window_two_sided: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided)
+                        window_beta, window_two_sided, q_norm_weight, q_norm_eps)
     b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -218,9 +232,13 @@ def attention(
     window_alpha: list[int] | None = None,
     window_beta: list[float] | None = None,
     window_two_sided: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_eps: float = 0.0,
 ) -> torch.Tensor:
+    """q_norm_weight / q_norm_eps: the per-head RMS norm of QK-norm models, applied to each query
+    head before RoPE (None: no norm); the keys arrive normalised."""
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided)
+            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps)
     out = _FAST_KERNELS.run(*args)
     if out is not None:
         return out
@@ -229,7 +247,8 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                    scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False):
+                    scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+                    q_norm_weight=None, q_norm_eps=0.0):
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 

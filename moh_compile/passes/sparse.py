@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from moh_compile.calibrate.data import Calibration
 from moh_compile.calibrate.metrics import embeddings, fidelity
@@ -27,7 +26,7 @@ from moh_compile.calibrate.milp import choose_patterns
 from moh_compile.calibrate.sparse_profile import DENSE, candidate_grid, mass_outside_candidates, pattern_density
 from moh_compile.errors import MohCompileError
 from moh_compile.flops import attention_flops
-from moh_compile.ops.attention import rotate_half
+from moh_compile.ops.attention import project_queries
 from moh_compile.passes import head_order
 from moh_compile.passes.base import Pass
 from moh_compile.plan import BlockPlan
@@ -35,7 +34,9 @@ from moh_compile.rewrite import record_values
 
 BETAS = (0.0, 0.0625, 0.125, 0.25, 0.5)
 MIN_ALPHA = 32  # smallest window constant: short inputs (sentences) stay (nearly) dense; MoA clips spans at 128
-_OP_ARGS = {"x": 0, "q_weight": 1, "q_bias": 2, "k": 3, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7}
+_OP_ARGS = {"x": 0, "q_weight": 1, "q_bias": 2, "k": 3, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7,
+            "q_norm_weight": 16}
+_Q_NORM_EPS = 17
 _WINDOW = slice(12, 16)  # window_sink, window_alpha, window_beta, window_two_sided in the op's arguments
 
 
@@ -201,21 +202,19 @@ def _record(gm, blocks, calibration, batches, desc) -> dict:
     nodes = {}
     for bi, b in enumerate(blocks):
         for name, idx in _OP_ARGS.items():
-            if isinstance(b.node.args[idx], fx.Node):
+            if idx < len(b.node.args) and isinstance(b.node.args[idx], fx.Node):
                 nodes[f"{bi}:{name}"] = b.node.args[idx]
     return record_values(gm, nodes, lambda: calibration.run(gm, batches, desc=desc))
 
 
 def _calls(values, bi, block: _Block):
-    """(q, k, mask, scale) of each recorded call of block bi, q with its rotary embedding applied."""
+    """(q, k, mask, scale) of each recorded call of block bi, q as the core sees it (QK-norm, RoPE)."""
     get = lambda name, t: values[f"{bi}:{name}"][t] if f"{bi}:{name}" in values else None  # noqa: E731
-    h, d = block.heads, block.match.block.head_dim
+    d = block.match.block.head_dim
+    eps = block.node.args[_Q_NORM_EPS] if len(block.node.args) > _Q_NORM_EPS else 0.0
     for t in range(len(values[f"{bi}:x"])):
-        x = get("x", t)
-        q = F.linear(x, get("q_weight", t), get("q_bias", t)).view(x.shape[0], x.shape[1], h, d).transpose(1, 2)
-        cos, sin = get("rope_cos", t), get("rope_sin", t)
-        if cos is not None:
-            q = q * cos + rotate_half(q) * sin
+        q = project_queries(get("x", t), get("q_weight", t), get("q_bias", t), get("rope_cos", t), get("rope_sin", t),
+                            d, get("q_norm_weight", t), eps)
         yield q, get("k", t), get("attn_mask", t), float(block.node.args[11])
 
 

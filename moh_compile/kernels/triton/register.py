@@ -55,7 +55,8 @@ def decompose_mask(attn_mask: torch.Tensor | None, b: int, s: int, s_k: int):
 
 
 def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
-                          scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False):
+                          scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
+                          q_norm_weight=None, q_norm_eps=0.0):
     """moh_compile::attention via Triton: routed heads when gated, sparse core when windowed."""
     if not (_usable(x) and k.device == x.device and x.dim() == 3 and k.dim() == 4):
         return None
@@ -73,14 +74,13 @@ def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_s
     causal, key_padding = parts
     import moh_compile.kernels.triton.routed_attention  # noqa: F401  (registers the triton_ops)
     import moh_compile.kernels.triton.sparse_attention  # noqa: F401
-    from moh_compile.ops.attention import rotate_half
+    from moh_compile.ops.attention import finish_queries
 
     if window_sink is not None:
         if causal and s != s_k:
             return None
-        q = F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2)
-        if rope_cos is not None:
-            q = q * rope_cos + rotate_half(q) * rope_sin
+        q = finish_queries(F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2), rope_cos, rope_sin,
+                           q_norm_weight, q_norm_eps)
         ctx = torch.ops.moh_compile.sparse_attention_triton(
             q, k, v, [int(a) for a in window_sink], [int(a) for a in window_alpha], [float(a) for a in window_beta],
             bool(window_two_sided), bool(causal), key_padding, float(scale))
@@ -90,7 +90,8 @@ def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_s
     if causal and s != s_k:
         return None
     return torch.ops.moh_compile.routed_attention_triton(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates,
-                                                         float(scale), bool(causal), key_padding, rope_cos, rope_sin)
+                                                         float(scale), bool(causal), key_padding, rope_cos, rope_sin,
+                                                         q_norm_weight, float(q_norm_eps))
 
 
 def moepp_fast_kernel(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,

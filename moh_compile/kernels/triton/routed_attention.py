@@ -16,7 +16,7 @@ from torch.library import triton_op
 
 from moh_compile.kernels.triton._flash import attn_configs, attn_inner, attn_start, check_kv, dot_precision
 from moh_compile.kernels.triton.traceable import is_tracing, launcher
-from moh_compile.ops.attention import rotate_half
+from moh_compile.ops.attention import finish_queries
 
 
 @triton.jit
@@ -181,8 +181,8 @@ def _gather_rows(t: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
 
 
 def routed_q_projection(x, q_weight, q_bias, token_idx, counts, head_dim: int, rope_cos=None, rope_sin=None,
-                        mode: str = "gather_gemm"):
-    """Queries of chosen rows only: q_sel (B, H, C, D).
+                        mode: str = "gather_gemm", q_norm_weight=None, q_norm_eps: float = 0.0):
+    """Queries of chosen rows only: q_sel (B, H, C, D), QK-normed and rotated as the model does.
 
     mode "gather_gemm": a Triton grouped GEMM that reads x rows by index (skips unchosen
     (token, head) pairs, so half the FLOPs at 50% routing); "dense": one full projection then
@@ -206,11 +206,15 @@ def routed_q_projection(x, q_weight, q_bias, token_idx, counts, head_dim: int, r
                              group_weight=group_w, total_rows=b * h * c).view(b, h, c, head_dim)
     else:
         raise ValueError(f"unknown q projection mode {mode!r}; use 'gather_gemm' or 'dense'")
+    cos = sin = None
     if rope_cos is not None:
         cos = _gather_rows(rope_cos.to(q_sel.dtype), token_idx)
         sin = _gather_rows(rope_sin.to(q_sel.dtype), token_idx)
-        q_sel = q_sel * cos + rotate_half(q_sel) * sin
-    return q_sel
+    return finish_queries(q_sel, cos, sin, _as(q_norm_weight, q_sel), q_norm_eps)
+
+
+def _as(t, like):
+    return None if t is None else t.to(like.dtype)
 
 
 def routed_o_projection(ctx_sel, token_idx, counts, head_gates, o_weight, o_bias, seq_len: int,
@@ -247,13 +251,15 @@ def routed_o_projection(ctx_sel, token_idx, counts, head_gates, o_weight, o_bias
 
 def routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale: float,
                            causal: bool = True, key_padding=None, rope_cos=None, rope_sin=None,
-                           q_mode: str = "gather_gemm", o_mode: str = "fused", routing=None):
+                           q_mode: str = "gather_gemm", o_mode: str = "fused", routing=None, q_norm_weight=None,
+                           q_norm_eps: float = 0.0):
     """The whole routed block: Q projection, Triton core on chosen rows, gated output projection.
 
     q_mode "gather_gemm" projects chosen rows only; "dense" projects all rows and the core
     reads the chosen ones. o_mode "fused" has the core write gate * ctx into a zeroed
     (B, S, H*D) buffer for one dense GEMM; "scatter_dense"/"per_head" go through ctx rows
     (see routed_o_projection). `routing` = (token_idx, counts) reuses a routing across calls.
+    q_norm_weight / q_norm_eps: QK-norm of each query head before RoPE (ops.attention.finish_queries).
     """
     b, s, _ = x.shape
     d = k.shape[-1]
@@ -262,18 +268,21 @@ def routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gat
     if o_mode == "fused":
         if q_mode == "dense":
             q = F.linear(x, q_weight, q_bias).view(b, s, h, d)
+            cos = sin = None
             if rope_cos is not None:
                 cos = rope_cos.to(q.dtype).reshape(-1, s, 1, d)  # (B|1, S, 1, D)
                 sin = rope_sin.to(q.dtype).reshape(-1, s, 1, d)
-                q = q * cos + rotate_half(q) * sin
+            q = finish_queries(q, cos, sin, _as(q_norm_weight, q), q_norm_eps)
             buf = routed_attention_scatter(q, True, k, v, token_idx, counts, causal, key_padding, scale,
                                            head_gates, s)
         else:
-            q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, mode=q_mode)
+            q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, q_mode,
+                                        q_norm_weight, q_norm_eps)
             buf = routed_attention_scatter(q_sel, False, k, v, token_idx, counts, causal, key_padding, scale,
                                            head_gates, s)
         return F.linear(buf.view(b, s, h * d), o_weight, o_bias)
-    q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, mode=q_mode)
+    q_sel = routed_q_projection(x, q_weight, q_bias, token_idx, counts, d, rope_cos, rope_sin, q_mode, q_norm_weight,
+                                q_norm_eps)
     ctx = routed_attention_core(q_sel, k, v, token_idx, counts, causal, key_padding, scale)
     return routed_o_projection(ctx, token_idx, counts, head_gates, o_weight, o_bias, s, mode=o_mode)
 
@@ -282,7 +291,9 @@ def routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gat
 def routed_attention_op(x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor | None, k: torch.Tensor,
                         v: torch.Tensor, o_weight: torch.Tensor, o_bias: torch.Tensor | None,
                         head_gates: torch.Tensor, scale: float, causal: bool, key_padding: torch.Tensor | None,
-                        rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None) -> torch.Tensor:
+                        rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
+                        q_norm_weight: torch.Tensor | None = None, q_norm_eps: float = 0.0) -> torch.Tensor:
     """routed_attention_block (default modes) as a torch custom op that compilers trace into."""
     return routed_attention_block(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates, scale, causal,
-                                  key_padding, rope_cos, rope_sin)
+                                  key_padding, rope_cos, rope_sin, q_norm_weight=q_norm_weight,
+                                  q_norm_eps=q_norm_eps)
