@@ -225,12 +225,17 @@ def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | 
     return PendingRewrite(m.block.name, "attention", m.y, out, b.nodes)
 
 
+def _range_rows(rows: tuple[int, int] | None) -> list[int] | None:
+    """A fused gate_up projection's half, recorded as (start, stop), as the row list it holds."""
+    return None if rows is None else list(range(*rows))
+
+
 def ffn_operands(b: _Builder, m: FFNMatch) -> dict:
-    w_in, b_in = _weight_as_linear(b, m.fc_in, m.in_rows)
+    w_in, b_in = _weight_as_linear(b, m.fc_in, _range_rows(m.in_rows))
     w_out, b_out = _weight_as_linear(b, m.fc_out, None)
     w_gate = b_gate = None
     if m.gate is not None:
-        w_gate, b_gate = _weight_as_linear(b, m.gate, m.gate_rows)
+        w_gate, b_gate = _weight_as_linear(b, m.gate, _range_rows(m.gate_rows))
     return dict(x=m.x, w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, w_gate=w_gate, b_gate=b_gate)
 
 

@@ -13,6 +13,8 @@ COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, interm
 CONFIGS = {
     "mistral": lambda: T.MistralModel(T.MistralConfig(**COMMON, num_key_value_heads=2)),
     "qwen2": lambda: T.Qwen2Model(T.Qwen2Config(**COMMON, num_key_value_heads=2)),
+    # fused qkv and fused gate_up projections (the gated FFN's halves are row ranges of one weight)
+    "phi3": lambda: T.Phi3Model(T.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0)),
     "gemma": lambda: T.GemmaModel(T.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)),
     "olmo": lambda: T.OlmoModel(T.OlmoConfig(**COMMON)),
     # QK-norm with Gemma's (1 + w) scales, sliding-window and global layers (Qwen3 is in tests/models.py)
@@ -31,13 +33,21 @@ CONFIGS = {
                                                          alibi=True, vocab_size=100)),
     "falcon_mqa": lambda: T.FalconModel(T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                                        vocab_size=100)),
+    # interleaved RoPE whose rotated copy is cast before the multiply
+    "ernie4_5": lambda: T.Ernie4_5Model(T.Ernie4_5Config(**COMMON, num_key_value_heads=2)),
     "roberta": lambda: T.RobertaModel(T.RobertaConfig(**COMMON)),
+    # relative position bias added in place (`scores += position_bias`): all-mpnet-base-v2's family
+    "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**COMMON)),
+    # fused qkv unbound per head, RoPE on q.float(), sliding-window (local) and global layers
+    "modernbert": lambda: T.ModernBertModel(T.ModernBertConfig(**COMMON, global_attn_every_n_layers=2,
+                                                               local_attention=8, pad_token_id=0, bos_token_id=1,
+                                                               eos_token_id=2, cls_token_id=1, sep_token_id=2)),
     "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128,
                                                                vocab_size=100)),
     "electra": lambda: T.ElectraModel(T.ElectraConfig(**COMMON, embedding_size=64)),
     "clip_text": lambda: T.CLIPTextModel(T.CLIPTextConfig(**COMMON)),  # quick-GELU MLP
 }
-ENCODERS = {"roberta", "distilbert", "electra", "clip_text"}
+ENCODERS = {"roberta", "distilbert", "electra", "clip_text", "mpnet", "modernbert"}
 
 
 def _random_norm_scales(model):
@@ -75,3 +85,19 @@ def test_qk_norm_across_all_heads_is_skipped_with_its_reason():
     model = T.Olmo2Model(T.Olmo2Config(**COMMON, num_key_value_heads=2)).eval()
     with pytest.raises(moh_compile.MohCompileError, match="not per head.*OLMo 2"):
         moh_compile.inspect(model, _inputs("olmo2", 2, 8))
+
+
+def test_vision_model_with_symbolic_image_size():
+    """SigLIP's patch count is (side // patch)^2 of symbolic image sides: the small stand-in sizes
+    the feature map tries first give 0 patches, so it falls back to the traced sizes (this used to
+    crash the compile). Encoder blocks and the attention-pooling head are all rewritten exactly."""
+    config = T.SiglipVisionConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                  image_size=32, patch_size=8)
+    model = T.SiglipVisionModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    compiled = moh_compile.compile(model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)})
+    ops = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.moh_compile.attention.default) == 3, compiled.report.skipped  # 2 layers + pooling head
+    x = {"pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
+    with torch.no_grad():
+        assert (compiled(**x).pooler_output - model(**x).pooler_output).abs().max().item() <= 1e-5

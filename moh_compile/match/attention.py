@@ -140,8 +140,8 @@ def _scores_source(s):
     "masked" (nanoGPT's masked_fill(mask == 0, -inf))."""
     scale, steps = 1.0, []
     while True:
-        add = g.is_call(s, {aten.add.Tensor}) and g.val(s.args[1]) is not None
-        fill = g.is_call(s, {aten.masked_fill.Scalar})
+        add = (g.is_call(s, {aten.add.Tensor}) or _inplace(s, aten.add_.Tensor)) and g.val(s.args[1]) is not None
+        fill = g.is_call(s, {aten.masked_fill.Scalar}) or _inplace(s, aten.masked_fill_.Scalar)
         if (add or fill) and scale != 1.0:
             raise NoMatch("scores are scaled after the mask is applied")
         if add:
@@ -171,6 +171,11 @@ def _scores_source(s):
     else:
         raise NoMatch("softmax input is not a Q K^T product")
     return q, kt, scale, steps[::-1]
+
+
+def _inplace(node, op) -> bool:
+    """`node` is `op`, in place on a temporary only it reads (MPNet's `scores += position_bias`)."""
+    return g.is_call(node, {op}) and g.inplace_on_temporary(node)
 
 
 def _untranspose_last(node):

@@ -45,7 +45,34 @@ def in_place_source(node) -> fx.Node | None:
 def feature_index(node: fx.Node, projection: fx.Node) -> torch.Tensor:
     """int64 tensor shaped like `node` (symbolic sizes made concrete) holding, at each entry,
     the output feature of `projection` it comes from; NotALayoutPath when some op on the way
-    computes rather than moves values."""
+    computes rather than moves values.
+
+    Symbolic sizes first get small distinct primes; where the graph's size arithmetic cannot run
+    on those (a vision model's patch count, image side // patch, is 0 for a side of 3), they get
+    the sizes the graph was traced with instead."""
+    try:
+        return _run_layout_path(node, projection, lambda sym, i: _SIZE_VALUES[i] if i < len(_SIZE_VALUES) else None)
+    except (RuntimeError, ValueError, IndexError):
+        pass
+    try:
+        return _run_layout_path(node, projection, lambda sym, i: _traced_value(sym, node))
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise NotALayoutPath(f"layout ops failed on stand-in sizes ({type(err).__name__})") from None
+
+
+def _traced_value(sym, node: fx.Node) -> int | None:
+    """The value a size symbol had when the graph was traced (its shape environment's hint)."""
+    for n in node.graph.nodes:
+        val = n.meta.get("val")
+        for s in getattr(val, "shape", ()):
+            if isinstance(s, torch.SymInt) and sym in s.node.expr.free_symbols:
+                hint = s.node.shape_env.var_to_val.get(sym)
+                return None if hint is None else int(hint)
+    return None
+
+
+def _run_layout_path(node: fx.Node, projection: fx.Node, size_of) -> torch.Tensor:
+    """feature_index with symbol values from size_of(symbol, index of first appearance)."""
     gm = node.graph.owning_module
     sizes: dict = {}
     env: dict = {}
@@ -55,9 +82,10 @@ def feature_index(node: fx.Node, projection: fx.Node) -> torch.Tensor:
             expr = s.node.expr
             for sym in sorted(expr.free_symbols, key=str):
                 if sym not in sizes:
-                    if len(sizes) >= len(_SIZE_VALUES):
-                        raise NotALayoutPath("too many symbolic sizes")
-                    sizes[sym] = _SIZE_VALUES[len(sizes)]
+                    value = size_of(sym, len(sizes))
+                    if value is None:
+                        raise NotALayoutPath(f"no stand-in size for {sym}")
+                    sizes[sym] = value
             return int(expr.subs(sizes))
         return s
 

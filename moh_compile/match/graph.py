@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._ops import OpOverload
 
 aten = torch.ops.aten
 
@@ -266,11 +267,25 @@ def data_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not is_metadata_assert(u)]
 
 
+def inplace_on_temporary(node) -> bool:
+    """An in-place aten op (`scores += bias`, MPNet) whose mutated input is an intermediate that
+    nothing else reads: the same values as its out-of-place form, and free to remove."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and isinstance(node.target, OpOverload)):
+        return False
+    if not node.target._schema.name.endswith("_") or not node.args:
+        return False
+    target = node.args[0]
+    return isinstance(target, fx.Node) and target.op == "call_function" and list(target.users) == [node]
+
+
 def remove_dead_code(gm: fx.GraphModule) -> None:
-    """DCE that also drops unused SDPA/dropout nodes (fx keeps "seeded" ops as impure), and
-    metadata asserts on tensors nothing else reads (they would keep a replaced block alive)."""
+    """DCE that also drops unused SDPA/dropout nodes (fx keeps "seeded" ops as impure), in-place
+    ops on temporaries, and metadata asserts on tensors nothing else reads (they would keep a
+    replaced block alive)."""
     def impure(node: fx.Node) -> bool:
         if node.op == "call_function" and node.target in _SEEDED_BUT_PURE:
+            return False
+        if inplace_on_temporary(node):
             return False
         if is_metadata_assert(node) and isinstance(node.args[0], fx.Node) and not data_users(node.args[0]):
             return False

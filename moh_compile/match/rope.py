@@ -107,7 +107,7 @@ def _rotation_pairs(node, src) -> list[tuple[int, int]] | None:
     """The pairs (a, b) when node = rotate(src): out[a] = -src[b], out[b] = src[a]."""
     if not isinstance(src, fx.Node) or g.val(src) is None:
         return None
-    src = _full_slice_source(src)
+    src, node = _full_slice_source(src), _full_slice_source(node)  # Ernie 4.5 casts the rotated copy
     d = g.static_int(g.val(src).shape[-1])
     if not d or d % 2:
         return None
@@ -138,9 +138,11 @@ def _is_last_dim(node, dim) -> bool:
 
 
 def _full_slice_source(node):
-    """Strip aliases and slices that keep a whole dim (x[:, :] as exported): they change nothing."""
-    while g.is_call(node, {aten.slice.Tensor, aten.alias.default}):
-        if node.target is aten.alias.default:
+    """Strip aliases, same-dtype casts (ModernBERT rotates `q.float()` of a float32 q) and slices
+    that keep a whole dim (x[:, :] as exported): they change nothing."""
+    while g.is_call(node, {aten.slice.Tensor, aten.alias.default}) or (g.is_call(node, g.CASTS)
+                                                                        and g.is_passthrough(node)):
+        if node.target is not aten.slice.Tensor:
             node = node.args[0]
             continue
         args = list(node.args) + [None] * (5 - len(node.args))
