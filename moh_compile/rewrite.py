@@ -182,7 +182,8 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
 def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
     """The op's one mask from the model's masking steps: additive terms summed; a masked_fill as
     the model's fill value where its condition holds (a bool "visible" mask when it is the only
-    step and fills -inf). Terms of (B*H, S, S_k) scores are viewed as (B, H, S, S_k)."""
+    step and fills -inf). Terms of (B*H, S, S_k) scores are viewed as (B, H, S, S_k); a step's
+    `factor` (scores scaled after it) scales its term or fill value."""
     mask = None
     for step in steps:
         t = step.tensor
@@ -190,12 +191,16 @@ def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) 
             rows, cols = (b.call(aten.sym_size.int, t, i) for i in (1, 2))
             t = b.call(aten.view.default, t, [bsz, -1, rows, cols])
         if step.kind == "add":
+            if step.factor != 1.0:
+                t = b.call(aten.mul.Tensor, t, step.factor)
             mask = t if mask is None else b.call(aten.add.Tensor, mask, t)
         elif len(steps) == 1 and step.value == float("-inf"):
-            mask = b.call(aten.logical_not.default, t)
+            mask = b.call(aten.logical_not.default, t) if step.fill_where else t
         else:
             base = mask if mask is not None else b.call(aten.new_zeros.default, x, [])
-            mask = b.call(aten.where.ScalarSelf, t, step.value, base)
+            value = step.value * step.factor
+            mask = (b.call(aten.where.ScalarSelf, t, value, base) if step.fill_where
+                    else b.call(aten.where.ScalarOther, t, base, value))
     return mask
 
 

@@ -83,27 +83,51 @@ def test_attention_weights_returned_are_skipped_not_rewritten():
 
 
 class _FilledScores(torch.nn.Module):
-    """Hand-written attention whose scores are masked_filled with `value`, then scaled by `post`."""
+    """Hand-written attention whose scores are masked with `value`, then scaled by `post`. form:
+    "masked_fill" (nanoGPT), "where" (GPT-Neo: torch.where(keep, scores, a constant 0-d tensor)),
+    "add" (an additive mask, value where masked; CodeGen scales after adding it)."""
 
-    def __init__(self, value, post=1.0):
+    def __init__(self, value, post=1.0, form="masked_fill"):
         super().__init__()
-        self.value, self.post = value, post
+        self.value, self.post, self.form = value, post, form
         self.qkv, self.o = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+        self.register_buffer("fill", torch.tensor(value), persistent=False)
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in self.qkv(x).split(64, dim=-1))
         scores = (q @ k.transpose(-2, -1)) / 4.0
         keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~keep, self.value) * self.post
+        if self.form == "where":
+            scores = torch.where(keep, scores, self.fill)
+        elif self.form == "add":
+            scores = scores + torch.zeros(s, s, device=x.device).masked_fill(~keep, self.value)
+        else:
+            scores = scores.masked_fill(~keep, self.value)
+        scores = scores * self.post
         return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, 64))
 
 
-@pytest.mark.parametrize("value,post,reason", [(0.5, 1.0, "not a masking value"),
-                                               (float("-inf"), 2.0, "scaled after the mask")])
-def test_masking_the_op_cannot_express_is_skipped_with_a_reason(value, post, reason):
+@pytest.mark.parametrize("value,form,reason", [(0.5, "masked_fill", "not a masking value"),
+                                               (0.5, "where", "not a masking value")])
+def test_masking_the_op_cannot_express_is_skipped_with_a_reason(value, form, reason):
     with pytest.raises(moh_compile.MohCompileError, match=reason):
-        moh_compile.inspect(_FilledScores(value, post).eval(), (torch.randn(2, 8, 64),))
+        moh_compile.inspect(_FilledScores(value, form=form).eval(), (torch.randn(2, 8, 64),))
+
+
+@pytest.mark.parametrize("value,post,form", [(float("-inf"), 2.0, "masked_fill"), (-1e9, 0.5, "masked_fill"),
+                                             (torch.finfo(torch.float32).min, 1.0, "where"),
+                                             (-1e9, 0.25, "where"), (-1e9, 0.5, "add")])
+def test_masks_in_any_form_and_scales_after_them_are_exact(value, post, form):
+    """torch.where fills (GPT-Neo) and a scaling after the mask (CodeGen: (QK^T + mask) / sqrt(d))
+    fold into the op's mask and scale: (s + m) c = s c + m c."""
+    model = _FilledScores(value, post, form).eval()
+    (m,) = moh_compile.inspect(model, (torch.randn(2, 8, 64),)).matches.attention
+    assert m.block.scale == pytest.approx(post / 4.0) and m.block.causal is True
+    compiled = moh_compile.compile(model, (torch.randn(2, 8, 64),))
+    x = torch.randn(3, 11, 64)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() <= 1e-5
 
 
 def test_masked_fill_attention_is_causal_and_exact():

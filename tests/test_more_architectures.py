@@ -9,6 +9,7 @@ import moh_compile
 transformers = pytest.importorskip("transformers")
 T = transformers
 COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+COMMON_VISION = {k: v for k, v in COMMON.items() if k != "vocab_size"}
 
 CONFIGS = {
     "mistral": lambda: T.MistralModel(T.MistralConfig(**COMMON, num_key_value_heads=2)),
@@ -35,6 +36,13 @@ CONFIGS = {
                                                        vocab_size=100)),
     # interleaved RoPE whose rotated copy is cast before the multiply
     "ernie4_5": lambda: T.Ernie4_5Model(T.Ernie4_5Config(**COMMON, num_key_value_heads=2)),
+    # torch.where(causal, scores, finfo.min) fills, no 1/sqrt(d), a local-window layer
+    "gpt_neo": lambda: T.GPTNeoModel(T.GPTNeoConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100,
+                                                    attention_types=[[["global", "local"], 1]], window_size=8,
+                                                    max_position_embeddings=64)),
+    # scores scaled after the mask ((QK^T + mask) / sqrt(d)), fused qkv split in model-parallel groups
+    "codegen": lambda: T.CodeGenModel(T.CodeGenConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, rotary_dim=8,
+                                                      n_positions=64, bos_token_id=0, eos_token_id=0)),
     "roberta": lambda: T.RobertaModel(T.RobertaConfig(**COMMON)),
     # relative position bias added in place (`scores += position_bias`): all-mpnet-base-v2's family
     "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**COMMON)),
@@ -87,17 +95,45 @@ def test_qk_norm_across_all_heads_is_skipped_with_its_reason():
         moh_compile.inspect(model, _inputs("olmo2", 2, 8))
 
 
-def test_vision_model_with_symbolic_image_size():
-    """SigLIP's patch count is (side // patch)^2 of symbolic image sides: the small stand-in sizes
-    the feature map tries first give 0 patches, so it falls back to the traced sizes (this used to
-    crash the compile). Encoder blocks and the attention-pooling head are all rewritten exactly."""
-    config = T.SiglipVisionConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                                  image_size=32, patch_size=8)
-    model = T.SiglipVisionModel(config).eval()
+VISION = {
+    # patch count (side // patch)^2 of symbolic image sides: the feature map's small stand-in sizes
+    # give 0 patches, so it falls back to the traced sizes (this used to crash the compile);
+    # 2 encoder layers + the attention-pooling head. (Swin, windowed, matches too but takes 76 s to
+    # capture with symbolic image sides; its failure mode is tested in tests/test_rope_and_layouts.py.)
+    "siglip": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**COMMON_VISION, image_size=32, patch_size=8)), 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VISION))
+def test_vision_models_with_symbolic_image_sizes(name):
+    factory, n_attention = VISION[name]
+    torch.manual_seed(0)
+    model = factory().eval()
     g = torch.Generator().manual_seed(0)
     compiled = moh_compile.compile(model, {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)})
     ops = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.moh_compile.attention.default) == 3, compiled.report.skipped  # 2 layers + pooling head
+    assert ops.count(torch.ops.moh_compile.attention.default) == n_attention, compiled.report.skipped
     x = {"pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
     with torch.no_grad():
         assert (compiled(**x).pooler_output - model(**x).pooler_output).abs().max().item() <= 1e-5
+
+
+def test_unforeseen_matcher_failure_skips_the_block_with_a_reason(monkeypatch):
+    """A matcher bug on an unusual graph costs that block (reason in the report), not the compile."""
+    import moh_compile.match.attention as matcher
+
+    def broken(*args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(matcher, "_match_block", broken)
+    model = CONFIGS["qwen2"]().eval()
+    with pytest.raises(moh_compile.MohCompileError, match="matcher failed on this graph .ZeroDivisionError"):
+        moh_compile.inspect(model, _inputs("qwen2", 2, 8))
+
+
+def test_attention_sinks_are_skipped_with_their_reason():
+    """GPT-OSS concatenates a learned logit per head to the scores and drops it after the softmax."""
+    model = T.GptOssModel(T.GptOssConfig(**COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                         num_experts_per_tok=2)).eval()
+    with pytest.raises(moh_compile.MohCompileError, match="attention sinks"):
+        moh_compile.inspect(model, _inputs("gpt_oss", 2, 8))

@@ -96,3 +96,32 @@ def test_partial_rope_models_get_a_head_dim_permutation():
             assert m.rope.width == rotated and m.head_perm is not None and m.head_perm != sorted(m.head_perm)
     model, inputs, _, _ = build("llama")
     assert all(m.head_perm is None for m in moh_compile.inspect(model, inputs).matches.attention)
+
+
+class _WindowAttention(nn.Module):
+    """Swin-style: (B, H, W, C) features cut into ws x ws windows, attention inside each window."""
+
+    def __init__(self, c=32, heads=2, ws=4):
+        super().__init__()
+        self.heads, self.ws = heads, ws
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, hh, ww, c = x.shape
+        ws = self.ws
+        win = x.view(b, hh // ws, ws, ww // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        qkv = self.qkv(win).reshape(win.shape[0], ws * ws, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        o = self.proj(o.transpose(1, 2).reshape(-1, ws * ws, c))
+        return x + o.view(b, hh // ws, ww // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c)
+
+
+def test_windows_of_symbolic_image_sides():
+    """The window count (H // ws) * (W // ws) is 0 on the feature map's small stand-in sizes and a
+    -1 view then divides by zero: the map retries with the traced sizes (this crashed Swin)."""
+    model = _WindowAttention().eval()
+    compiled = moh_compile.compile(model, (torch.randn(2, 8, 8, 32),))
+    assert [a["transform"] for a in compiled.report.actions] == ["identity"], compiled.report.skipped
+    x = torch.randn(3, 12, 8, 32)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() <= 1e-5

@@ -12,6 +12,7 @@ which rejects a block whose rewrite does not reproduce it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -32,13 +33,18 @@ class NoMatch(Exception):
 @dataclass
 class MaskStep:
     """One way the model masks the attention scores: "add" a tensor (additive masks, ALiBi,
-    position biases; SDPA's attn_mask is one), or "fill" the scores where `tensor` is True with
-    `value` (masked_fill). `scores_rank`: 3 when the scores were (B*H, S, S_k) at that step."""
+    position biases; SDPA's attn_mask is one), or "fill" the scores with `value` where `tensor`
+    is True (masked_fill; `fill_where=False`: where it is False, as `torch.where(keep, scores,
+    value)` writes it). `scores_rank`: 3 when the scores were (B*H, S, S_k) at that step.
+    `factor`: a scaling of the scores after this step (CodeGen: (QK^T + mask) / sqrt(d)), folded
+    into the step: (s + m) c = s c + m c, and a fill of v becomes a fill of v c."""
 
     kind: str
     tensor: fx.Node
     value: float = 0.0
     scores_rank: int = 4
+    fill_where: bool = True
+    factor: float = 1.0
 
 
 @dataclass
@@ -72,6 +78,8 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Skipp
                 found.append(_match_block(gm, *core))
             except NoMatch as err:
                 skipped.append(Skipped(name=_guess_name(node), kind="attention", reason=str(err)))
+            except Exception as err:  # an unforeseen graph must cost one block, not the compile
+                skipped.append(Skipped(name=_guess_name(node), kind="attention", reason=g.internal_error(err)))
     return found, skipped
 
 
@@ -116,11 +124,15 @@ def _core_from(node: fx.Node):
         probs, users = users[0], g.data_users(users[0])
     pv = [u for u in users if g.is_call(u, g.MATMUL) and u.args[0] is probs]
     if not pv:
+        logits = _unshifted(node.args[0])
+        if g.is_call(logits, {aten.cat.default}) and any(g.is_call(u, {aten.slice.Tensor}) for u in users):
+            raise NoMatch("attention sinks (extra logits concatenated to the scores, dropped after the softmax, "
+                          "as in GPT-OSS): not supported yet")
         return None
     if len(users) != 1:
         raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
     v = pv[0].args[1]
-    q, kt, scale, mask_steps = _scores_source(node.args[0])
+    q, kt, scale, mask_steps = _scores_source(_unshifted(node.args[0]))
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")
@@ -134,25 +146,32 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 MASKED_OUT = -1e4  # a fill value at or below this gives probability 0 in float32 (exp underflows)
 
 
+def _unshifted(s):
+    """x for softmax's input x - max(x, -1) (a stabilising shift that changes no probability)."""
+    if g.is_call(s, {aten.sub.Tensor}) and g.is_call(s.args[1], {operator.getitem}) and s.args[1].args[1] == 0:
+        mx = s.args[1].args[0]
+        if g.is_call(mx, {aten.max.dim}) and mx.args[0] is s.args[0] and mx.args[1] in (-1, g.val(s).dim() - 1):
+            return s.args[0]
+    return s
+
+
 def _scores_source(s):
     """Walk the softmax input back to Q K^T: (q, k^T, scale, mask steps in forward order).
     Views and dtype casts on the way are walked through; a fill must be low enough to mean
-    "masked" (nanoGPT's masked_fill(mask == 0, -inf))."""
+    "masked" (nanoGPT's masked_fill(mask == 0, -inf), GPT-Neo's where(causal, scores, min))."""
     scale, steps = 1.0, []
     while True:
         add = (g.is_call(s, {aten.add.Tensor}) or _inplace(s, aten.add_.Tensor)) and g.val(s.args[1]) is not None
-        fill = g.is_call(s, {aten.masked_fill.Scalar}) or _inplace(s, aten.masked_fill_.Scalar)
-        if (add or fill) and scale != 1.0:
-            raise NoMatch("scores are scaled after the mask is applied")
+        fill = _fill(s)
         if add:
-            steps.append(MaskStep("add", s.args[1], scores_rank=g.val(s).dim()))
+            steps.append(MaskStep("add", s.args[1], scores_rank=g.val(s).dim(), factor=scale))
             s = s.args[0]
-        elif fill:
-            value = g.scalar_of(s.args[2])
-            if value is None or value > MASKED_OUT:
-                raise NoMatch(f"scores are filled with {s.args[2]}, not a masking value")
-            steps.append(MaskStep("fill", s.args[1], value, g.val(s).dim()))
-            s = s.args[0]
+        elif fill is not None:
+            cond, value, where, scores = fill
+            if value is None or value * scale > MASKED_OUT:
+                raise NoMatch(f"scores are filled with {value}, not a masking value")
+            steps.append(MaskStep("fill", cond, value, g.val(s).dim(), fill_where=where, factor=scale))
+            s = scores
         elif (scaled := g.scalar_scaling(s)) is not None:
             s, factor = scaled
             scale *= factor
@@ -163,7 +182,7 @@ def _scores_source(s):
     if g.is_call(s, g.BADDBMM):
         if s.kwargs.get("beta", 1.0) != 1.0:
             raise NoMatch("baddbmm scales its input (beta != 1)")
-        steps.append(MaskStep("add", s.args[0], scores_rank=g.val(s).dim()))
+        steps.append(MaskStep("add", s.args[0], scores_rank=g.val(s).dim(), factor=scale))
         q, kt = s.args[1], s.args[2]
         scale *= float(s.kwargs.get("alpha", 1.0))
     elif g.is_call(s, g.MATMUL):
@@ -171,6 +190,18 @@ def _scores_source(s):
     else:
         raise NoMatch("softmax input is not a Q K^T product")
     return q, kt, scale, steps[::-1]
+
+
+def _fill(s):
+    """(condition, value, fills where the condition is True?, scores) for masked_fill(scores, c, v)
+    and torch.where(c, scores, v) (v a number or a constant 0-d tensor); else None."""
+    if g.is_call(s, {aten.masked_fill.Scalar}) or _inplace(s, aten.masked_fill_.Scalar):
+        return s.args[1], g.scalar_of(s.args[2]), True, s.args[0]
+    if g.is_call(s, {aten.where.self, aten.where.ScalarOther}) and isinstance(s.args[1], fx.Node):
+        cond, scores, other = s.args[:3]
+        if g.val(scores) is not None and g.val(scores).shape == g.val(s).shape:
+            return cond, g.constant_scalar(other), False, scores
+    return None
 
 
 def _inplace(node, op) -> bool:

@@ -23,6 +23,9 @@ from moh_compile.match.rope import match_rope
 aten = g.aten
 _SIZE_VALUES = (3, 5, 7, 11, 13, 17)  # concrete stand-ins for symbolic sizes, distinct primes
 GATHERS = {aten.index_select.default, aten.index.Tensor}
+# what layout ops and size arithmetic raise on sizes that do not fit them (Swin: side // window on a
+# side of 3 divides by zero; SigLIP: reshaping 0 patches)
+_SIZE_ERRORS = (RuntimeError, ValueError, IndexError, ArithmeticError)
 
 
 class NotALayoutPath(Exception):
@@ -48,15 +51,14 @@ def feature_index(node: fx.Node, projection: fx.Node) -> torch.Tensor:
     computes rather than moves values.
 
     Symbolic sizes first get small distinct primes; where the graph's size arithmetic cannot run
-    on those (a vision model's patch count, image side // patch, is 0 for a side of 3), they get
-    the sizes the graph was traced with instead."""
+    on those (_SIZE_ERRORS), they get the sizes the graph was traced with instead."""
     try:
         return _run_layout_path(node, projection, lambda sym, i: _SIZE_VALUES[i] if i < len(_SIZE_VALUES) else None)
-    except (RuntimeError, ValueError, IndexError):
+    except _SIZE_ERRORS:
         pass
     try:
         return _run_layout_path(node, projection, lambda sym, i: _traced_value(sym, node))
-    except (RuntimeError, ValueError, IndexError) as err:
+    except _SIZE_ERRORS as err:
         raise NotALayoutPath(f"layout ops failed on stand-in sizes ({type(err).__name__})") from None
 
 
@@ -66,7 +68,9 @@ def _traced_value(sym, node: fx.Node) -> int | None:
         val = n.meta.get("val")
         for s in getattr(val, "shape", ()):
             if isinstance(s, torch.SymInt) and sym in s.node.expr.free_symbols:
-                hint = s.node.shape_env.var_to_val.get(sym)
+                env = s.node.shape_env
+                hint = getattr(env, "backed_var_to_val", None) or env.var_to_val  # renamed in torch 2.13
+                hint = hint.get(sym)
                 return None if hint is None else int(hint)
     return None
 

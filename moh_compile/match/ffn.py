@@ -47,6 +47,9 @@ def find_ffn(gm: fx.GraphModule, exclude: set[fx.Node]) -> tuple[list[FFNMatch],
         except NoMatch as err:
             skipped.append(Skipped(name=g.module_path(node) or node.name, kind="ffn", reason=str(err)))
             continue
+        except Exception as err:  # an unforeseen graph must cost one block, not the compile
+            skipped.append(Skipped(name=g.module_path(node) or node.name, kind="ffn", reason=g.internal_error(err)))
+            continue
         if m is not None:
             found.append(m)
     return found, skipped

@@ -144,6 +144,23 @@ def scalar_of(x) -> float | None:
     return None
 
 
+_CONSTANT_COPIES = {aten.lift_fresh_copy.default, aten.detach.default, aten.detach_.default, aten.clone.default}
+
+
+def constant_scalar(x) -> float | None:
+    """A number, or the value of a constant one-element tensor of the module (a model's
+    `torch.tensor(torch.finfo(dtype).min)`, lifted by export and copied); else None."""
+    if not isinstance(x, fx.Node):
+        return scalar_of(x)
+    while is_call(x, _CONSTANT_COPIES) or (is_call(x, CASTS)):
+        x = x.args[0]
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        value = attribute(x.graph.owning_module, x.target)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            return float(value)
+    return None
+
+
 @dataclass
 class LinearLike:
     """A projection: y = x W^T + b, whatever aten op spelled it."""
@@ -254,6 +271,11 @@ def layer_index(path: str) -> int | None:
 
 
 _SEEDED_BUT_PURE = {aten.scaled_dot_product_attention.default, aten.dropout.default, aten.native_dropout.default}
+
+
+def internal_error(err: Exception) -> str:
+    """Skip reason for a matcher failure nobody foresaw (a bug to report, not a user mistake)."""
+    return f"matcher failed on this graph ({type(err).__name__}: {str(err).splitlines()[0][:160]}); please report it"
 
 
 def is_metadata_assert(node) -> bool:
