@@ -207,6 +207,15 @@ def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) 
 GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
 
 
+def _trailing_operands(m: AttentionMatch, ops: dict) -> tuple:
+    """The op's optional last arguments (QK-norm, soft-capping), left out where all are defaults
+    so that graphs without them keep the short form."""
+    tail = (ops["q_norm_weight"], float(m.q_norm.eps) if m.q_norm is not None else 0.0, float(m.block.softcap))
+    if m.block.softcap:
+        return tail
+    return tail[:2] if m.q_norm is not None else ()
+
+
 def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | None = None,
                      window: dict | None = None) -> PendingRewrite:
     """Insert `moh_compile.attention` for a matched block.
@@ -221,8 +230,7 @@ def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | 
     out = b.call(torch.ops.moh_compile.attention.default, ops["x"], ops["q_weight"], ops["q_bias"], ops["k"],
                  ops["v"], ops["attn_mask"], ops["rope_cos"], ops["rope_sin"], ops["o_weight"], ops["o_bias"],
                  gates, float(m.block.scale), w.get("sink"), w.get("alpha"), w.get("beta"),
-                 bool(w.get("two_sided", False)),
-                 *(() if m.q_norm is None else (ops["q_norm_weight"], float(m.q_norm.eps))))
+                 bool(w.get("two_sided", False)), *_trailing_operands(m, ops))
     if compensation is not None:
         out = b.call(aten.add.Tensor, out, compensation)
     if m.block.layout == "seq_first":

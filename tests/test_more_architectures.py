@@ -17,6 +17,9 @@ CONFIGS = {
     # fused qkv and fused gate_up projections (the gated FFN's halves are row ranges of one weight)
     "phi3": lambda: T.Phi3Model(T.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0)),
     "gemma": lambda: T.GemmaModel(T.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16)),
+    # soft-capped scores (a small cap, so tanh bends them) and a sliding-window layer
+    "gemma2": lambda: T.Gemma2Model(T.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16,
+                                                   attn_logit_softcapping=2.0, sliding_window=4)),
     "olmo": lambda: T.OlmoModel(T.OlmoConfig(**COMMON)),
     # QK-norm with Gemma's (1 + w) scales, sliding-window and global layers (Qwen3 is in tests/models.py)
     "gemma3": lambda: _random_norm_scales(T.Gemma3TextModel(T.Gemma3TextConfig(**COMMON, num_key_value_heads=2,

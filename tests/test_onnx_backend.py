@@ -279,13 +279,13 @@ def test_dynamic_dispatch_attends_only_active_queries(monkeypatch):
     dense, routed, sizes, caps = _plan_for(gates, "dynamic", None)
     assert dense == [2]
     seen = []
-    real_sdpa = onnx_portable.F.scaled_dot_product_attention
+    real_core = onnx_portable.attention_core
 
-    def recording_sdpa(q, *args, **kwargs):
+    def recording_core(q, *args, **kwargs):
         seen.append(tuple(q.shape[1:3]))
-        return real_sdpa(q, *args, **kwargs)
+        return real_core(q, *args, **kwargs)
 
-    monkeypatch.setattr(onnx_portable.F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(onnx_portable, "attention_core", recording_core)
     got = onnx_portable.portable_attention(x, qw, None, k, v, None, None, None, ow, None, gates, d ** -0.5,
                                            dense_heads=dense, routed_heads=routed, group_sizes=sizes,
                                            group_caps=caps)

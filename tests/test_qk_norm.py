@@ -143,3 +143,19 @@ def test_head_reorder_is_exact_through_the_key_norm():
     assert [r.get("order") for r in _layout(reordered).values()] == [[0, 2, 1, 3]]
     x = _x(2, 24, seed=3)
     assert (_out(reordered, x) - _out(plain, x)).abs().max().item() <= 1e-5
+
+
+def test_bfloat16_qwen3_identity_is_bit_exact():
+    """The op normalises in float32 and casts back before the scale, as Qwen3's RMSNorm does, so a
+    bfloat16 model compiles to the same bits (a norm in bfloat16 would round differently)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, intermediate_size=128, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.Qwen3Model(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    compiled = moh_compile.compile(model, {"input_ids": ids, "use_cache": False})
+    assert [a["transform"] for a in compiled.report.actions if a["kind"] == "attention"] == ["identity"] * 2
+    x = {"input_ids": torch.randint(0, 100, (3, 13), generator=torch.Generator().manual_seed(1)), "use_cache": False}
+    with torch.no_grad():
+        assert torch.equal(compiled(**x).last_hidden_state, model(**x).last_hidden_state)

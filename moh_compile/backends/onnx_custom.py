@@ -104,7 +104,7 @@ ATTENTION_SCHEMA = make_schema(
     [("scale", _A.FLOAT, True), ("num_heads", _A.INT, True), ("num_kv_heads", _A.INT, True),
      ("head_dim", _A.INT, True), ("routed", _A.INT, True), ("window_sink", _A.INTS, False),
      ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False),
-     ("q_norm_eps", _A.FLOAT, False)],
+     ("q_norm_eps", _A.FLOAT, False), ("softcap", _A.FLOAT, False)],
     "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE), per-head "
     "(routed, windowed) attention, gated O projection.",
     out_weight="o_weight", masks=True,
@@ -113,7 +113,7 @@ ATTENTION_SCHEMA = make_schema(
 
 def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                         scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                        q_norm_weight=None, q_norm_eps=0.0):
+                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
     """onnxscript translation of moh_compile::attention (head counts read from static weight shapes)."""
     head_dim = int(k.shape[-1])
     attrs = dict(scale=float(scale), num_heads=int(q_weight.shape[0]) // head_dim, num_kv_heads=int(k.shape[1]),
@@ -123,6 +123,8 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
                      window_beta=[float(b) for b in window_beta], window_two_sided=int(window_two_sided))
     if q_norm_weight is not None:
         attrs["q_norm_eps"] = float(q_norm_eps)
+    if softcap:
+        attrs["softcap"] = float(softcap)
     return _moh.MohRoutedAttention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                                    head_gates, q_norm_weight, **attrs)
 
@@ -136,7 +138,8 @@ def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> tor
     args = [inputs.get(p.name) for p in ATTENTION_PORTS if p.name != "q_norm_weight"]
     return torch.ops.moh_compile.attention(*args, float(attrs["scale"]), **window,
                                            q_norm_weight=inputs.get("q_norm_weight"),
-                                           q_norm_eps=float(attrs.get("q_norm_eps", 0.0)))
+                                           q_norm_eps=float(attrs.get("q_norm_eps", 0.0)),
+                                           softcap=float(attrs.get("softcap", 0.0)))
 
 
 # ---------------------------------------------------------------- ffn

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.ops.attention import and_pattern, as_4d, finish_queries
+from moh_compile.ops.attention import and_pattern, as_4d, attention_core, finish_queries
 from moh_compile.ops.ffn import ffn_reference
 
 
@@ -86,7 +85,7 @@ def _kv_for_heads(k, v, heads: list[int], num_heads: int):
 
 
 def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                 heads: list[int], num_heads: int):
+                 softcap, heads: list[int], num_heads: int):
     """Every token through the selected heads (all heads for the identity setting); gates may be None."""
     b, s, _ = x.shape
     d = k.shape[-1]
@@ -102,7 +101,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
     if window is not None:
         visible = _window_visible(torch.arange(s, device=x.device), k.shape[2], heads, *window, x.device)
         mask = and_pattern(mask, visible.unsqueeze(0))
-    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
+    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap)
     if gates is not None:
         g = gates.index_select(-1, _const(heads, torch.int64, x.device)) if len(heads) != num_heads else gates
         ctx = ctx * g.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -122,7 +121,7 @@ def weight_slots(t: torch.Tensor, weights: torch.Tensor, guard_nan: bool) -> tor
     return torch.where(w != 0, t * w, 0.0) if guard_nan else t * w
 
 
-def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
+def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, softcap):
     """Attention of gathered queries q (B, Hr, C, D) at token positions idx (B, Hr, C) over all keys,
     with the mask rows and window pattern of exactly those queries; -> (ctx, whether masked)."""
     b, hr = idx.shape[0], idx.shape[1]
@@ -140,12 +139,12 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale):
             mask = _gather_rows(mask, idx + base)
     if window is not None:
         mask = and_pattern(mask, _window_visible(idx, s_k, heads, *window, q.device))
-    ctx = F.scaled_dot_product_attention(q, kh, vh, attn_mask=_full_rows(mask, q.shape[2]), scale=scale)
+    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap)
     return ctx, mask is not None
 
 
 def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                  heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
+                  softcap, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
     """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
     into `out` (B, S, E_out) or zeros."""
     b, s, e = x.shape
@@ -165,7 +164,7 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
         sin = _gather_rows(torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d), flat)
     q = finish_queries(q, cos, sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
-    ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale)
+    ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale, softcap)
     y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
     e_out = y.shape[-1]
     out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device) if out is None else out.reshape(b * s, e_out)
@@ -174,14 +173,14 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                       q_norm_weight=None, q_norm_eps=0.0,
+                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0,
                        dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
     """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
     num_heads = q_weight.shape[0] // d
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
     args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window,
-            (q_norm_weight, q_norm_eps))
+            (q_norm_weight, q_norm_eps), softcap)
     if routed_heads is None or head_gates is None:
         dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
     out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
@@ -198,13 +197,13 @@ def attention_capacity(
     attn_mask: torch.Tensor | None, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
-    window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, dense_heads: list[int],
-    routed_heads: list[int], group_sizes: list[int], group_caps: list[int],
+    window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, softcap: float,
+    dense_heads: list[int], routed_heads: list[int], group_sizes: list[int], group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              q_norm_weight, q_norm_eps, dense_heads, routed_heads, group_sizes, group_caps)
+                              q_norm_weight, q_norm_eps, softcap, dense_heads, routed_heads, group_sizes, group_caps)
 
 
 @attention_capacity.register_fake

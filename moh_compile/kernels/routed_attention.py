@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, sparse_attention_block, sparse_row_cost,
                                              window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
-from moh_compile.ops.attention import (as_4d, finish_queries, is_causal_mask, merge_masks, register_fast_kernel,
-                                      simplify_mask, window_mask)
+from moh_compile.ops.attention import (as_4d, attention_core, finish_queries, is_causal_mask, merge_masks,
+                                      register_fast_kernel, simplify_mask, window_mask)
 
 
 @dataclass
@@ -192,6 +192,7 @@ def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
+    softcap=0.0,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
@@ -199,12 +200,13 @@ def routed_attention_cpu(
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates), q_norm_weight, q_norm_eps)
+                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap)
 
 
 def routed_attention_when_faster(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
+    softcap=0.0,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
     masked path, else None (the op then runs that path; the output is the same either way).
@@ -223,7 +225,9 @@ def routed_attention_when_faster(
         costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                     window_two_sided)
         fits = window_masks_fit(x.shape[0], head_gates.shape[-1], x.shape[1], s_k)
-        best = min(costs, key=costs.get) if fits else "sparse"  # the other two build (B, H, S, S_k) masks
+        if softcap:  # the block-sparse kernel runs flash attention, which cannot soft-cap
+            costs.pop("sparse")
+        best = min(costs, key=costs.get) if fits or softcap else "sparse"  # the others build (B, H, S, S_k) masks
         if best == "sparse":
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
@@ -239,7 +243,7 @@ def routed_attention_when_faster(
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
-                   q_norm_weight, q_norm_eps)
+                   q_norm_weight, q_norm_eps, softcap)
 
 
 def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
@@ -251,7 +255,7 @@ def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, wind
 
 
 def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan,
-            q_norm_weight=None, q_norm_eps=0.0):
+            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d = k.shape[-1]
@@ -298,7 +302,7 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
         kv_idx = idx // per_kv
         kk, vv = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
         if mask is None:
-            ctx = F.scaled_dot_product_attention(q, kk, vv, scale=scale)
+            ctx = attention_core(q, kk, vv, None, scale, softcap)
         else:
             ctx = torch.empty_like(q)
             row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
@@ -306,9 +310,8 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
             tok = rows[span].view(g, b, cap) % s                  # query positions
             for h0 in range(0, g, step):                       # bounded gathered-mask memory
                 h1 = min(g, h0 + step)
-                ctx[:, h0:h1] = F.scaled_dot_product_attention(
-                    q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1], scale=scale,
-                    attn_mask=_mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k))
+                ctx[:, h0:h1] = attention_core(q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1],
+                                               _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap)
         ctx = ctx.transpose(0, 1).reshape(g, b * cap, d)
         # Output projection per head (columns h*D:(h+1)*D of W_o).
         out_g = contrib[span].view(g, b * cap, e_out)

@@ -109,7 +109,7 @@ def _core_from(node: fx.Node):
         d = g.static_int(g.val(q).shape[-1])
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         steps = [] if mask is None else [MaskStep("add", mask, scores_rank=g.val(q).dim())]
-        return node, q, k, v, steps, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa"
+        return node, q, k, v, steps, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa", 0.0
     # softmax(scores) @ v
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     rank = g.val(node).dim()
@@ -132,14 +132,15 @@ def _core_from(node: fx.Node):
     if len(users) != 1:
         raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
     v = pv[0].args[1]
-    q, kt, scale, mask_steps = _scores_source(_unshifted(node.args[0]))
+    q, kt, scale, mask_steps, softcap = _scores_source(_unshifted(node.args[0]))
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")
     while (scaled := g.scalar_scaling(q)) is not None:
         q, factor = scaled
         scale *= factor
-    return pv[0], q, k, v, mask_steps, node.args[0] if mask_steps else None, scale, False, "softmax(QK^T)V"
+    return (pv[0], q, k, v, mask_steps, node.args[0] if mask_steps else None, scale, False, "softmax(QK^T)V",
+            softcap)
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -156,9 +157,10 @@ def _unshifted(s):
 
 
 def _scores_source(s):
-    """Walk the softmax input back to Q K^T: (q, k^T, scale, mask steps in forward order).
-    Views and dtype casts on the way are walked through; a fill must be low enough to mean
-    "masked" (nanoGPT's masked_fill(mask == 0, -inf), GPT-Neo's where(causal, scores, min))."""
+    """Walk the softmax input back to Q K^T: (q, k^T, scale, mask steps in forward order,
+    softcap). Views and dtype casts on the way are walked through; a fill must be low enough to
+    mean "masked" (nanoGPT's masked_fill(mask == 0, -inf), GPT-Neo's where(causal, scores, min));
+    softcap > 0 when the scores are soft-capped first (Gemma 2: cap * tanh(QK^T * scale / cap))."""
     scale, steps = 1.0, []
     while True:
         add = (g.is_call(s, {aten.add.Tensor}) or _inplace(s, aten.add_.Tensor)) and g.val(s.args[1]) is not None
@@ -179,6 +181,21 @@ def _scores_source(s):
             s = s.args[0]
         else:
             break
+    softcap = 0.0
+    if g.is_call(s, {aten.tanh.default}):  # Gemma 2: cap * tanh(scores / cap); masks only outside it
+        softcap, scale = scale, 1.0
+        s = s.args[0]
+        while True:
+            if (scaled := g.scalar_scaling(s)) is not None:
+                s, factor = scaled
+                scale *= factor
+            elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
+                s = s.args[0]
+            else:
+                break
+        if softcap <= 0 or not g.is_call(s, g.MATMUL):
+            raise NoMatch("scores go through tanh, but not as a soft-capping of Q K^T (cap * tanh(Q K^T / cap))")
+        scale *= softcap  # the op's scores are softcap * tanh(scale * QK^T / softcap)
     if g.is_call(s, g.BADDBMM):
         if s.kwargs.get("beta", 1.0) != 1.0:
             raise NoMatch("baddbmm scales its input (beta != 1)")
@@ -189,7 +206,7 @@ def _scores_source(s):
         q, kt = s.args[0], s.args[1]
     else:
         raise NoMatch("softmax input is not a Q K^T product")
-    return q, kt, scale, steps[::-1]
+    return q, kt, scale, steps[::-1], softcap
 
 
 def _fill(s):
@@ -369,7 +386,7 @@ def _walk_forward_to_3d(node, s_key, b_key):
 
 
 # ---------------------------------------------------------------- block
-def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal, kind) -> AttentionMatch:
+def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal, kind, softcap) -> AttentionMatch:
     qv, kv_ = g.val(q), g.val(k)
     if qv is None or kv_ is None:
         raise NoMatch("missing shape information")
@@ -446,6 +463,7 @@ def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal
         v=_proj_info(v_lin, None) if v_lin else None,
         o=_proj_info(lin_o, None),
         cross=g.dim_key(kv_.shape[-2]) != s_key,
+        softcap=float(softcap),
     )
     return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, q_norm, head_perm, rope_seq_major, k_src, v_src,
                           mask_steps, mask_probe, is_causal, lin_o, y)

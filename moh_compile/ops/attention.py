@@ -96,9 +96,11 @@ def merge_masks(attn_mask: torch.Tensor | None, pattern: torch.Tensor | None) ->
 def finish_queries(q, rope_cos, rope_sin, q_norm_weight=None, q_norm_eps: float = 0.0) -> torch.Tensor:
     """Projected queries (head dim last) -> what the core sees: the per-head RMS norm of QK-norm
     models (Qwen3, Gemma 3), then RoPE. Every implementation of the op goes through here, so
-    they all round the same way as the model (x * rsqrt(mean(x^2) + eps) * w, in that order)."""
+    they all round the same way as the model: the norm in float32, cast back, then the scale
+    (Qwen3's and LLaMA's RMSNorm order; no-op casts in float32)."""
     if q_norm_weight is not None:
-        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + q_norm_eps) * q_norm_weight
+        qf = q.float()
+        q = (qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + q_norm_eps)).to(q.dtype) * q_norm_weight
     if rope_cos is not None:
         q = q * rope_cos + rotate_half(q) * rope_sin
     return q
@@ -164,6 +166,7 @@ def head_contexts(
     window_two_sided: bool = False,
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Every head's context vectors (B, H, S, D), before gating and the output projection.
 
@@ -176,9 +179,28 @@ def head_contexts(
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
     mask = simplify_mask(merge_masks(attn_mask, pattern))
-    if is_causal_mask(mask, s, k.shape[2]):
+    if not softcap and is_causal_mask(mask, s, k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != h)
+    return attention_core(q, k, v, mask, scale, softcap)
+
+
+def attention_core(q, k, v, mask, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scores + mask) v with scores = scale q k^T, soft-capped to softcap * tanh(scores /
+    softcap) when softcap > 0 (Gemma 2); q (.., H, S, D), k/v with H or a divisor of H heads (GQA).
+
+    SDPA has no soft-capping, so capped scores are computed explicitly, in the model's own order
+    of operations (so a compiled model rounds as the original does)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=k.shape[-3] != q.shape[-3])
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def attention_reference(
@@ -200,10 +222,11 @@ def attention_reference(
     window_two_sided: bool = False,
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided, q_norm_weight, q_norm_eps)
+                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap)
     b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -234,11 +257,13 @@ def attention(
     window_two_sided: bool = False,
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q_norm_weight / q_norm_eps: the per-head RMS norm of QK-norm models, applied to each query
-    head before RoPE (None: no norm); the keys arrive normalised."""
+    head before RoPE (None: no norm); the keys arrive normalised. softcap > 0: scores soft-capped
+    to softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps)
+            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap)
     out = _FAST_KERNELS.run(*args)
     if out is not None:
         return out
@@ -248,7 +273,7 @@ def attention(
 @attention.register_fake
 def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                     scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                    q_norm_weight=None, q_norm_eps=0.0):
+                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 

@@ -264,6 +264,8 @@ class SparseAttention(Pass):
     def check(self, match, config) -> str | None:
         if match.block.cross:
             return "cross-attention: windows around a query's position do not apply to another sequence's keys"
+        if match.block.softcap:
+            return "soft-capped scores (Gemma 2): the block-sparse kernel runs flash attention, which cannot soft-cap"
         return None
 
     def plan(self, match, config) -> BlockPlan:
