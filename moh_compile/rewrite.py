@@ -127,6 +127,8 @@ def _rope_operands(b: _Builder, m: AttentionMatch, k: fx.Node):
     if rope is None:
         return None, None, k
     cos, sin = rope.cos, rope.sin
+    if rope.half_tables:  # GPT-OSS: one half-width table serves both halves
+        cos, sin = (b.call(aten.cat.default, [t, t], -1) for t in (cos, sin))
     if (rope.offset, rope.width) != (0, d):
         pad = [rope.offset, d - rope.offset - rope.width]
         cos = b.call(aten.constant_pad_nd.default, cos, pad, 1.0)
@@ -176,7 +178,8 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
         ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
         mask = b.call(aten.tril.default, ones)
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
-                rope_sin=sin, o_weight=wo, o_bias=bo, q_norm_weight=_q_norm_operand(b, m))
+                rope_sin=sin, o_weight=wo, o_bias=bo, q_norm_weight=_q_norm_operand(b, m),
+                sinks=None if m.sinks is None else b.call(aten.reshape.default, m.sinks, [-1]))
 
 
 def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
@@ -208,12 +211,13 @@ GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
 
 
 def _trailing_operands(m: AttentionMatch, ops: dict) -> tuple:
-    """The op's optional last arguments (QK-norm, soft-capping), left out where all are defaults
-    so that graphs without them keep the short form."""
-    tail = (ops["q_norm_weight"], float(m.q_norm.eps) if m.q_norm is not None else 0.0, float(m.block.softcap))
-    if m.block.softcap:
-        return tail
-    return tail[:2] if m.q_norm is not None else ()
+    """The op's optional last arguments (QK-norm, soft-capping, attention sinks), trailing defaults
+    left out so that graphs without them keep the short form."""
+    tail = [ops["q_norm_weight"], float(m.q_norm.eps) if m.q_norm is not None else 0.0, float(m.block.softcap),
+            ops["sinks"]]
+    while tail and (tail[-1] is None or (isinstance(tail[-1], float) and tail[-1] == 0.0)):  # the defaults
+        tail.pop()
+    return tuple(tail)
 
 
 def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | None = None,

@@ -132,11 +132,3 @@ def test_unforeseen_matcher_failure_skips_the_block_with_a_reason(monkeypatch):
     model = CONFIGS["qwen2"]().eval()
     with pytest.raises(moh_compile.MohCompileError, match="matcher failed on this graph .ZeroDivisionError"):
         moh_compile.inspect(model, _inputs("qwen2", 2, 8))
-
-
-def test_attention_sinks_are_skipped_with_their_reason():
-    """GPT-OSS concatenates a learned logit per head to the scores and drops it after the softmax."""
-    model = T.GptOssModel(T.GptOssConfig(**COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                                         num_experts_per_tok=2)).eval()
-    with pytest.raises(moh_compile.MohCompileError, match="attention sinks"):
-        moh_compile.inspect(model, _inputs("gpt_oss", 2, 8))

@@ -27,6 +27,11 @@ class _RopeSpelling(nn.Module):
     def forward(self, q, cos, sin):
         r = self.rot
         part, rest = q[..., :r], q[..., r:]
+        if self.style == "halves":  # GPT-OSS: rotate-half written on the halves, half-width tables
+            x1, x2 = part.chunk(2, dim=-1)
+            c, s = cos[..., :r // 2], sin[..., :r // 2]
+            roped = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+            return roped if r == q.shape[-1] else torch.cat([roped, rest], dim=-1)
         rotated = _rotate_every_two(part) if self.style == "interleaved" else rotate_half(part)
         roped = part * cos + rotated * sin
         return roped if r == q.shape[-1] else torch.cat([roped, rest], dim=-1)
@@ -46,6 +51,7 @@ def _tables(s: int, r: int, interleaved: bool):
     ("half", 4, [(0, 2), (1, 3)]),  # GPT-NeoX / Phi partial rotary
     ("interleaved", 8, [(0, 1), (2, 3), (4, 5), (6, 7)]),  # GPT-J
     ("interleaved", 16, [(2 * i, 2 * i + 1) for i in range(8)]),
+    ("halves", 16, [(i, i + 8) for i in range(8)]),
 ])
 def test_every_pairing_is_full_rotate_half_after_the_permutation(style, rot, pairs):
     torch.manual_seed(0)
@@ -55,11 +61,12 @@ def test_every_pairing_is_full_rotate_half_after_the_permutation(style, rot, pai
     out = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
     rope = match_rope(out)
     assert isinstance(rope, Rope) and rope.pairs == pairs and (rope.offset, rope.width) == (0, rot)
+    assert rope.half_tables is (style == "halves")
     # the op's rotate-half over all 16 dims, on permuted q with padded, permuted tables,
     # gives the model's RoPE output, permuted the same way
     perm = torch.tensor(head_dim_permutation(rope))
     assert sorted(perm.tolist()) == list(range(16))
-    assert (perm.tolist() == list(range(16))) is (style == "half" and rot == 16)  # only plain rotate-half stays
+    assert (perm.tolist() == list(range(16))) is (style != "interleaved" and rot == 16)  # rotate-half stays
     pad = [0, 16 - rot]
     cos_p = nn.functional.pad(cos, pad, value=1.0)[..., perm]
     sin_p = nn.functional.pad(sin, pad, value=0.0)[..., perm]

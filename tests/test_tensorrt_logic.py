@@ -92,6 +92,9 @@ def test_rules_reject_inconsistent_plans():
         T.output_shape("MohRoutedAttention", shapes, dict(attrs, window_alpha=[1, 2]))
     with pytest.raises(ValueError, match="q_norm_weight"):
         T.output_shape("MohRoutedAttention", dict(shapes, q_norm_weight=(4 * 8,)), attrs)  # all heads, not one
+    assert T.output_shape("MohRoutedAttention", dict(shapes, sinks=(4,)), attrs) == (2, 5, 12)
+    with pytest.raises(ValueError, match="sinks"):
+        T.output_shape("MohRoutedAttention", dict(shapes, sinks=(2,)), attrs)  # one per KV head, not query head
     margs, mattrs, _ = _moepp_args()
     mshapes = {k: tuple(v.shape) for k, v in margs.items() if v is not None}
     with pytest.raises(ValueError, match="top_k"):

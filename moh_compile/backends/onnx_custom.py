@@ -97,7 +97,7 @@ ATTENTION_PORTS = [
     Port("x"), Port("q_weight"), Port("q_bias", optional=True), Port("k"), Port("v"),
     Port("attn_mask", "M", optional=True), Port("rope_cos", optional=True), Port("rope_sin", optional=True),
     Port("o_weight"), Port("o_bias", optional=True), Port("head_gates", optional=True),
-    Port("q_norm_weight", optional=True),
+    Port("q_norm_weight", optional=True), Port("sinks", optional=True),
 ]
 ATTENTION_SCHEMA = make_schema(
     ATTENTION_OP, ATTENTION_PORTS,
@@ -113,7 +113,7 @@ ATTENTION_SCHEMA = make_schema(
 
 def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                         scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
+                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
     """onnxscript translation of moh_compile::attention (head counts read from static weight shapes)."""
     head_dim = int(k.shape[-1])
     attrs = dict(scale=float(scale), num_heads=int(q_weight.shape[0]) // head_dim, num_kv_heads=int(k.shape[1]),
@@ -126,7 +126,7 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
     if softcap:
         attrs["softcap"] = float(softcap)
     return _moh.MohRoutedAttention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
-                                   head_gates, q_norm_weight, **attrs)
+                                   head_gates, q_norm_weight, sinks, **attrs)
 
 
 def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:
@@ -135,11 +135,11 @@ def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> tor
     if "window_sink" in attrs:
         window = dict(window_sink=list(attrs["window_sink"]), window_alpha=list(attrs["window_alpha"]),
                       window_beta=list(attrs["window_beta"]), window_two_sided=bool(attrs["window_two_sided"]))
-    args = [inputs.get(p.name) for p in ATTENTION_PORTS if p.name != "q_norm_weight"]
+    args = [inputs.get(p.name) for p in ATTENTION_PORTS if p.name not in ("q_norm_weight", "sinks")]
     return torch.ops.moh_compile.attention(*args, float(attrs["scale"]), **window,
                                            q_norm_weight=inputs.get("q_norm_weight"),
                                            q_norm_eps=float(attrs.get("q_norm_eps", 0.0)),
-                                           softcap=float(attrs.get("softcap", 0.0)))
+                                           softcap=float(attrs.get("softcap", 0.0)), sinks=inputs.get("sinks"))
 
 
 # ---------------------------------------------------------------- ffn

@@ -85,7 +85,7 @@ def _kv_for_heads(k, v, heads: list[int], num_heads: int):
 
 
 def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                 softcap, heads: list[int], num_heads: int):
+                 softcap, sinks, heads: list[int], num_heads: int):
     """Every token through the selected heads (all heads for the identity setting); gates may be None."""
     b, s, _ = x.shape
     d = k.shape[-1]
@@ -101,7 +101,7 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
     if window is not None:
         visible = _window_visible(torch.arange(s, device=x.device), k.shape[2], heads, *window, x.device)
         mask = and_pattern(mask, visible.unsqueeze(0))
-    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap)
+    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap, _of_heads(sinks, heads, num_heads))
     if gates is not None:
         g = gates.index_select(-1, _const(heads, torch.int64, x.device)) if len(heads) != num_heads else gates
         ctx = ctx * g.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -121,7 +121,14 @@ def weight_slots(t: torch.Tensor, weights: torch.Tensor, guard_nan: bool) -> tor
     return torch.where(w != 0, t * w, 0.0) if guard_nan else t * w
 
 
-def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, softcap):
+def _of_heads(t: torch.Tensor | None, heads: list[int], num_heads: int) -> torch.Tensor | None:
+    """A per-head vector (attention sinks) for the given heads."""
+    if t is None or len(heads) == num_heads:
+        return t
+    return t.index_select(0, _const(heads, torch.int64, t.device))
+
+
+def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, softcap, sinks):
     """Attention of gathered queries q (B, Hr, C, D) at token positions idx (B, Hr, C) over all keys,
     with the mask rows and window pattern of exactly those queries; -> (ctx, whether masked)."""
     b, hr = idx.shape[0], idx.shape[1]
@@ -139,12 +146,12 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, s
             mask = _gather_rows(mask, idx + base)
     if window is not None:
         mask = and_pattern(mask, _window_visible(idx, s_k, heads, *window, q.device))
-    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap)
+    ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap, sinks)
     return ctx, mask is not None
 
 
 def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                  softcap, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
+                  softcap, sinks, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
     """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
     into `out` (B, S, E_out) or zeros."""
     b, s, e = x.shape
@@ -164,7 +171,8 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
         sin = _gather_rows(torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d), flat)
     q = finish_queries(q, cos, sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
-    ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale, softcap)
+    ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale, softcap,
+                                 _of_heads(sinks, heads, num_heads))
     y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
     e_out = y.shape[-1]
     out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device) if out is None else out.reshape(b * s, e_out)
@@ -173,14 +181,14 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0,
+                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None,
                        dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
     """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
     num_heads = q_weight.shape[0] // d
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
     args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window,
-            (q_norm_weight, q_norm_eps), softcap)
+            (q_norm_weight, q_norm_eps), softcap, sinks)
     if routed_heads is None or head_gates is None:
         dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
     out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
@@ -198,12 +206,14 @@ def attention_capacity(
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
     window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, softcap: float,
-    dense_heads: list[int], routed_heads: list[int], group_sizes: list[int], group_caps: list[int],
+    sinks: torch.Tensor | None, dense_heads: list[int], routed_heads: list[int], group_sizes: list[int],
+    group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              q_norm_weight, q_norm_eps, softcap, dense_heads, routed_heads, group_sizes, group_caps)
+                              q_norm_weight, q_norm_eps, softcap, sinks, dense_heads, routed_heads, group_sizes,
+                              group_caps)
 
 
 @attention_capacity.register_fake

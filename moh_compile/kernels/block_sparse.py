@@ -285,12 +285,12 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
 
 def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                             head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
-                            window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
+                            window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
     """Fast path of `moh_compile::attention` for window attributes without head gates; else None:
     also when the cost model predicts the dense masked reference faster (short sequences, where
     the bands cover most keys and the block kernel's per-call overheads dominate), and for
-    soft-capped scores (the block kernel runs flash attention, which cannot soft-cap)."""
-    if window_sink is None or head_gates is not None or softcap:
+    soft-capped scores or attention sinks (its flash calls can do neither)."""
+    if window_sink is None or head_gates is not None or softcap or sinks is not None:
         return None
     d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
     if window_masks_fit(x.shape[0], len(window_alpha), x.shape[1], s_k) and sparse_row_cost(

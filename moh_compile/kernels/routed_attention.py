@@ -192,7 +192,7 @@ def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0,
+    softcap=0.0, sinks=None,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos):
@@ -200,13 +200,13 @@ def routed_attention_cpu(
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap)
+                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks)
 
 
 def routed_attention_when_faster(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0,
+    softcap=0.0, sinks=None,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
     masked path, else None (the op then runs that path; the output is the same either way).
@@ -225,9 +225,10 @@ def routed_attention_when_faster(
         costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                     window_two_sided)
         fits = window_masks_fit(x.shape[0], head_gates.shape[-1], x.shape[1], s_k)
-        if softcap:  # the block-sparse kernel runs flash attention, which cannot soft-cap
+        exact_only = bool(softcap) or sinks is not None  # the block-sparse kernel's flash calls cannot do these
+        if exact_only:
             costs.pop("sparse")
-        best = min(costs, key=costs.get) if fits or softcap else "sparse"  # the others build (B, H, S, S_k) masks
+        best = min(costs, key=costs.get) if fits or exact_only else "sparse"  # the others build (B, H, S, S_k) masks
         if best == "sparse":
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
@@ -243,7 +244,7 @@ def routed_attention_when_faster(
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
-                   q_norm_weight, q_norm_eps, softcap)
+                   q_norm_weight, q_norm_eps, softcap, sinks)
 
 
 def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
@@ -255,7 +256,7 @@ def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, wind
 
 
 def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan,
-            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
+            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d = k.shape[-1]
@@ -301,8 +302,9 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
         # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
         kv_idx = idx // per_kv
         kk, vv = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+        group_sinks = None if sinks is None else sinks.index_select(0, idx)
         if mask is None:
-            ctx = attention_core(q, kk, vv, None, scale, softcap)
+            ctx = attention_core(q, kk, vv, None, scale, softcap, group_sinks)
         else:
             ctx = torch.empty_like(q)
             row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
@@ -311,7 +313,8 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
             for h0 in range(0, g, step):                       # bounded gathered-mask memory
                 h1 = min(g, h0 + step)
                 ctx[:, h0:h1] = attention_core(q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1],
-                                               _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap)
+                                               _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap,
+                                               None if group_sinks is None else group_sinks[h0:h1])
         ctx = ctx.transpose(0, 1).reshape(g, b * cap, d)
         # Output projection per head (columns h*D:(h+1)*D of W_o).
         out_g = contrib[span].view(g, b * cap, e_out)

@@ -65,6 +65,24 @@ class AttentionMatch:
     is_causal_flag: bool
     o_proj: g.LinearLike
     y: fx.Node  # node whose value the op output replaces, (B, S, E) or (S, B, E)
+    sinks: fx.Node | None = None  # per-head sink logits (GPT-OSS), a parameter of H values
+
+
+@dataclass
+class _Core:
+    """The attention core found from its anchor, before the walks to the projections."""
+
+    out: fx.Node  # the node whose value is the per-head context (SDPA, or P @ V)
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask_steps: list[MaskStep]
+    mask_probe: fx.Node | None  # values that show which keys each query sees
+    scale: float
+    is_causal: bool
+    kind: str  # "sdpa", "sdpa_gqa" (K/V already (B, Hkv, S, D)) or "softmax(QK^T)V"
+    softcap: float = 0.0
+    sinks: fx.Node | None = None  # per-head sink logits (GPT-OSS), a parameter
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Skipped]]:
@@ -75,7 +93,7 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[Skipp
                 core = _core_from(node)
                 if core is None:
                     continue
-                found.append(_match_block(gm, *core))
+                found.append(_match_block(gm, core))
             except NoMatch as err:
                 skipped.append(Skipped(name=_guess_name(node), kind="attention", reason=str(err)))
             except Exception as err:  # an unforeseen graph must cost one block, not the compile
@@ -88,10 +106,9 @@ def _guess_name(node: fx.Node) -> str:
 
 
 # ---------------------------------------------------------------- core
-def _core_from(node: fx.Node):
-    """Returns (core_out, q, k, v, mask steps, mask probe, scale, is_causal, kind) or None if not a
-    core. The probe is the tensor whose values show which keys each query sees (SDPA's mask;
-    the masked scores).
+def _core_from(node: fx.Node) -> _Core | None:
+    """The core anchored at an SDPA or softmax node, or None if it is not one. The mask probe is
+    the tensor whose values show which keys each query sees (SDPA's mask; the masked scores).
 
     kind "sdpa_gqa": SDPA(enable_gqa=True), whose K/V already have the (B, Hkv, S, D) form the
     op takes (SDPA repeats them itself), so there is no repeat to walk back through."""
@@ -109,13 +126,21 @@ def _core_from(node: fx.Node):
         d = g.static_int(g.val(q).shape[-1])
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         steps = [] if mask is None else [MaskStep("add", mask, scores_rank=g.val(q).dim())]
-        return node, q, k, v, steps, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa", 0.0
+        return _Core(node, q, k, v, steps, mask, scale, is_causal, "sdpa_gqa" if gqa else "sdpa")
     # softmax(scores) @ v
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     rank = g.val(node).dim()
     if dim not in (-1, rank - 1):
         return None
     probs, users = node, g.data_users(node)
+    scores_in, sinks = _unshifted(node.args[0]), None
+    if g.is_call(scores_in, {aten.cat.default}) and len(users) == 1 and _drops_last_column(users[0]):
+        # GPT-OSS: softmax over [scores, per-head sink logit], the sink's probability dropped
+        parts, cat_dim = scores_in.args[0], scores_in.args[1] if len(scores_in.args) > 1 else 0
+        sinks = _sink_parameter(parts[1]) if len(parts) == 2 and cat_dim in (-1, rank - 1) else None
+        if sinks is None:
+            raise NoMatch("extra logits concatenated to the scores that are not a per-head parameter")
+        scores_in, probs, users = parts[0], users[0], g.data_users(users[0])
     # eval dropout, copies, dtype casts (softmax in float32 for half-precision models, as HF's
     # eager attention does) and views (Bloom: 4-D probabilities, 3-D P @ V) may sit between the
     # probabilities and P @ V
@@ -124,23 +149,35 @@ def _core_from(node: fx.Node):
         probs, users = users[0], g.data_users(users[0])
     pv = [u for u in users if g.is_call(u, g.MATMUL) and u.args[0] is probs]
     if not pv:
-        logits = _unshifted(node.args[0])
-        if g.is_call(logits, {aten.cat.default}) and any(g.is_call(u, {aten.slice.Tensor}) for u in users):
-            raise NoMatch("attention sinks (extra logits concatenated to the scores, dropped after the softmax, "
-                          "as in GPT-OSS): not supported yet")
         return None
     if len(users) != 1:
         raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
     v = pv[0].args[1]
-    q, kt, scale, mask_steps, softcap = _scores_source(_unshifted(node.args[0]))
+    q, kt, scale, mask_steps, softcap = _scores_source(scores_in)
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")
     while (scaled := g.scalar_scaling(q)) is not None:
         q, factor = scaled
         scale *= factor
-    return (pv[0], q, k, v, mask_steps, node.args[0] if mask_steps else None, scale, False, "softmax(QK^T)V",
-            softcap)
+    return _Core(pv[0], q, k, v, mask_steps, scores_in if mask_steps else None, scale, False, "softmax(QK^T)V",
+                 softcap, sinks)
+
+
+def _drops_last_column(node) -> bool:
+    """node = x[..., :-1] (the sink column dropped)."""
+    if not g.is_call(node, {aten.slice.Tensor}):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    rank = g.val(node.args[0]).dim()
+    return args[1] in (-1, rank - 1) and (args[2] or 0) == 0 and args[3] == -1 and (args[4] or 1) == 1
+
+
+def _sink_parameter(node) -> fx.Node | None:
+    """The parameter behind broadcast sink logits (reshape/expand of a weight), or None."""
+    while g.is_call(node, g.LAYOUT) or g.is_call(node, g.CASTS):
+        node = node.args[0]
+    return node if g.is_weight(node) else None
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -386,7 +423,9 @@ def _walk_forward_to_3d(node, s_key, b_key):
 
 
 # ---------------------------------------------------------------- block
-def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal, kind, softcap) -> AttentionMatch:
+def _match_block(gm, core: _Core) -> AttentionMatch:
+    core_out, q, k, v, kind = core.out, core.q, core.k, core.v, core.kind
+    mask_steps, mask_probe, scale, is_causal = core.mask_steps, core.mask_probe, core.scale, core.is_causal
     qv, kv_ = g.val(q), g.val(k)
     if qv is None or kv_ is None:
         raise NoMatch("missing shape information")
@@ -463,10 +502,13 @@ def _match_block(gm, core_out, q, k, v, mask_steps, mask_probe, scale, is_causal
         v=_proj_info(v_lin, None) if v_lin else None,
         o=_proj_info(lin_o, None),
         cross=g.dim_key(kv_.shape[-2]) != s_key,
-        softcap=float(softcap),
+        softcap=float(core.softcap),
+        sinks=core.sinks is not None,
     )
+    if core.sinks is not None and g.val(core.sinks).numel() != num_heads:
+        raise NoMatch(f"{g.val(core.sinks).numel()} sink logits for {num_heads} heads")
     return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, q_norm, head_perm, rope_seq_major, k_src, v_src,
-                          mask_steps, mask_probe, is_causal, lin_o, y)
+                          mask_steps, mask_probe, is_causal, lin_o, y, core.sinks)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:

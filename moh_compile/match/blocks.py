@@ -40,6 +40,7 @@ class AttentionBlock:
     cross: bool = False  # keys/values from another sequence (encoder-decoder cross-attention)
     qk_norm: bool = False  # each query head RMS-normalised before RoPE (Qwen3, Gemma 3)
     softcap: float = 0.0  # > 0: scores soft-capped to softcap * tanh(scores / softcap) (Gemma 2)
+    sinks: bool = False  # a learned per-head logit in every softmax row, dropped after it (GPT-OSS)
 
     @property
     def attention_type(self) -> str:

@@ -7,7 +7,9 @@ other dims alone. The variants differ only in which dims pair up:
 - rotate-half (LLaMA, Mistral, Qwen): pairs (i, i + D/2) over the whole head;
 - partial rotate-half (GPT-NeoX/Pythia, Phi): the same over the first r dims, the rest passed
   through (`cat([rope(x[..., :r]), x[..., r:]])`);
-- interleaved, "rotate every two" (GPT-J, also partial there): pairs (2i, 2i + 1).
+- interleaved, "rotate every two" (GPT-J, also partial there): pairs (2i, 2i + 1);
+- rotate-half written on the two halves, cat([x1 cos - x2 sin, x2 cos + x1 sin]) with half-width
+  tables (GPT-OSS): pairs (i, i + D/2), tables repeated to the full head by the rewrite.
 
 The attention op implements rotate-half over the full head only. Any pairing is that one
 after a fixed permutation of the head's dims (`head_dim_permutation`), applied to W_q's rows
@@ -17,6 +19,7 @@ dims of q and k alike changes nothing: the rewrite stays exact.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -25,6 +28,7 @@ from moh_compile.match import graph as g
 
 aten = g.aten
 _END = 2**62  # slice ends at or beyond this mean "to the end"
+_SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Rope:
     width: int
     pairs: list[tuple[int, int]]  # rotated (a, b) dim pairs, as dims of src (offset included)
     head_dim: int
+    half_tables: bool = False  # cos/sin cover one half of the head (the same for both halves)
 
 
 def head_dim_permutation(rope: Rope) -> list[int]:
@@ -56,7 +61,62 @@ def match_rope(node) -> Rope | None:
         x, cos, sin, pairs = full
         d = g.static_int(g.val(x).shape[-1])
         return Rope(x, cos, sin, 0, d, pairs, d)
-    return _partial(node)
+    return _partial(node) or _rotated_halves(node)
+
+
+def _rotated_halves(node) -> Rope | None:
+    """cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1) for the halves x1, x2 of x (GPT-OSS)."""
+    if not (g.is_call(node, {aten.cat.default}) and _is_last_dim(node, node.args[1] if len(node.args) > 1 else 0)
+            and len(node.args[0]) == 2):
+        return None
+    first, second = node.args[0]
+    if not (g.is_call(first, {aten.sub.Tensor}) and g.is_call(second, {aten.add.Tensor})):
+        return None
+    p1, m1 = (_product(t) for t in first.args[:2])        # x1 cos, x2 sin
+    for p2, m2 in ((_product(second.args[0]), _product(second.args[1])),
+                   (_product(second.args[1]), _product(second.args[0]))):  # x2 cos, x1 sin
+        if None in (p1, m1, p2, m2):
+            continue
+        for (x1, cos), (x2, sin) in ((a, b) for a in (p1, p1[::-1]) for b in (m1, m1[::-1])):
+            halves = _halves(x1), _halves(x2)
+            if (None in halves or halves[0][0] is not halves[1][0] or (halves[0][1], halves[1][1]) != (0, 1)
+                    or set(p2) != {x2, cos} or set(m2) != {x1, sin}):
+                continue
+            x = halves[0][0]
+            d = g.static_int(g.val(x).shape[-1])
+            if not d or d % 2:
+                return None
+            return Rope(x, cos, sin, 0, d, [(i, i + d // 2) for i in range(d // 2)], d, half_tables=True)
+    return None
+
+
+def _product(node):
+    """(a, b) when node = a * b of two tensors, else None."""
+    if g.is_call(node, {aten.mul.Tensor}) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _halves(node):
+    """(x, 0 or 1) when node is the first / second half of x's last dim (chunk(2), split or slice)."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem and g.is_call(node.args[0], _SPLITS):
+        split, index = node.args[0], node.args[1]
+        x, size = split.args[0], split.args[1]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        d = g.static_int(g.val(x).shape[-1])
+        if not (d and d % 2 == 0 and _is_last_dim(x, dim) and index in (0, 1)):
+            return None
+        want = {aten.chunk.default: 2, aten.split.Tensor: d // 2,
+                aten.split_with_sizes.default: [d // 2, d // 2]}[split.target]  # two equal halves
+        return (x, index) if (list(size) if isinstance(size, (list, tuple)) else size) == want else None
+    sliced = _last_dim_slice(node)
+    if sliced is None or sliced[0] is node:
+        return None
+    x, start, end = sliced
+    d = g.static_int(g.val(x).shape[-1])
+    if d and (start, end) in ((0, d // 2), (d // 2, d)):
+        return x, int(start != 0)
+    return None
 
 
 def _partial(node) -> Rope | None:

@@ -167,6 +167,7 @@ def head_contexts(
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every head's context vectors (B, H, S, D), before gating and the output projection.
 
@@ -179,28 +180,36 @@ def head_contexts(
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
     mask = simplify_mask(merge_masks(attn_mask, pattern))
-    if not softcap and is_causal_mask(mask, s, k.shape[2]):
+    if not softcap and sinks is None and is_causal_mask(mask, s, k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h)
-    return attention_core(q, k, v, mask, scale, softcap)
+    return attention_core(q, k, v, mask, scale, softcap, sinks)
 
 
-def attention_core(q, k, v, mask, scale: float, softcap: float = 0.0) -> torch.Tensor:
-    """softmax(scores + mask) v with scores = scale q k^T, soft-capped to softcap * tanh(scores /
-    softcap) when softcap > 0 (Gemma 2); q (.., H, S, D), k/v with H or a divisor of H heads (GQA).
+def attention_core(q, k, v, mask, scale: float, softcap: float = 0.0, sinks=None) -> torch.Tensor:
+    """softmax(scores + mask) v with scores = scale q k^T, q (.., H, S, D), k/v with H or a divisor
+    of H heads (GQA). softcap > 0: scores soft-capped to softcap * tanh(scores / softcap) before
+    the mask (Gemma 2). sinks (H,): one extra logit per head in every softmax row, whose
+    probability is dropped (GPT-OSS's attention sinks: rows may attend to "nothing").
 
-    SDPA has no soft-capping, so capped scores are computed explicitly, in the model's own order
-    of operations (so a compiled model rounds as the original does)."""
-    if not softcap:
+    SDPA can do neither, so those scores are computed explicitly, in the models' own order of
+    operations (so a compiled model rounds as the original does)."""
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=k.shape[-3] != q.shape[-3])
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.matmul(torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v.dtype), v)
 
 
 def attention_reference(
@@ -223,10 +232,11 @@ def attention_reference(
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap)
+                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks)
     b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -258,12 +268,14 @@ def attention(
     q_norm_weight: torch.Tensor | None = None,
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q_norm_weight / q_norm_eps: the per-head RMS norm of QK-norm models, applied to each query
     head before RoPE (None: no norm); the keys arrive normalised. softcap > 0: scores soft-capped
-    to softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
+    to softcap * tanh(scores / softcap) before the mask (Gemma 2). sinks (H,): a per-head logit
+    added to every softmax row and dropped after it (GPT-OSS)."""
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap)
+            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks)
     out = _FAST_KERNELS.run(*args)
     if out is not None:
         return out
@@ -273,7 +285,7 @@ def attention(
 @attention.register_fake
 def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                     scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0):
+                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 

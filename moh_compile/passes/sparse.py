@@ -264,8 +264,9 @@ class SparseAttention(Pass):
     def check(self, match, config) -> str | None:
         if match.block.cross:
             return "cross-attention: windows around a query's position do not apply to another sequence's keys"
-        if match.block.softcap:
-            return "soft-capped scores (Gemma 2): the block-sparse kernel runs flash attention, which cannot soft-cap"
+        if match.block.softcap or match.block.sinks:
+            return ("soft-capped scores (Gemma 2) or attention sinks (GPT-OSS): the block-sparse kernel's flash "
+                    "attention has neither")
         return None
 
     def plan(self, match, config) -> BlockPlan:
