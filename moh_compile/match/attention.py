@@ -211,25 +211,15 @@ def _scores_source(s):
                 raise NoMatch(f"scores are filled with {value}, not a masking value")
             steps.append(MaskStep("fill", cond, value, g.val(s).dim(), fill_where=where, factor=scale))
             s = scores
-        elif (scaled := g.scalar_scaling(s)) is not None:
-            s, factor = scaled
-            scale *= factor
-        elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
-            s = s.args[0]
         else:
-            break
+            below, factor = _unscaled(s)
+            if below is s:
+                break
+            s, scale = below, scale * factor
     softcap = 0.0
     if g.is_call(s, {aten.tanh.default}):  # Gemma 2: cap * tanh(scores / cap); masks only outside it
-        softcap, scale = scale, 1.0
-        s = s.args[0]
-        while True:
-            if (scaled := g.scalar_scaling(s)) is not None:
-                s, factor = scaled
-                scale *= factor
-            elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
-                s = s.args[0]
-            else:
-                break
+        softcap = scale
+        s, scale = _unscaled(s.args[0])
         if softcap <= 0 or not g.is_call(s, g.MATMUL):
             raise NoMatch("scores go through tanh, but not as a soft-capping of Q K^T (cap * tanh(Q K^T / cap))")
         scale *= softcap  # the op's scores are softcap * tanh(scale * QK^T / softcap)
@@ -244,6 +234,20 @@ def _scores_source(s):
     else:
         raise NoMatch("softmax input is not a Q K^T product")
     return q, kt, scale, steps[::-1], softcap
+
+
+def _unscaled(s) -> tuple[fx.Node, float]:
+    """s walked down through scalar scalings, views and casts: (the node below them, the product
+    of the scalings)."""
+    factor = 1.0
+    while True:
+        if (scaled := g.scalar_scaling(s)) is not None:
+            s, f = scaled
+            factor *= f
+        elif g.is_call(s, _VIEWS) or g.is_call(s, g.CASTS):
+            s = s.args[0]
+        else:
+            return s, factor
 
 
 def _fill(s):
