@@ -65,8 +65,9 @@ class Report:
             if b["kind"] != "attention":
                 continue
             qkv = "fused" if b["q"]["fused"] else "separate"
-            kind = b["attention_type"] + (" (cross)" if b.get("cross") else "")
-            kind += " QK-norm" if b.get("qk_norm") else ""
+            extras = [label for key, label in (("cross", "cross"), ("qk_norm", "QK-norm"), ("softcap", "soft-capped"),
+                                               ("sinks", "sinks")) if b.get(key)]
+            kind = b["attention_type"] + (f" ({', '.join(extras)})" if extras else "")
             rows.append([b["name"], str(b["layer"]), b["core"], kind, str(b["num_heads"]),
                          str(b["num_kv_heads"]), str(b["head_dim"]), str(b["d_model"]), str(b["causal"]),
                          str(b["has_mask"]), str(b["rope"]), qkv, f"{b['params']:,}", f"{b['flops'] / 1e6:.1f}"])

@@ -87,6 +87,7 @@ def test_identity_compile_is_exact(style, rope):
     compiled = moh_compile.compile(model, _x(2, 8))
     blocks = [m for m in compiled.report.blocks if m["kind"] == "attention"]
     assert len(blocks) == 1 and blocks[0]["qk_norm"], compiled.report.skipped
+    assert compiled.report.attention_table()[1][3] == "GQA (QK-norm)"
     op = next(n for n in compiled.graph_module.graph.nodes if n.target is OP)
     assert isinstance(op.args[16], torch.fx.Node) and op.args[17] == pytest.approx(EPS)
     x = _x(3, 13, seed=1)

@@ -75,7 +75,7 @@ def _gpt_oss():
     return model
 
 
-MODELS = {"gemma2": (_gemma2, "softcap", CAP), "gpt_oss": (_gpt_oss, "sinks", True)}
+MODELS = {"gemma2": (_gemma2, "softcap", CAP, "soft-capped"), "gpt_oss": (_gpt_oss, "sinks", True, "sinks")}
 
 
 def _ids(b, s, seed):
@@ -85,11 +85,12 @@ def _ids(b, s, seed):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_identity_is_bit_exact(name):
-    factory, field, value = MODELS[name]
+    factory, field, value, label = MODELS[name]
     model = factory()
     compiled = moh_compile.compile(model, _ids(2, 8, 0))
     blocks = [b for b in compiled.report.blocks if b["kind"] == "attention"]
     assert len(blocks) == 2 and all(b[field] == value for b in blocks), compiled.report.skipped
+    assert all(label in row[3] for row in compiled.report.attention_table()[1:])  # the report's "type" column
     x = _ids(3, 13, 1)  # longer than the sliding window: the local layer's mask matters
     with torch.no_grad():
         assert torch.equal(compiled(**x).last_hidden_state, model(**x).last_hidden_state)
