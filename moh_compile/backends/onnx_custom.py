@@ -135,11 +135,10 @@ def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> tor
     if "window_sink" in attrs:
         window = dict(window_sink=list(attrs["window_sink"]), window_alpha=list(attrs["window_alpha"]),
                       window_beta=list(attrs["window_beta"]), window_two_sided=bool(attrs["window_two_sided"]))
-    args = [inputs.get(p.name) for p in ATTENTION_PORTS if p.name not in ("q_norm_weight", "sinks")]
-    return torch.ops.moh_compile.attention(*args, float(attrs["scale"]), **window,
-                                           q_norm_weight=inputs.get("q_norm_weight"),
+    tensors = {p.name: inputs.get(p.name) for p in ATTENTION_PORTS}  # ports are named as the op's arguments
+    return torch.ops.moh_compile.attention(**tensors, scale=float(attrs["scale"]), **window,
                                            q_norm_eps=float(attrs.get("q_norm_eps", 0.0)),
-                                           softcap=float(attrs.get("softcap", 0.0)), sinks=inputs.get("sinks"))
+                                           softcap=float(attrs.get("softcap", 0.0)))
 
 
 # ---------------------------------------------------------------- ffn

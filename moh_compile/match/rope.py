@@ -72,21 +72,17 @@ def _rotated_halves(node) -> Rope | None:
     first, second = node.args[0]
     if not (g.is_call(first, {aten.sub.Tensor}) and g.is_call(second, {aten.add.Tensor})):
         return None
-    p1, m1 = (_product(t) for t in first.args[:2])        # x1 cos, x2 sin
-    for p2, m2 in ((_product(second.args[0]), _product(second.args[1])),
-                   (_product(second.args[1]), _product(second.args[0]))):  # x2 cos, x1 sin
-        if None in (p1, m1, p2, m2):
-            continue
-        for (x1, cos), (x2, sin) in ((a, b) for a in (p1, p1[::-1]) for b in (m1, m1[::-1])):
-            halves = _halves(x1), _halves(x2)
-            if (None in halves or halves[0][0] is not halves[1][0] or (halves[0][1], halves[1][1]) != (0, 1)
-                    or set(p2) != {x2, cos} or set(m2) != {x1, sin}):
-                continue
-            x = halves[0][0]
-            d = g.static_int(g.val(x).shape[-1])
-            if not d or d % 2:
-                return None
-            return Rope(x, cos, sin, 0, d, [(i, i + d // 2) for i in range(d // 2)], d, half_tables=True)
+    products = [_product(t) for t in (*first.args[:2], *second.args[:2])]
+    if None in products:
+        return None
+    (p1, m1), seconds = products[:2], {frozenset(p) for p in products[2:]}
+    for x1, cos in (p1, p1[::-1]):          # first half: x1 * cos - x2 * sin
+        for x2, sin in (m1, m1[::-1]):
+            h1, h2 = _halves(x1), _halves(x2)
+            if (h1 is not None and h2 is not None and h1 == (h2[0], 0) and h2[1] == 1
+                    and seconds == {frozenset((x2, cos)), frozenset((x1, sin))}):  # second: x2 cos + x1 sin
+                d = g.static_int(g.val(h1[0]).shape[-1])
+                return Rope(h1[0], cos, sin, 0, d, [(i, i + d // 2) for i in range(d // 2)], d, half_tables=True)
     return None
 
 
