@@ -14,17 +14,19 @@ def attention_flops(
     active_heads: float = 1.0,
     kv_len: int | None = None,
     density: float = 1.0,
+    query_projected: bool = True,
 ) -> dict[str, float]:
     """FLOPs of one attention block (projections + core).
 
     active_heads: average number of heads a token uses as a fraction of `heads` (MoH);
     density: average fraction of keys each query sees (sparse patterns).
-    K and V projections stay dense: every head's keys are needed by some token.
+    K and V projections stay dense: every head's keys are needed by some token; so does the Q
+    projection when the op does not own it (query_projected=False: the model's graph computes it).
     """
     d_out = d_in if d_out is None else d_out
     kv_len = seq if kv_len is None else kv_len
     tokens = batch * seq
-    q_proj = 2 * tokens * d_in * heads * head_dim * active_heads
+    q_proj = 2 * tokens * d_in * heads * head_dim * (active_heads if query_projected else 1.0)
     kv_proj = 2 * 2 * tokens * d_in * kv_heads * head_dim
     core = 2 * 2 * tokens * kv_len * heads * head_dim * active_heads * density
     o_proj = 2 * tokens * heads * head_dim * d_out * active_heads

@@ -66,7 +66,8 @@ class Report:
                 continue
             qkv = "fused" if b["q"]["fused"] else "separate"
             extras = [label for key, label in (("cross", "cross"), ("qk_norm", "QK-norm"), ("softcap", "soft-capped"),
-                                               ("sinks", "sinks")) if b.get(key)]
+                                               ("sinks", "sinks"), ("query_from_graph", "query from graph"))
+                      if b.get(key)]
             kind = b["attention_type"] + (f" ({', '.join(extras)})" if extras else "")
             rows.append([b["name"], str(b["layer"]), b["core"], kind, str(b["num_heads"]),
                          str(b["num_kv_heads"]), str(b["head_dim"]), str(b["d_model"]), str(b["causal"]),
@@ -89,6 +90,11 @@ class Report:
         out = [f"# moh-compile report: {self.model_name}", "",
                f"FLOPs are per sequence of {seq} tokens (batch 1).", "", "## Attention blocks", ""]
         out += _md_table(self.attention_table())
+        from_graph = [(b["name"], b["query_from_graph"]) for b in self.blocks if b.get("query_from_graph")]
+        if from_graph:
+            out += ["", "Queries left to the model's graph (\"query from graph\": the op takes them as computed, so "
+                    "MoH skips these blocks' attention and output-projection work but not their Q projection):", ""]
+            out += [f"- {name}: {why}" for name, why in from_graph]
         out += ["", "## FFN blocks", ""]
         out += _md_table(self.ffn_table())
         if self.actions:

@@ -163,7 +163,7 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
     """Graph nodes for the op's operands, in the op's canonical layouts."""
     blk = m.block
     x = m.x if blk.layout == "batch_first" else b.call(aten.transpose.int, m.x, 0, 1)
-    wq, bq = _weight_as_linear(b, m.q_proj, m.q_rows)
+    wq, bq = (None, None) if m.query is not None else _weight_as_linear(b, m.q_proj, m.q_rows)
     wo, bo = _weight_as_linear(b, m.o_proj, None)
     cos, sin, k = _rope_operands(b, m, m.k)
     v = m.v
@@ -179,7 +179,7 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
         mask = b.call(aten.tril.default, ones)
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
                 rope_sin=sin, o_weight=wo, o_bias=bo, q_norm_weight=_q_norm_operand(b, m),
-                sinks=None if m.sinks is None else b.call(aten.reshape.default, m.sinks, [-1]))
+                sinks=None if m.sinks is None else b.call(aten.reshape.default, m.sinks, [-1]), query=m.query)
 
 
 def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
@@ -211,10 +211,10 @@ GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
 
 
 def _trailing_operands(m: AttentionMatch, ops: dict) -> tuple:
-    """The op's optional last arguments (QK-norm, soft-capping, attention sinks), trailing defaults
-    left out so that graphs without them keep the short form."""
+    """The op's optional last arguments (QK-norm, soft-capping, attention sinks, queries from the
+    graph), trailing defaults left out so that graphs without them keep the short form."""
     tail = [ops["q_norm_weight"], float(m.q_norm.eps) if m.q_norm is not None else 0.0, float(m.block.softcap),
-            ops["sinks"]]
+            ops["sinks"], ops["query"]]
     while tail and (tail[-1] is None or (isinstance(tail[-1], float) and tail[-1] == 0.0)):  # the defaults
         tail.pop()
     return tuple(tail)

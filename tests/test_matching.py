@@ -139,3 +139,14 @@ def test_masked_fill_attention_is_causal_and_exact():
     x = torch.randn(3, 11, 64)
     with torch.no_grad():
         assert (compiled(x) - model(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("spelling", [lambda t: torch.relu(t) ** 2, lambda t: torch.relu(t) * torch.relu(t),
+                                      lambda t: torch.square(torch.nn.functional.relu(t))])
+def test_squared_relu_is_named_in_any_spelling(spelling):
+    """Persimmon's and Nemotron's FFN activation (relu(x)^2) is known by its values, not its ops."""
+    from moh_compile.ops.activations import apply_activation, apply_activation_, identify_activation
+
+    assert identify_activation(spelling) == "relu2"
+    t = torch.linspace(-3, 3, 101)
+    assert torch.equal(apply_activation_("relu2", t.clone()), apply_activation("relu2", t))

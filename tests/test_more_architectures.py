@@ -21,6 +21,14 @@ CONFIGS = {
     "gemma2": lambda: T.Gemma2Model(T.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16,
                                                    attn_logit_softcapping=2.0, sliding_window=4)),
     "olmo": lambda: T.OlmoModel(T.OlmoConfig(**COMMON)),
+    # query paths the op leaves to the graph (tests/test_query_from_graph.py): a norm over all heads
+    # (OLMo 2), LayerNorm QK-norms (Cohere, StableLM, Persimmon: also a squared-ReLU FFN), a norm
+    # after RoPE (HunYuan)
+    "olmo2": lambda: T.Olmo2Model(T.Olmo2Config(**COMMON, num_key_value_heads=2)),
+    "cohere": lambda: T.CohereModel(T.CohereConfig(**COMMON, num_key_value_heads=2, use_qk_norm=True)),
+    "stablelm": lambda: T.StableLmModel(T.StableLmConfig(**COMMON, num_key_value_heads=2, qk_layernorm=True)),
+    "persimmon": lambda: T.PersimmonModel(T.PersimmonConfig(**COMMON, qk_layernorm=True)),
+    "hunyuan": lambda: T.HunYuanDenseV1Model(T.HunYuanDenseV1Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     # QK-norm with Gemma's (1 + w) scales, sliding-window and global layers (Qwen3 is in tests/models.py)
     "gemma3": lambda: _random_norm_scales(T.Gemma3TextModel(T.Gemma3TextConfig(**COMMON, num_key_value_heads=2,
                                                                               head_dim=16))),
@@ -87,15 +95,6 @@ def test_every_block_matched_and_identity_exact(name):
     with torch.no_grad():
         want, got = model(**x).last_hidden_state, compiled(**x).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-5
-
-
-def test_qk_norm_across_all_heads_is_skipped_with_its_reason():
-    """OLMo 2 normalises the whole query projection (all heads together) before splitting heads:
-    a token's query norm then needs every head's query, which the op cannot skip; it says so.
-    (Per-head QK-norm, Qwen3 and Gemma 3, is matched: tests/test_qk_norm.py.)"""
-    model = T.Olmo2Model(T.Olmo2Config(**COMMON, num_key_value_heads=2)).eval()
-    with pytest.raises(moh_compile.MohCompileError, match="not per head.*OLMo 2"):
-        moh_compile.inspect(model, _inputs("olmo2", 2, 8))
 
 
 VISION = {

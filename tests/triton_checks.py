@@ -55,8 +55,10 @@ def check_routed_core(device, dtype, b=2, h=4, hkv=2, s=40, d=16, frac=0.5, seed
     return max(_err(out.cpu(), ref_sel, valid), pad_zero)
 
 
-def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, window=False, rope=True, q_norm=False):
-    """The op's arguments; q_norm appends a QK-norm scale and eps (Qwen3-style models)."""
+def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, window=False, rope=True, q_norm=False,
+                    query=False):
+    """The op's arguments; q_norm appends a QK-norm scale and eps (Qwen3-style models); query
+    gives the queries computed (as the graph does for OLMo 2) instead of W_q, b_q and RoPE."""
     g = torch.Generator().manual_seed(seed)
     dm = h * d
     x = torch.randn(b, s, dm, generator=g)
@@ -81,18 +83,28 @@ def _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=None, windo
         win = ([2] + [0] * (h - 1), [3] + [-1] + [5] * (h - 2), [0.1] + [0.0] + [0.2] * (h - 2), False)
     t = lambda z: None if z is None else z.to(device, dtype)  # noqa: E731
     norm = (t(torch.rand(d, generator=g) + 0.5), 1e-6) if q_norm else ()
+    if query:
+        from moh_compile.ops.attention import project_queries
+
+        q = project_queries(x, wq, bq, cos, sin, d)
+        return (t(x), None, None, t(k), t(v), mask.to(device), None, None, t(wo), t(bo), t(gates), d ** -0.5,
+                *win, None, 0.0, 0.0, None, t(q))
     return (t(x), t(wq), t(bq), t(k), t(v), mask.to(device), t(cos), t(sin), t(wo), t(bo), t(gates), d ** -0.5,
             *win, *norm)
 
 
-def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1, rel=False, q_norm=False):
-    """The registered hook through the op vs attention_reference in float64 on CPU."""
+def check_attention_op(device, dtype, mode, b=2, h=4, hkv=2, s=32, d=16, seed=1, rel=False, q_norm=False,
+                       query=False):
+    """The registered hook through the op vs attention_reference in float64 on CPU. With `query`
+    (queries computed by the graph) the routed mode must decline (its kernel projects its own)."""
     from moh_compile.kernels.triton.register import attention_fast_kernel
     from moh_compile.ops.attention import attention_reference
 
     args = _attention_args(device, dtype, b, h, hkv, s, d, seed, gates_frac=0.5 if mode != "window" else 0.7,
-                           window=mode != "routed", q_norm=q_norm)
+                           window=mode != "routed", q_norm=q_norm, query=query)
     out = attention_fast_kernel(*args)
+    if query and mode == "routed":
+        return 0.0 if out is None else float("inf")
     if out is None:
         return float("inf")
     ref_args = [a.cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else
@@ -258,12 +270,16 @@ INTERPRETER_CHECKS = {
                                                              q_norm=True),
     "block_dense_fused_qk_norm": lambda: check_routed_block("cpu", torch.float32, "dense", "fused", q_norm=True),
     "attention_op_window_qk_norm": lambda: check_attention_op("cpu", torch.float32, "window", q_norm=True),
+    # queries computed by the graph (OLMo 2): the sparse core takes them; routed heads decline
+    "attention_op_window_query": lambda: check_attention_op("cpu", torch.float32, "window", query=True),
+    "attention_op_routed_query_declines": lambda: check_attention_op("cpu", torch.float32, "routed", query=True),
     "sparse_causal": lambda: check_sparse("cpu", torch.float32, True, False),
     "sparse_causal_two_sided": lambda: check_sparse("cpu", torch.float32, True, True),
     "sparse_bidir_one_sided": lambda: check_sparse("cpu", torch.float32, False, False),
     "sparse_bidir_two_sided": lambda: check_sparse("cpu", torch.float32, False, True),
     "moepp_gated_silu": lambda: check_moepp("cpu", torch.float32, True, "silu"),
     "moepp_plain_gelu": lambda: check_moepp("cpu", torch.float32, False, "gelu"),
+    "moepp_plain_relu2": lambda: check_moepp("cpu", torch.float32, False, "relu2"),  # Persimmon's squared ReLU
     # torch._grouped_mm's CPU fallback stands in for CUTLASS; the bias/act and combine kernels are real
     "moepp_grouped_mm_gated_silu": lambda: check_moepp("cpu", torch.float32, True, "silu", gemm="grouped_mm"),
     "moepp_grouped_mm_plain_gelu": lambda: check_moepp("cpu", torch.float32, False, "gelu", gemm="grouped_mm"),

@@ -94,10 +94,10 @@ def _plugin_attrs() -> dict:
 # ---------------------------------------------------------------- attention
 ATTENTION_OP = "MohRoutedAttention"
 ATTENTION_PORTS = [
-    Port("x"), Port("q_weight"), Port("q_bias", optional=True), Port("k"), Port("v"),
+    Port("x"), Port("q_weight", optional=True), Port("q_bias", optional=True), Port("k"), Port("v"),
     Port("attn_mask", "M", optional=True), Port("rope_cos", optional=True), Port("rope_sin", optional=True),
     Port("o_weight"), Port("o_bias", optional=True), Port("head_gates", optional=True),
-    Port("q_norm_weight", optional=True), Port("sinks", optional=True),
+    Port("q_norm_weight", optional=True), Port("sinks", optional=True), Port("query", optional=True),
 ]
 ATTENTION_SCHEMA = make_schema(
     ATTENTION_OP, ATTENTION_PORTS,
@@ -105,18 +105,20 @@ ATTENTION_SCHEMA = make_schema(
      ("head_dim", _A.INT, True), ("routed", _A.INT, True), ("window_sink", _A.INTS, False),
      ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False),
      ("q_norm_eps", _A.FLOAT, False), ("softcap", _A.FLOAT, False)],
-    "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE), per-head "
-    "(routed, windowed) attention, gated O projection.",
+    "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE; or the "
+    "query input, (B, H, S, D), when q_weight is absent), per-head (routed, windowed) attention, gated O "
+    "projection.",
     out_weight="o_weight", masks=True,
 )
 
 
 def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                         scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
+                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
     """onnxscript translation of moh_compile::attention (head counts read from static weight shapes)."""
     head_dim = int(k.shape[-1])
-    attrs = dict(scale=float(scale), num_heads=int(q_weight.shape[0]) // head_dim, num_kv_heads=int(k.shape[1]),
+    heads = int(query.shape[1]) if q_weight is None else int(q_weight.shape[0]) // head_dim
+    attrs = dict(scale=float(scale), num_heads=heads, num_kv_heads=int(k.shape[1]),
                  head_dim=head_dim, routed=int(head_gates is not None), **_plugin_attrs())
     if window_sink is not None:
         attrs.update(window_sink=[int(s) for s in window_sink], window_alpha=[int(a) for a in window_alpha],
@@ -126,7 +128,7 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
     if softcap:
         attrs["softcap"] = float(softcap)
     return _moh.MohRoutedAttention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
-                                   head_gates, q_norm_weight, sinks, **attrs)
+                                   head_gates, q_norm_weight, sinks, query, **attrs)
 
 
 def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.ops.attention import and_pattern, as_4d, attention_core, finish_queries
+from moh_compile.ops.attention import and_pattern, as_4d, attention_core, finish_queries, num_query_heads
 from moh_compile.ops.ffn import ffn_reference
 
 
@@ -64,14 +64,14 @@ def _full_rows(mask: torch.Tensor | None, s_q) -> torch.Tensor | None:
 
 
 def _head_weights(q_weight, q_bias, o_weight, heads: list[int], num_heads: int, d: int):
-    """Per-head slices: W_q (Hs, D, E), b_q (Hs, 1, D) or None, W_o (Hs, D, E_out)."""
-    idx = _const(heads, torch.int64, q_weight.device)
-    wq = q_weight.view(num_heads, d, -1)
+    """Per-head slices: W_q (Hs, D, E) or None (queries from the graph), b_q (Hs, 1, D) or None,
+    W_o (Hs, D, E_out)."""
+    idx = _const(heads, torch.int64, o_weight.device)
+    wq = None if q_weight is None else q_weight.view(num_heads, d, -1)
     wo = o_weight.view(o_weight.shape[0], num_heads, d).permute(1, 2, 0)
     bq = None if q_bias is None else q_bias.view(num_heads, 1, d)
     if len(heads) != num_heads:
-        wq, wo = wq.index_select(0, idx), wo.index_select(0, idx)
-        bq = None if bq is None else bq.index_select(0, idx)
+        wq, wo, bq = (None if t is None else t.index_select(0, idx) for t in (wq, wo, bq))
     return wq, bq, wo
 
 
@@ -85,15 +85,18 @@ def _kv_for_heads(k, v, heads: list[int], num_heads: int):
 
 
 def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                 softcap, sinks, heads: list[int], num_heads: int):
+                 softcap, sinks, query, heads: list[int], num_heads: int):
     """Every token through the selected heads (all heads for the identity setting); gates may be None."""
     b, s, _ = x.shape
     d = k.shape[-1]
     wq, bq, wo = _head_weights(q_weight, q_bias, o_weight, heads, num_heads, d)
-    q = torch.matmul(x.unsqueeze(1), wq.transpose(1, 2))  # (B, Hs, S, D)
-    if bq is not None:
-        q = q + bq
-    q = finish_queries(q, rope_cos, rope_sin, *q_norm)
+    if query is not None:  # computed by the graph, every head
+        q = query if len(heads) == num_heads else query.index_select(1, _const(heads, torch.int64, x.device))
+    else:
+        q = torch.matmul(x.unsqueeze(1), wq.transpose(1, 2))  # (B, Hs, S, D)
+        if bq is not None:
+            q = q + bq
+        q = finish_queries(q, rope_cos, rope_sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
     mask = None if attn_mask is None else as_4d(attn_mask)
     if mask is not None and mask.shape[1] != 1 and len(heads) != num_heads:
@@ -151,7 +154,7 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, s
 
 
 def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                  softcap, sinks, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
+                  softcap, sinks, query, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
     """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
     into `out` (B, S, E_out) or zeros."""
     b, s, e = x.shape
@@ -162,14 +165,20 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
     vals, idx = torch.topk(g, group_capacity(g != 0, s, cap), dim=-1)  # (B, Hr, C)
     flat = idx + (torch.arange(b, device=x.device) * s).view(b, 1, 1)
     wq, bq, wo = _head_weights(q_weight, q_bias, o_weight, heads, num_heads, d)
-    q = torch.matmul(_gather_rows(x.reshape(b * s, e), flat), wq.transpose(1, 2))  # (B, Hr, C, D)
-    if bq is not None:
-        q = q + bq
-    cos = sin = None
-    if rope_cos is not None:
-        cos = _gather_rows(torch.broadcast_to(rope_cos, (b, 1, s, d)).reshape(b * s, d), flat)
-        sin = _gather_rows(torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d), flat)
-    q = finish_queries(q, cos, sin, *q_norm)
+    if query is not None:  # computed by the graph: gather the chosen (token, head) rows
+        qh = query if hr == num_heads else query.index_select(1, _const(heads, torch.int64, x.device))
+        base = ((torch.arange(b, device=x.device) * hr).view(b, 1, 1)
+                + torch.arange(hr, device=x.device).view(1, hr, 1)) * s
+        q = _gather_rows(qh.reshape(b * hr * s, d), idx + base)  # (B, Hr, C, D)
+    else:
+        q = torch.matmul(_gather_rows(x.reshape(b * s, e), flat), wq.transpose(1, 2))  # (B, Hr, C, D)
+        if bq is not None:
+            q = q + bq
+        cos = sin = None
+        if rope_cos is not None:
+            cos = _gather_rows(torch.broadcast_to(rope_cos, (b, 1, s, d)).reshape(b * s, d), flat)
+            sin = _gather_rows(torch.broadcast_to(rope_sin, (b, 1, s, d)).reshape(b * s, d), flat)
+        q = finish_queries(q, cos, sin, *q_norm)
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
     ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale, softcap,
                                  _of_heads(sinks, heads, num_heads))
@@ -181,14 +190,14 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None,
+                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None,
                        dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
     """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
-    num_heads = q_weight.shape[0] // d
+    num_heads = num_query_heads(q_weight, query, d)
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
     args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window,
-            (q_norm_weight, q_norm_eps), softcap, sinks)
+            (q_norm_weight, q_norm_eps), softcap, sinks, query)
     if routed_heads is None or head_gates is None:
         dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
     out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
@@ -201,19 +210,19 @@ def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin,
 
 @torch.library.custom_op("moh_compile_onnx::attention_capacity", mutates_args=())
 def attention_capacity(
-    x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+    x: torch.Tensor, q_weight: torch.Tensor | None, q_bias: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
     attn_mask: torch.Tensor | None, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
     window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, softcap: float,
-    sinks: torch.Tensor | None, dense_heads: list[int], routed_heads: list[int], group_sizes: list[int],
-    group_caps: list[int],
+    sinks: torch.Tensor | None, query: torch.Tensor | None, dense_heads: list[int], routed_heads: list[int],
+    group_sizes: list[int], group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              q_norm_weight, q_norm_eps, softcap, sinks, dense_heads, routed_heads, group_sizes,
-                              group_caps)
+                              q_norm_weight, q_norm_eps, softcap, sinks, query, dense_heads, routed_heads,
+                              group_sizes, group_caps)
 
 
 @attention_capacity.register_fake

@@ -29,10 +29,10 @@ INDEX = ("int32", "int64")
 # Input ports per plugin, in ONNX input order: (name, kind, optional); kind T = the float type,
 # M = mask (bool or T), I = expert index.
 PORTS = {
-    ATTENTION_OP: [("x", "T", False), ("q_weight", "T", False), ("q_bias", "T", True), ("k", "T", False),
+    ATTENTION_OP: [("x", "T", False), ("q_weight", "T", True), ("q_bias", "T", True), ("k", "T", False),
                    ("v", "T", False), ("attn_mask", "M", True), ("rope_cos", "T", True), ("rope_sin", "T", True),
                    ("o_weight", "T", False), ("o_bias", "T", True), ("head_gates", "T", True),
-                   ("q_norm_weight", "T", True), ("sinks", "T", True)],
+                   ("q_norm_weight", "T", True), ("sinks", "T", True), ("query", "T", True)],
     FFN_OP: [("x", "T", False), ("w_in", "T", False), ("b_in", "T", True), ("w_out", "T", False),
              ("b_out", "T", True), ("w_gate", "T", True), ("b_gate", "T", True)],
     MOEPP_OP: [("x", "T", False), ("w_in", "T", False), ("b_in", "T", True), ("w_gate", "T", True),
@@ -75,7 +75,15 @@ def output_shape(op_type: str, shapes: dict, attrs: dict) -> tuple:
             raise ValueError(f"{op_type}: x must be (B, S, E) and k, v (B, Hkv, S_k, D)")
         if h % hkv:
             raise ValueError(f"{op_type}: num_heads {h} is not a multiple of num_kv_heads {hkv}")
-        if not (_same(s["q_weight"][0], h * d) and _same(s["q_weight"][1], x[2])):
+        if (s.get("q_weight") is None) == (s.get("query") is None):
+            raise ValueError(f"{op_type}: needs exactly one of q_weight (the op projects the queries) and query "
+                             "(the graph computed them)")
+        if s.get("query") is not None:
+            qs = tuple(s["query"])
+            if not (len(qs) == 4 and _same(qs[0], x[0]) and _same(qs[1], h) and _same(qs[2], x[1])
+                    and _same(qs[3], d)):
+                raise ValueError(f"{op_type}: query {qs} != (B, {h}, S, {d})")
+        elif not (_same(s["q_weight"][0], h * d) and _same(s["q_weight"][1], x[2])):
             raise ValueError(f"{op_type}: q_weight {tuple(s['q_weight'])} != (num_heads*head_dim={h * d}, E={x[2]})")
         for name in ("k", "v"):
             if not (_same(s[name][1], hkv) and _same(s[name][3], d) and _same(s[name][0], x[0])):

@@ -268,14 +268,14 @@ def sparse_attention_core(
 
 def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                            head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                           q_norm_weight=None, q_norm_eps=0.0):
+                           q_norm_weight=None, q_norm_eps=0.0, query=None):
     """The op with window attributes: every head's windowed attention for every token, then the
     head gates if any (so key blocks outside the patterns are skipped, gate-0 rows are not; the
     routed-head kernel skips rows instead, and `kernels.routed_attention` picks between them)."""
     b, s, _ = x.shape
     d = k.shape[-1]
-    h = q_weight.shape[0] // d
-    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps)
+    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps, query)
+    h = q.shape[1]
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
                                 window_two_sided, scale)
     if head_gates is not None:
@@ -285,7 +285,8 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
 
 def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                             head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
-                            window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
+                            window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None,
+                            query=None):
     """Fast path of `moh_compile::attention` for window attributes without head gates; else None:
     also when the cost model predicts the dense masked reference faster (short sequences, where
     the bands cover most keys and the block kernel's per-call overheads dominate), and for
@@ -301,7 +302,7 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
     STATS["calls"] += 1
     return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                                   None, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                                  q_norm_weight, q_norm_eps)
+                                  q_norm_weight, q_norm_eps, query)
 
 
 # Cost of one (query, key) pair the block kernel computes (band padding included) relative to one

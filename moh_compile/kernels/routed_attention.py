@@ -31,7 +31,7 @@ from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, sparse_at
                                              window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, attention_core, finish_queries, is_causal_mask, merge_masks,
-                                      register_fast_kernel, simplify_mask, window_mask)
+                                      num_query_heads, register_fast_kernel, simplify_mask, window_mask)
 
 
 @dataclass
@@ -179,10 +179,10 @@ def windowed_path_costs(fraction: float, d_in: int, d_out: int, head_dim: int, s
             "dense": dense_windowed_row_cost(d_in, d_out, s_k)}
 
 
-def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
+def _applicable(x, q_weight, k, head_gates, rope_cos, query) -> bool:
     if head_gates is None or x.device.type != "cpu":
         return False
-    heads = q_weight.shape[0] // k.shape[-1]
+    heads = num_query_heads(q_weight, query, k.shape[-1])
     if head_gates.shape != (x.shape[0], x.shape[1], heads):
         raise ValueError(f"head_gates must have shape (B, S, H) = {(x.shape[0], x.shape[1], heads)}, "
                          f"got {tuple(head_gates.shape)}")
@@ -192,21 +192,21 @@ def _applicable(x, q_weight, k, head_gates, rope_cos) -> bool:
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0, sinks=None,
+    softcap=0.0, sinks=None, query=None,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
-    if not _applicable(x, q_weight, k, head_gates, rope_cos):
+    if not _applicable(x, q_weight, k, head_gates, rope_cos, query):
         return None
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks)
+                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks, query)
 
 
 def routed_attention_when_faster(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0, sinks=None,
+    softcap=0.0, sinks=None, query=None,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
     masked path, else None (the op then runs that path; the output is the same either way).
@@ -216,11 +216,12 @@ def routed_attention_when_faster(
     the one with the lowest predicted cost runs; long sequences go to it, and so does every call
     whose (B, H, S, S_k) window mask, which the other two build, would be large
     (`block_sparse.window_masks_fit`)."""
-    if not _applicable(x, q_weight, k, head_gates, rope_cos):
+    if not _applicable(x, q_weight, k, head_gates, rope_cos, query):
         return None
     plan = routing_plan(head_gates)
     fraction = plan.n_slots / max(1, head_gates.numel())
-    d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
+    d_out, head_dim, s_k = o_weight.shape[0], k.shape[-1], k.shape[2]
+    d_in = 0 if query is not None else x.shape[-1]  # queries from the graph: every path pays their projection
     if window_sink is not None:
         costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                     window_two_sided)
@@ -233,7 +234,7 @@ def routed_attention_when_faster(
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
                                           o_bias, head_gates, scale, window_sink, window_alpha, window_beta,
-                                          window_two_sided, q_norm_weight, q_norm_eps)
+                                          window_two_sided, q_norm_weight, q_norm_eps, query)
         if best == "dense":
             STATS.dense_calls += 1
             return None
@@ -244,7 +245,7 @@ def routed_attention_when_faster(
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
-                   q_norm_weight, q_norm_eps, softcap, sinks)
+                   q_norm_weight, q_norm_eps, softcap, sinks, query)
 
 
 def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
@@ -256,11 +257,11 @@ def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, wind
 
 
 def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan,
-            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
+            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d = k.shape[-1]
-    h = q_weight.shape[0] // d
+    h = num_query_heads(q_weight, query, d)
     s_k = k.shape[2]
     e_out = o_weight.shape[0]
     STATS.calls += 1
@@ -271,8 +272,11 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
         return out + o_bias if o_bias is not None else out
     n, rows = plan.n_slots, plan.rows
     ws = _WS.take(n * (e + e_out), x.dtype, x.device)
-    xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n * e].view(n, e))
     contrib = ws[n * e:].view(n, e_out)
+    if query is None:
+        xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n * e].view(n, e))
+    else:  # queries computed by the graph: gather the chosen rows, (H, B*S, D) head-major
+        q_heads = query.transpose(0, 1).reshape(h, b * s, d)
     if rope_cos is not None:
         cos_all = as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
         sin_all = as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
@@ -283,21 +287,14 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
         g = len(group)
         idx = torch.tensor(group, device=x.device)
         span = slice(start, start + g * b * cap)
-        # Q projection of the chosen tokens only: head h uses rows h*D:(h+1)*D of W_q. One GEMM
-        # per head, on slices of W_q (no weight copies); at MiniLM widths (3 heads x 3120 rows,
-        # 384 -> 32) a batched baddbmm on gathered weights took 5.7 ms, three addmm 3.0 ms.
-        xq = xg[span].view(g, b * cap, e)
-        q = x.new_empty(g, b * cap, d)
-        for j, head in enumerate(group):
-            w_q = q_weight[head * d:(head + 1) * d].t()
-            if q_bias is None:
-                torch.mm(xq[j], w_q, out=q[j])
-            else:
-                torch.addmm(q_bias[head * d:(head + 1) * d], xq[j], w_q, out=q[j])
-        cos = sin = None
-        if rope_cos is not None:
-            cos, sin = cos_all[span].view(g, b * cap, d), sin_all[span].view(g, b * cap, d)
-        q = finish_queries(q, cos, sin, q_norm_weight, q_norm_eps)
+        if query is None:
+            q = _project_rows(xg[span].view(g, b * cap, e), q_weight, q_bias, group, d)
+            cos = sin = None
+            if rope_cos is not None:
+                cos, sin = cos_all[span].view(g, b * cap, d), sin_all[span].view(g, b * cap, d)
+            q = finish_queries(q, cos, sin, q_norm_weight, q_norm_eps)
+        else:
+            q = q_heads[idx.view(g, 1), rows[span].view(g, b * cap)]                    # (G, B*C, D)
         q = q.view(g, b, cap, d).transpose(0, 1)                                       # (B, G, C, D)
         # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
         kv_idx = idx // per_kv
@@ -326,6 +323,21 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
     if o_bias is not None:
         out.add_(o_bias)
     return out.view(b, s, e_out)
+
+
+def _project_rows(xq: torch.Tensor, q_weight, q_bias, group: list[int], d: int) -> torch.Tensor:
+    """Q projection of the chosen tokens only, xq (G, R, E) -> (G, R, D): head h uses rows
+    h*D:(h+1)*D of W_q. One GEMM per head, on slices of W_q (no weight copies); at MiniLM widths
+    (3 heads x 3120 rows, 384 -> 32) a batched baddbmm on gathered weights took 5.7 ms, three
+    addmm 3.0 ms."""
+    q = xq.new_empty(len(group), xq.shape[1], d)
+    for j, head in enumerate(group):
+        w_q = q_weight[head * d:(head + 1) * d].t()
+        if q_bias is None:
+            torch.mm(xq[j], w_q, out=q[j])
+        else:
+            torch.addmm(q_bias[head * d:(head + 1) * d], xq[j], w_q, out=q[j])
+    return q
 
 
 register_fast_kernel(routed_attention_when_faster)

@@ -26,7 +26,7 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
             if lin is not None and lin.node is not m.q_proj.node:
                 claimed.add(lin.node)
                 m.block.params += sum(_numel(n) for n in (lin.weight, lin.bias) if n is not None)
-        if len(m.q_rows) != m.q_proj.out_features:  # fused qkv: count the whole weight once
+        if m.q_rows is not None and len(m.q_rows) != m.q_proj.out_features:  # fused qkv: count the whole weight once
             m.block.params = sum(_numel(n) for n in (m.q_proj.weight, m.q_proj.bias, m.o_proj.weight,
                                                      m.o_proj.bias) if n is not None)
     ffn, ffn_skipped = find_ffn(gm, claimed)

@@ -5,7 +5,9 @@ From it the matcher walks back along the query to its projection (through layout
 scalar pre-scaling and a rotary embedding of any pairing, match/rope.py), reads which
 projection rows make each query head by running those layout ops (match/feature_map.py),
 walks the keys/values back to their un-expanded (GQA) form, and walks the core's output
-forward to the output projection. Every decision
+forward to the output projection. A query path the op cannot absorb (a norm over all heads,
+a LayerNorm, a norm after RoPE, a low-rank query) is left to the model's graph: the op then
+takes the queries as computed (`AttentionMatch.query`) and skips only the core and W_o work. Every decision
 that the graph's symbolic shapes cannot settle is left to the rewrite's numerical check,
 which rejects a block whose rewrite does not reproduce it.
 """
@@ -52,8 +54,8 @@ class AttentionMatch:
     block: AttentionBlock
     core: fx.Node
     x: fx.Node  # 3-D input of the q projection, (B, S, E) or (S, B, E)
-    q_proj: g.LinearLike
-    q_rows: list[int]  # rows of q_proj's weight that make the op's W_q, in order (H * D)
+    q_proj: g.LinearLike  # with `query`: the first projection on the query's path (its input is x)
+    q_rows: list[int] | None  # rows of q_proj's weight that make the op's W_q, in order (H * D); None with `query`
     rope: Rope | None
     q_norm: RmsNorm | None  # per-head RMS norm of the query before RoPE (QK-norm); the keys keep theirs
     head_perm: list[int] | None  # head-dim order the op sees (RoPE pairs as rotate-half); None: as is
@@ -66,6 +68,24 @@ class AttentionMatch:
     o_proj: g.LinearLike
     y: fx.Node  # node whose value the op output replaces, (B, S, E) or (S, B, E)
     sinks: fx.Node | None = None  # per-head sink logits (GPT-OSS), a parameter of H values
+    query: fx.Node | None = None  # the core's (B, H, S, D) queries, when the graph keeps computing them
+
+
+@dataclass
+class _QuerySide:
+    """How the op gets its queries: by projecting x itself (lin, rows, RoPE, norm, pre-scaling),
+    or (`from_graph`, the reason it cannot) as the model's graph computed them."""
+
+    lin: g.LinearLike
+    x: fx.Node
+    layout: str
+    num_heads: int
+    rows: list[int] | None = None
+    rope: Rope | None = None
+    scale: float = 1.0
+    norm: RmsNorm | None = None
+    head_perm: list[int] | None = None
+    from_graph: str = ""
 
 
 @dataclass
@@ -297,12 +317,12 @@ def _walk_to_projection(node, head_dim: int):
             if rope is not None:
                 raise NoMatch("two rotary embeddings on one query")
             if norm is not None:
-                raise NoMatch("the query is normalised after its rotary embedding: not supported")
+                raise NoMatch("the query is normalised after its rotary embedding")
             rope, node = found, found.src
             continue
         if (scaled := g.scalar_scaling(node)) is not None:
             if norm is not None:  # the norm would undo the scaling except for its eps
-                raise NoMatch("the query is scaled before its QK-norm: not supported")
+                raise NoMatch("the query is scaled before its QK-norm")
             node, factor = scaled
             scale *= factor
             continue
@@ -310,8 +330,8 @@ def _walk_to_projection(node, head_dim: int):
             if norm is not None:
                 raise NoMatch("two norms on one query")
             if normed.width != head_dim:
-                raise NoMatch(f"the query is normalised over {normed.width} features, not per head ({head_dim}): "
-                              "QK-norm across all heads (as in OLMo 2) is not supported yet")
+                raise NoMatch(f"the query is normalised over {normed.width} features, not per head ({head_dim}) "
+                              "(QK-norm across all heads, as in OLMo 2)")
             norm, node = normed, normed.src
             continue
         if g.is_passthrough(node):
@@ -319,7 +339,7 @@ def _walk_to_projection(node, head_dim: int):
             continue
         if _normalised(node):
             raise NoMatch("the query is normalised between its projection and attention by something other than "
-                          "a per-head RMS norm (e.g. a LayerNorm QK-norm): not supported yet")
+                          "a per-head RMS norm (e.g. a LayerNorm QK-norm)")
         raise NoMatch(f"could not trace the query back to a projection (stopped at {_desc(node)})")
     raise NoMatch("query path too long")
 
@@ -426,6 +446,58 @@ def _walk_forward_to_3d(node, s_key, b_key):
     raise NoMatch("could not find the (batch, seq, features) output of the output projection")
 
 
+def _projected_query(q, qv, d: int, num_heads: int | None, s_key, b_key) -> _QuerySide:
+    """The query as the op computes it: rows of one projection, then norm and RoPE."""
+    lin_q, rope, pre_scale, q_norm = _walk_to_projection(q, d)
+    q_rows = _query_rows(q, lin_q, num_heads)
+    if num_heads is None:
+        num_heads = len(q_rows) // d if len(q_rows) % d == 0 else 0
+        if not num_heads:
+            raise NoMatch("cannot infer the number of heads")
+    if len(q_rows) != num_heads * d:
+        raise NoMatch("query projection width is not heads x head_dim")
+    head_perm = None
+    if rope is not None:
+        if rope.head_dim != d:
+            raise NoMatch("rotary embedding is not applied over the head dim")
+        perm = head_dim_permutation(rope)
+        if perm != list(range(d)):
+            head_perm = perm
+            q_rows = [q_rows[h * d + p] for h in range(num_heads) for p in perm]
+    x, layout = _walk_back_to_3d(lin_q.x, s_key, b_key)
+    if g.val(x).shape[-1] != lin_q.in_features:
+        raise NoMatch("query projection input is not token-wise")
+    return _QuerySide(lin_q, x, layout, num_heads, q_rows, rope, pre_scale, q_norm, head_perm)
+
+
+def _query_from_graph(q, qv, num_heads: int | None, s_key, b_key, why: NoMatch) -> _QuerySide:
+    """The fallback when the op cannot project the query itself: the graph keeps computing the
+    (B, H, S, D) query, and the op's token input x is the input of the first projection on the
+    query's path (the router's input). Raises `why` when even that is not there."""
+    if qv.dim() != 4 or not num_heads:
+        raise why
+    stack, seen = [q], set()
+    while stack and len(seen) < 256:  # depth first along first arguments: the query before RoPE tables
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        lin = g.as_linear(node)
+        if lin is not None:
+            try:
+                x, layout = _walk_back_to_3d(lin.x, s_key, b_key)
+            except NoMatch:
+                raise why from None
+            if g.val(x).shape[-1] != lin.in_features:
+                raise why
+            return _QuerySide(lin, x, layout, num_heads, from_graph=str(why))
+        for a in reversed(node.all_input_nodes):
+            keys = g.shape_keys(a)
+            if (keys and s_key in keys and b_key in keys) or isinstance(a.meta.get("val"), (list, tuple)):
+                stack.append(a)  # token-shaped (on the query's path), or a split whose parts may be
+    raise why
+
+
 # ---------------------------------------------------------------- block
 def _match_block(gm, core: _Core) -> AttentionMatch:
     core_out, q, k, v, kind = core.out, core.q, core.k, core.v, core.kind
@@ -444,28 +516,14 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
         b_key = None
     else:
         raise NoMatch(f"query has rank {qv.dim()}")
-    lin_q, rope, pre_scale, q_norm = _walk_to_projection(q, d)
-    scale *= pre_scale
+    try:
+        qs = _projected_query(q, qv, d, num_heads, s_key, b_key)
+    except NoMatch as why:
+        qs = _query_from_graph(q, qv, num_heads, s_key, b_key, why)
+    lin_q, x, layout, num_heads, rope = qs.lin, qs.x, qs.layout, qs.num_heads, qs.rope
+    scale *= qs.scale
     rope_seq_major = rope is not None and _rope_is_seq_major(rope.src, s_key, qv.dim())
-    q_rows = _query_rows(q, lin_q, num_heads)
-    if num_heads is None:
-        num_heads = len(q_rows) // d if len(q_rows) % d == 0 else 0
-        if not num_heads:
-            raise NoMatch("cannot infer the number of heads")
     hd = num_heads * d
-    if len(q_rows) != hd:
-        raise NoMatch("query projection width is not heads x head_dim")
-    head_perm = None
-    if rope is not None:
-        if rope.head_dim != d:
-            raise NoMatch("rotary embedding is not applied over the head dim")
-        perm = head_dim_permutation(rope)
-        if perm != list(range(d)):
-            head_perm = perm
-            q_rows = [q_rows[h * d + p] for h in range(num_heads) for p in perm]
-    x, layout = _walk_back_to_3d(lin_q.x, s_key, b_key)
-    if g.val(x).shape[-1] != lin_q.in_features:
-        raise NoMatch("query projection input is not token-wise")
     lin_o = _walk_to_out_projection(core_out)
     if lin_o.in_features != hd:
         raise NoMatch(f"output projection expects {lin_o.in_features} features, heads give {hd}")
@@ -499,20 +557,22 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
         causal=True if is_causal else None,
         has_mask=bool(mask_steps) or is_causal,
         rope=rope is not None,
-        qk_norm=q_norm is not None,
+        qk_norm=qs.norm is not None,
         layout=layout,
-        q=_proj_info(lin_q, q_rows),
+        q=_proj_info(lin_q, qs.rows),
         k=_proj_info(k_lin, None) if k_lin else None,
         v=_proj_info(v_lin, None) if v_lin else None,
         o=_proj_info(lin_o, None),
         cross=g.dim_key(kv_.shape[-2]) != s_key,
         softcap=float(core.softcap),
         sinks=core.sinks is not None,
+        query_from_graph=qs.from_graph,
     )
     if core.sinks is not None and g.val(core.sinks).numel() != num_heads:
         raise NoMatch(f"{g.val(core.sinks).numel()} sink logits for {num_heads} heads")
-    return AttentionMatch(block, core_out, x, lin_q, q_rows, rope, q_norm, head_perm, rope_seq_major, k_src, v_src,
-                          mask_steps, mask_probe, is_causal, lin_o, y, core.sinks)
+    return AttentionMatch(block, core_out, x, lin_q, qs.rows, rope, qs.norm, qs.head_perm, rope_seq_major, k_src,
+                          v_src, mask_steps, mask_probe, is_causal, lin_o, y, core.sinks,
+                          q if qs.from_graph else None)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:

@@ -41,6 +41,9 @@ class AttentionBlock:
     qk_norm: bool = False  # each query head RMS-normalised before RoPE (Qwen3, Gemma 3)
     softcap: float = 0.0  # > 0: scores soft-capped to softcap * tanh(scores / softcap) (Gemma 2)
     sinks: bool = False  # a learned per-head logit in every softmax row, dropped after it (GPT-OSS)
+    # why the op cannot project the queries itself, when the model's graph keeps computing them
+    # (the op then skips no Q projection rows); "" when the op projects them
+    query_from_graph: str = ""
 
     @property
     def attention_type(self) -> str:

@@ -39,7 +39,7 @@ POINTWISE = {
     aten.erf.default, aten.sigmoid.default, aten.exp.default, aten.neg.default, aten.gelu.default,
     aten.relu.default, aten.silu.default, aten.rsub.Scalar, aten.sqrt.default, aten.reciprocal.default,
     aten.clamp_min.default, aten.clamp.default, aten.hardtanh.default, aten.leaky_relu.default,
-    aten.mish.default, aten.hardswish.default, aten.elu.default,
+    aten.mish.default, aten.hardswish.default, aten.elu.default, aten.square.default,
 }
 
 

@@ -12,6 +12,7 @@ ACTIVATIONS = {
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "relu2": lambda t: torch.square(F.relu(t)),  # squared ReLU (Primer; Persimmon, Nemotron)
     "identity": lambda t: t,
 }
 
@@ -33,6 +34,7 @@ _INPLACE = {
     "quick_gelu": lambda t: t.mul_(torch.sigmoid(1.702 * t)),
     "sigmoid": torch.sigmoid_,
     "tanh": torch.tanh_,
+    "relu2": lambda t: torch.relu_(t).square_(),
     "identity": lambda t: t,
 }
 

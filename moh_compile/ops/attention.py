@@ -18,6 +18,10 @@ Semantics (the reference below is the definition; fast kernels must match it):
 - window attributes (per head): a key j is visible to query i when j < sink, or i < sink
   (sink tokens are global), or j lies in the head's local window of `span = alpha + beta*S_k`
   keys (causal: i - span < j <= i; two-sided: |i - j| <= span // 2). alpha < 0 = dense head.
+- `query` (B, H, S, D): the queries as the model's own graph computed them, for query paths the
+  op cannot absorb (a norm over all heads, a LayerNorm, a norm after RoPE, ...). Then q_weight,
+  q_bias, RoPE and the query norm are None, x is only the block's token input (the router's),
+  and the op skips the core rows and W_o columns of unchosen heads but not their Q projection.
 """
 from __future__ import annotations
 
@@ -107,11 +111,19 @@ def finish_queries(q, rope_cos, rope_sin, q_norm_weight=None, q_norm_eps: float 
 
 
 def project_queries(x, q_weight, q_bias, rope_cos, rope_sin, head_dim: int, q_norm_weight=None,
-                    q_norm_eps: float = 0.0) -> torch.Tensor:
-    """q = rope(norm(x @ W_q.T + b_q)) as (B, H, S, D): every head, every token."""
+                    q_norm_eps: float = 0.0, query=None) -> torch.Tensor:
+    """q = rope(norm(x @ W_q.T + b_q)) as (B, H, S, D): every head, every token (`query` itself
+    when the model's graph computed the queries)."""
+    if query is not None:
+        return query
     b, s, _ = x.shape
     q = F.linear(x, q_weight, q_bias).view(b, s, q_weight.shape[0] // head_dim, head_dim).transpose(1, 2)
     return finish_queries(q, rope_cos, rope_sin, q_norm_weight, q_norm_eps)
+
+
+def num_query_heads(q_weight: torch.Tensor | None, query: torch.Tensor | None, head_dim: int) -> int:
+    """H, from W_q's rows or, for queries computed by the graph, their head dim."""
+    return query.shape[1] if q_weight is None else q_weight.shape[0] // head_dim
 
 
 def simplify_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -168,14 +180,15 @@ def head_contexts(
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every head's context vectors (B, H, S, D), before gating and the output projection.
 
     Shared by the reference and by calibration (per-head contributions = ctx_h @ W_o[:, h].T).
     """
     s = x.shape[1]
-    h = q_weight.shape[0] // k.shape[-1]
-    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, k.shape[-1], q_norm_weight, q_norm_eps)
+    q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, k.shape[-1], q_norm_weight, q_norm_eps, query)
+    h = q.shape[1]
     pattern = None
     if window_sink is not None:
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
@@ -233,10 +246,11 @@ def attention_reference(
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks)
+                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query)
     b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -250,7 +264,7 @@ register_fast_kernel = _FAST_KERNELS.register  # kernels take the op's arguments
 @torch.library.custom_op("moh_compile::attention", mutates_args=())
 def attention(
     x: torch.Tensor,
-    q_weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
     q_bias: torch.Tensor | None,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -269,13 +283,15 @@ def attention(
     q_norm_eps: float = 0.0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q_norm_weight / q_norm_eps: the per-head RMS norm of QK-norm models, applied to each query
     head before RoPE (None: no norm); the keys arrive normalised. softcap > 0: scores soft-capped
     to softcap * tanh(scores / softcap) before the mask (Gemma 2). sinks (H,): a per-head logit
-    added to every softmax row and dropped after it (GPT-OSS)."""
+    added to every softmax row and dropped after it (GPT-OSS). query (B, H, S, D): queries the
+    model's graph computed (q_weight None; module docstring)."""
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks)
+            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query)
     out = _FAST_KERNELS.run(*args)
     if out is not None:
         return out
@@ -285,7 +301,7 @@ def attention(
 @attention.register_fake
 def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                     scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
+                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 

@@ -31,7 +31,7 @@ from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, pr
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
 _ARG = {"q_weight": 1, "q_bias": 2, "k": 3, "v": 4, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7,
-        "o_weight": 8, "head_gates": 10, "sink": 12, "alpha": 13, "beta": 14}
+        "o_weight": 8, "head_gates": 10, "sink": 12, "alpha": 13, "beta": 14, "query": 20}
 
 
 def head_permutation(sink: list, alpha: list, beta: list, rep: int) -> list[int] | None:
@@ -162,6 +162,8 @@ def _reorder_op(gm, op: fx.Node, example: tuple, reference: dict, rtol: float) -
     """Reorder one op's heads and verify; {"order": [...]} or {"skipped": reason}, graph unchanged then.
     reference: the model outputs ("out*") and this op's "k"/"v" before any reorder."""
     a = op.args
+    if len(a) > _ARG["query"] and a[_ARG["query"]] is not None:
+        return {"skipped": "queries computed by the model's graph (reordering them would copy them in every call)"}
     for name in ("attn_mask", "rope_cos", "rope_sin"):
         t = g.val(a[_ARG[name]]) if isinstance(a[_ARG[name]], fx.Node) else None
         if t is not None and t.dim() == 4 and t.shape[1] > 1:

@@ -156,11 +156,14 @@ class MoHAttention(Pass):
                     _replace_output_projection(gm, op, new_o)
                     replaced.append(m.block.o.weight)
             else:
+                if m.query is not None and s["router"] == "query_norm":
+                    raise MohCompileError(f"the query_norm router reads the query projection, and {m.block.name} "
+                                          f"leaves its queries to the model's graph ({m.block.query_from_graph}); "
+                                          "use --router learned")
                 shared = s["shared"] if s["shared"] is not None else list(range(s["num_shared"]))  # the paper's choice
-                q_bias = op.args[2]
+                q_weight, q_bias = (None if a is None else _const_value(gm, a, m) for a in op.args[1:3])
                 router = HeadRouter(m.block.num_heads, m.block.d_model, shared, s["k"], s["gate_style"], s["router"],
-                                    m.block.d_out, q_weight=_const_value(gm, op.args[1], m),
-                                    q_bias=None if q_bias is None else _const_value(gm, q_bias, m))
+                                    m.block.d_out, q_weight=q_weight, q_bias=q_bias)
                 fit_error = None
             gm.add_submodule(node.target, router.train(False))
             s["shared"] = list(router.shared)
@@ -316,7 +319,8 @@ def _flops(m, router: HeadRouter) -> dict:
     b, seq = m.block, _block_seq(m)
     args = (1, seq, b.d_model, b.num_heads, b.num_kv_heads, b.head_dim, b.d_out)
     before = attention_flops(*args)["total"]
-    after = attention_flops(*args, active_heads=router.num_active / b.num_heads)["total"]
+    after = attention_flops(*args, active_heads=router.num_active / b.num_heads,
+                            query_projected=not b.query_from_graph)["total"]
     return {"seq_for_flops": seq, "flops_before": before,
             "flops_after": after + seq * _router_flops_per_token(router)}
 

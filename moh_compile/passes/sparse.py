@@ -35,7 +35,7 @@ from moh_compile.rewrite import record_values
 BETAS = (0.0, 0.0625, 0.125, 0.25, 0.5)
 MIN_ALPHA = 32  # smallest window constant: short inputs (sentences) stay (nearly) dense; MoA clips spans at 128
 _OP_ARGS = {"x": 0, "q_weight": 1, "q_bias": 2, "k": 3, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7,
-            "q_norm_weight": 16}
+            "q_norm_weight": 16, "query": 20}
 _Q_NORM_EPS = 17
 _WINDOW = slice(12, 16)  # window_sink, window_alpha, window_beta, window_two_sided in the op's arguments
 
@@ -214,7 +214,7 @@ def _calls(values, bi, block: _Block):
     eps = block.node.args[_Q_NORM_EPS] if len(block.node.args) > _Q_NORM_EPS else 0.0
     for t in range(len(values[f"{bi}:x"])):
         q = project_queries(get("x", t), get("q_weight", t), get("q_bias", t), get("rope_cos", t), get("rope_sin", t),
-                            d, get("q_norm_weight", t), eps)
+                            d, get("q_norm_weight", t), eps, get("query", t))
         yield q, get("k", t), get("attn_mask", t), float(block.node.args[11])
 
 

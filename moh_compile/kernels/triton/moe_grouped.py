@@ -32,7 +32,7 @@ from moh_compile.kernels.triton._flash import dot_precision
 from moh_compile.kernels.triton.traceable import launcher
 
 ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5, "sigmoid": 6,
-             "tanh": 7}
+             "tanh": 7, "relu2": 8}
 
 
 @triton.jit
@@ -57,6 +57,9 @@ def _act(x, ACT: tl.constexpr):
         x = _sigmoid(x)
     elif ACT == 7:
         x = 2.0 * _sigmoid(2.0 * x) - 1.0
+    elif ACT == 8:
+        x = tl.maximum(x, 0.0)
+        x = x * x
     return x
 
 

@@ -56,39 +56,39 @@ def decompose_mask(attn_mask: torch.Tensor | None, b: int, s: int, s_k: int):
 
 def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                           scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                          q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None):
+                          q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
     """moh_compile::attention via Triton: routed heads when gated, sparse core when windowed
-    (not for soft-capped scores or attention sinks: the flash kernels have neither step)."""
+    (not for soft-capped scores or attention sinks: the flash kernels have neither step; routed
+    heads not for queries computed by the graph: the routed kernel projects its own)."""
     if not (_usable(x) and k.device == x.device and x.dim() == 3 and k.dim() == 4) or softcap or sinks is not None:
         return None
     if head_gates is None and window_sink is None:
         return None  # dense: the reference already uses SDPA's flash kernels
     d = k.shape[-1]
-    if d < 16 or d > 256 or d & (d - 1) or k.dtype != x.dtype or q_weight.dtype != x.dtype:
+    if d < 16 or d > 256 or d & (d - 1) or k.dtype != x.dtype or (q_weight if query is None else query).dtype != x.dtype:
         return None
     b, s, _ = x.shape
     s_k = k.shape[2]
-    h = q_weight.shape[0] // d
     parts = decompose_mask(attn_mask, b, s, s_k)
     if parts is None:
         return None
     causal, key_padding = parts
     import moh_compile.kernels.triton.routed_attention  # noqa: F401  (registers the triton_ops)
     import moh_compile.kernels.triton.sparse_attention  # noqa: F401
-    from moh_compile.ops.attention import finish_queries
+    from moh_compile.ops.attention import project_queries
 
     if window_sink is not None:
         if causal and s != s_k:
             return None
-        q = finish_queries(F.linear(x, q_weight, q_bias).view(b, s, h, d).transpose(1, 2), rope_cos, rope_sin,
-                           q_norm_weight, q_norm_eps)
+        q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps, query)
+        h = q.shape[1]
         ctx = torch.ops.moh_compile.sparse_attention_triton(
             q, k, v, [int(a) for a in window_sink], [int(a) for a in window_alpha], [float(a) for a in window_beta],
             bool(window_two_sided), bool(causal), key_padding, float(scale))
         if head_gates is not None:
             ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
         return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
-    if causal and s != s_k:
+    if (causal and s != s_k) or query is not None:
         return None
     return torch.ops.moh_compile.routed_attention_triton(x, q_weight, q_bias, k, v, o_weight, o_bias, head_gates,
                                                          float(scale), bool(causal), key_padding, rope_cos, rope_sin,
