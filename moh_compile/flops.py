@@ -15,6 +15,7 @@ def attention_flops(
     kv_len: int | None = None,
     density: float = 1.0,
     query_projected: bool = True,
+    v_head_dim: int | None = None,
 ) -> dict[str, float]:
     """FLOPs of one attention block (projections + core).
 
@@ -22,16 +23,24 @@ def attention_flops(
     density: average fraction of keys each query sees (sparse patterns).
     K and V projections stay dense: every head's keys are needed by some token; so does the Q
     projection when the op does not own it (query_projected=False: the model's graph computes it).
+    v_head_dim: the values' head dim where it differs from the queries' and keys' (DeepSeek's MLA).
     """
     d_out = d_in if d_out is None else d_out
     kv_len = seq if kv_len is None else kv_len
+    dv = head_dim if v_head_dim is None else v_head_dim
     tokens = batch * seq
     q_proj = 2 * tokens * d_in * heads * head_dim * (active_heads if query_projected else 1.0)
-    kv_proj = 2 * 2 * tokens * d_in * kv_heads * head_dim
-    core = 2 * 2 * tokens * kv_len * heads * head_dim * active_heads * density
-    o_proj = 2 * tokens * heads * head_dim * d_out * active_heads
+    kv_proj = 2 * tokens * d_in * kv_heads * (head_dim + dv)
+    core = 2 * tokens * kv_len * heads * (head_dim + dv) * active_heads * density
+    o_proj = 2 * tokens * heads * dv * d_out * active_heads
     return {"q_proj": q_proj, "kv_proj": kv_proj, "core": core, "o_proj": o_proj,
             "total": q_proj + kv_proj + core + o_proj}
+
+
+def block_attention_flops(block, seq: int, **kwargs) -> dict[str, float]:
+    """`attention_flops` of one matched block (an `AttentionBlock`) for one sequence of `seq` tokens."""
+    return attention_flops(1, seq, block.d_model, block.num_heads, block.num_kv_heads, block.head_dim, block.d_out,
+                           query_projected=not block.query_from_graph, v_head_dim=block.v_head_dim, **kwargs)
 
 
 def ffn_flops(tokens: int, d_in: int, d_hidden: int, d_out: int | None = None,

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moh_compile.flops import attention_flops, ffn_flops
+from moh_compile.flops import block_attention_flops, ffn_flops
 
 
 def block_rows(matches) -> list[dict]:
@@ -14,7 +14,7 @@ def block_rows(matches) -> list[dict]:
     for m in matches.attention:
         b = m.block
         seq = _block_seq(m)
-        fl = attention_flops(1, seq, b.d_model, b.num_heads, b.num_kv_heads, b.head_dim, b.d_out)
+        fl = block_attention_flops(b, seq)
         row = b.to_dict()
         row.update(seq_for_flops=seq, flops=fl["total"])
         rows.append(row)
@@ -70,7 +70,8 @@ class Report:
                       if b.get(key)]
             kind = b["attention_type"] + (f" ({', '.join(extras)})" if extras else "")
             rows.append([b["name"], str(b["layer"]), b["core"], kind, str(b["num_heads"]),
-                         str(b["num_kv_heads"]), str(b["head_dim"]), str(b["d_model"]), str(b["causal"]),
+                         str(b["num_kv_heads"]),
+                         str(b["head_dim"]) + (f" (v {b['v_head_dim']})" if b.get("v_head_dim") else ""), str(b["d_model"]), str(b["causal"]),
                          str(b["has_mask"]), str(b["rope"]), qkv, f"{b['params']:,}", f"{b['flops'] / 1e6:.1f}"])
         return rows
 

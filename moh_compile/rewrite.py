@@ -18,6 +18,7 @@ from moh_compile.match import graph as g
 from moh_compile.match.graph import remove_dead_code
 from moh_compile.match.attention import AttentionMatch, MaskStep
 from moh_compile.match.ffn import FFNMatch
+from moh_compile.errors import MohCompileError
 
 aten = torch.ops.aten
 
@@ -172,7 +173,7 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
     seq_k = b.call(aten.sym_size.int, m.k, -2)  # the keys' own length (cross-attention: the encoder's)
     if g.val(m.k).dim() == 3:
         k = b.call(aten.view.default, k, [bsz, blk.num_heads, seq_k, blk.head_dim])
-        v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq_k, blk.head_dim])
+        v = b.call(aten.view.default, v, [bsz, blk.num_heads, seq_k, blk.v_head_dim or blk.head_dim])
     mask = _mask_operand(b, m.mask_steps, x, bsz)
     if m.is_causal_flag:
         ones = b.call(aten.new_ones.default, x, [seq, seq_k], dtype=torch.bool)  # SDPA's: top-left aligned
@@ -308,9 +309,13 @@ def record_values(gm: fx.GraphModule, nodes: dict[str, fx.Node], run: Callable[[
     """Every value the chosen nodes take while `run()` runs the module (e.g. over calibration
     batches): {key: [tensor per call]}. Probe nodes are inserted, then removed again."""
     graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     probes = []
     for key, node in nodes.items():
-        with graph.inserting_after(node):
+        # just before its last user: after writes into views of it that come first (DeepSeek fills
+        # its keys slice by slice), before an in-place update by that user (Falcon's `mlp += attn`)
+        last = max((u for u in node.users if u in order), key=order.__getitem__, default=None)  # not probes
+        with graph.inserting_before(last) if last is not None else graph.inserting_after(node):
             probes.append(graph.call_function(_probe, (key, node)))
     gm.recompile()
     _PROBES.clear()
@@ -349,7 +354,7 @@ def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tup
     """Compare each pending rewrite with the block it replaces on the example inputs; wire in
     those that agree, remove the others. Returns, per rewrite, the max abs diff or a reason."""
     graph = gm.graph
-    watch = {}
+    watch = g.output_nodes(gm)  # the model's outputs before any change: see _check_after_cleanup
     for i, p in enumerate(pending):
         watch[f"new{i}"], watch[f"old{i}"] = p.new, p.old
     error, values = None, {}
@@ -373,4 +378,21 @@ def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tup
             results.append(error or (f"rewrite did not reproduce the block (max diff {diff:.3g})"
                                         if diff != float("inf") else "rewrite produced a different shape"))
     remove_dead_code(gm)
+    if error is None:
+        _check_after_cleanup(gm, {k: v for k, v in values.items() if k.startswith("out")}, args, kwargs, rtol)
     return results
+
+
+def _check_after_cleanup(gm, before: dict, args, kwargs, rtol: float) -> None:
+    """The model's outputs, rewrites committed and dead code removed, must still be the original's
+    (dead-code removal once dropped an in-place write into a slice of DeepSeek's keys, after the
+    per-block checks had passed); fail loudly rather than return a wrong model."""
+    after = probe_values(gm, g.output_nodes(gm), args, kwargs)
+    for key, old in before.items():
+        if not (isinstance(old, torch.Tensor) and old.is_floating_point() and old.numel()):
+            continue
+        new = after.get(key)
+        if not (isinstance(new, torch.Tensor) and new.shape == old.shape
+                and float((new - old).abs().max()) <= tolerance(old, rtol)):
+            raise MohCompileError(f"internal error: the rewritten model's output {key} no longer matches the "
+                                  "original after dead-code removal; please report it")

@@ -28,6 +28,10 @@ CONFIGS = {
     "cohere": lambda: T.CohereModel(T.CohereConfig(**COMMON, num_key_value_heads=2, use_qk_norm=True)),
     "stablelm": lambda: T.StableLmModel(T.StableLmConfig(**COMMON, num_key_value_heads=2, qk_layernorm=True)),
     "persimmon": lambda: T.PersimmonModel(T.PersimmonConfig(**COMMON, qk_layernorm=True)),
+    # MLA: low-rank query (left to the graph), keys written into slices, values narrower (tests/test_value_head_dim.py)
+    "deepseek_v2": lambda: T.DeepseekV2Model(T.DeepseekV2Config(**COMMON, num_key_value_heads=4, q_lora_rank=32,
+                                                                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                                                v_head_dim=16, first_k_dense_replace=2)),
     "hunyuan": lambda: T.HunYuanDenseV1Model(T.HunYuanDenseV1Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     # QK-norm with Gemma's (1 + w) scales, sliding-window and global layers (Qwen3 is in tests/models.py)
     "gemma3": lambda: _random_norm_scales(T.Gemma3TextModel(T.Gemma3TextConfig(**COMMON, num_key_value_heads=2,

@@ -104,7 +104,7 @@ ATTENTION_SCHEMA = make_schema(
     [("scale", _A.FLOAT, True), ("num_heads", _A.INT, True), ("num_kv_heads", _A.INT, True),
      ("head_dim", _A.INT, True), ("routed", _A.INT, True), ("window_sink", _A.INTS, False),
      ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False),
-     ("q_norm_eps", _A.FLOAT, False), ("softcap", _A.FLOAT, False)],
+     ("q_norm_eps", _A.FLOAT, False), ("softcap", _A.FLOAT, False), ("v_head_dim", _A.INT, False)],
     "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE; or the "
     "query input, (B, H, S, D), when q_weight is absent), per-head (routed, windowed) attention, gated O "
     "projection.",
@@ -123,6 +123,8 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
     if window_sink is not None:
         attrs.update(window_sink=[int(s) for s in window_sink], window_alpha=[int(a) for a in window_alpha],
                      window_beta=[float(b) for b in window_beta], window_two_sided=int(window_two_sided))
+    if int(v.shape[-1]) != head_dim:
+        attrs["v_head_dim"] = int(v.shape[-1])
     if q_norm_weight is not None:
         attrs["q_norm_eps"] = float(q_norm_eps)
     if softcap:

@@ -65,10 +65,10 @@ def _full_rows(mask: torch.Tensor | None, s_q) -> torch.Tensor | None:
 
 def _head_weights(q_weight, q_bias, o_weight, heads: list[int], num_heads: int, d: int):
     """Per-head slices: W_q (Hs, D, E) or None (queries from the graph), b_q (Hs, 1, D) or None,
-    W_o (Hs, D, E_out)."""
+    W_o (Hs, Dv, E_out) (Dv: the values' head dim)."""
     idx = _const(heads, torch.int64, o_weight.device)
     wq = None if q_weight is None else q_weight.view(num_heads, d, -1)
-    wo = o_weight.view(o_weight.shape[0], num_heads, d).permute(1, 2, 0)
+    wo = o_weight.view(o_weight.shape[0], num_heads, -1).permute(1, 2, 0)
     bq = None if q_bias is None else q_bias.view(num_heads, 1, d)
     if len(heads) != num_heads:
         wq, wo, bq = (None if t is None else t.index_select(0, idx) for t in (wq, wo, bq))

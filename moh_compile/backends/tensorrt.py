@@ -71,6 +71,7 @@ def output_shape(op_type: str, shapes: dict, attrs: dict) -> tuple:
     x = tuple(s["x"])
     if op_type == ATTENTION_OP:
         h, hkv, d = int(attrs["num_heads"]), int(attrs["num_kv_heads"]), int(attrs["head_dim"])
+        dv = int(attrs.get("v_head_dim", d))  # values narrower than queries/keys: DeepSeek's MLA
         if len(x) != 3 or len(s["k"]) != 4 or len(s["v"]) != 4:
             raise ValueError(f"{op_type}: x must be (B, S, E) and k, v (B, Hkv, S_k, D)")
         if h % hkv:
@@ -85,11 +86,11 @@ def output_shape(op_type: str, shapes: dict, attrs: dict) -> tuple:
                 raise ValueError(f"{op_type}: query {qs} != (B, {h}, S, {d})")
         elif not (_same(s["q_weight"][0], h * d) and _same(s["q_weight"][1], x[2])):
             raise ValueError(f"{op_type}: q_weight {tuple(s['q_weight'])} != (num_heads*head_dim={h * d}, E={x[2]})")
-        for name in ("k", "v"):
-            if not (_same(s[name][1], hkv) and _same(s[name][3], d) and _same(s[name][0], x[0])):
-                raise ValueError(f"{op_type}: {name} {tuple(s[name])} != (B, {hkv}, S_k, {d})")
-        if not _same(s["o_weight"][1], h * d):
-            raise ValueError(f"{op_type}: o_weight {tuple(s['o_weight'])} must have {h * d} input columns")
+        for name, width in (("k", d), ("v", dv)):
+            if not (_same(s[name][1], hkv) and _same(s[name][3], width) and _same(s[name][0], x[0])):
+                raise ValueError(f"{op_type}: {name} {tuple(s[name])} != (B, {hkv}, S_k, {width})")
+        if not _same(s["o_weight"][1], h * dv):
+            raise ValueError(f"{op_type}: o_weight {tuple(s['o_weight'])} must have {h * dv} input columns")
         if s.get("head_gates") is not None and not (_same(s["head_gates"][-1], h) and len(s["head_gates"]) == 3):
             raise ValueError(f"{op_type}: head_gates {tuple(s['head_gates'])} != (B, S, {h})")
         if s.get("q_norm_weight") is not None and tuple(s["q_norm_weight"]) not in ((d,), (None,)):

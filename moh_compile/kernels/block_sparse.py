@@ -204,6 +204,11 @@ def sparse_attention_core(
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv})")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    if v.shape[-1] != d:  # MLA: flash calls need one head size; zero dims change no score and no output
+        width = max(d, v.shape[-1])
+        padded = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        return sparse_attention_core(*padded, attn_mask, window_sink, window_alpha, window_beta, two_sided, scale,
+                                     block, stats, causal)[..., :v.shape[-1]]
     rep = h // h_kv
     spans = window_spans(window_alpha, window_beta, s_k)
     mask = simplify_mask(attn_mask)  # 4-D, broadcast dims kept at size 1, so it can be sliced per block
@@ -275,12 +280,11 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
     b, s, _ = x.shape
     d = k.shape[-1]
     q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps, query)
-    h = q.shape[1]
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
                                 window_two_sided, scale)
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
-    return F.linear(ctx.transpose(1, 2).reshape(b, s, h * d), o_weight, o_bias)
+    return F.linear(ctx.transpose(1, 2).reshape(b, s, -1), o_weight, o_bias)
 
 
 def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,

@@ -260,7 +260,7 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
             q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
-    d = k.shape[-1]
+    d, dv = k.shape[-1], v.shape[-1]  # queries/keys and values (MLA's values are narrower)
     h = num_query_heads(q_weight, query, d)
     s_k = k.shape[2]
     e_out = o_weight.shape[0]
@@ -303,7 +303,7 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
         if mask is None:
             ctx = attention_core(q, kk, vv, None, scale, softcap, group_sinks)
         else:
-            ctx = torch.empty_like(q)
+            ctx = q.new_empty(*q.shape[:-1], dv)
             row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
             step = max(1, min(g, MASK_CHUNK_BYTES // max(1, row_bytes)))
             tok = rows[span].view(g, b, cap) % s                  # query positions
@@ -312,11 +312,11 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
                 ctx[:, h0:h1] = attention_core(q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1],
                                                _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap,
                                                None if group_sinks is None else group_sinks[h0:h1])
-        ctx = ctx.transpose(0, 1).reshape(g, b * cap, d)
-        # Output projection per head (columns h*D:(h+1)*D of W_o).
+        ctx = ctx.transpose(0, 1).reshape(g, b * cap, dv)
+        # Output projection per head (columns h*Dv:(h+1)*Dv of W_o).
         out_g = contrib[span].view(g, b * cap, e_out)
         for j, head in enumerate(group):
-            torch.mm(ctx[j], o_weight[:, head * d:(head + 1) * d].t(), out=out_g[j])
+            torch.mm(ctx[j], o_weight[:, head * dv:(head + 1) * dv].t(), out=out_g[j])
     # Gate-weighted sum of each token's head outputs.
     out = F.embedding_bag(plan.slot, contrib, plan.offsets, mode="sum",
                           per_sample_weights=plan.weights.to(contrib.dtype))

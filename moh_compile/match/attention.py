@@ -523,10 +523,10 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
     lin_q, x, layout, num_heads, rope = qs.lin, qs.x, qs.layout, qs.num_heads, qs.rope
     scale *= qs.scale
     rope_seq_major = rope is not None and _rope_is_seq_major(rope.src, s_key, qv.dim())
-    hd = num_heads * d
+    dv = g.static_int(g.val(v).shape[-1])  # the values' head dim: MLA's is narrower than the queries'
     lin_o = _walk_to_out_projection(core_out)
-    if lin_o.in_features != hd:
-        raise NoMatch(f"output projection expects {lin_o.in_features} features, heads give {hd}")
+    if lin_o.in_features != num_heads * dv:
+        raise NoMatch(f"output projection expects {lin_o.in_features} features, heads give {num_heads * dv}")
     y, _ = _walk_forward_to_3d(lin_o.node, s_key, b_key or g.shape_keys(x)[0 if layout == "batch_first" else 1])
     k_src, num_kv = (k, num_heads)
     v_src = v
@@ -567,6 +567,7 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
         softcap=float(core.softcap),
         sinks=core.sinks is not None,
         query_from_graph=qs.from_graph,
+        v_head_dim=dv if dv != d else None,
     )
     if core.sinks is not None and g.val(core.sinks).numel() != num_heads:
         raise NoMatch(f"{g.val(core.sinks).numel()} sink logits for {num_heads} heads")

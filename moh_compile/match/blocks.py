@@ -44,6 +44,7 @@ class AttentionBlock:
     # why the op cannot project the queries itself, when the model's graph keeps computing them
     # (the op then skips no Q projection rows); "" when the op projects them
     query_from_graph: str = ""
+    v_head_dim: int | None = None  # the values' head dim where it differs from head_dim (DeepSeek's MLA)
 
     @property
     def attention_type(self) -> str:

@@ -297,7 +297,19 @@ def inplace_on_temporary(node) -> bool:
     if not node.target._schema.name.endswith("_") or not node.args:
         return False
     target = node.args[0]
-    return isinstance(target, fx.Node) and target.op == "call_function" and list(target.users) == [node]
+    if not (isinstance(target, fx.Node) and target.op == "call_function" and list(target.users) == [node]):
+        return False
+    # a view (a slice written in place, as DeepSeek fills its keys) mutates the tensor it views
+    return not (isinstance(target.target, OpOverload)
+                and any(r.alias_info is not None for r in target.target._schema.returns))
+
+
+def output_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The nodes the graph returns, as {"out0": node, ...} in output order (each once)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(out.args, lambda n: nodes.append(n) or n)
+    return {f"out{i}": n for i, n in enumerate(dict.fromkeys(nodes))}
 
 
 def remove_dead_code(gm: fx.GraphModule) -> None:

@@ -142,13 +142,6 @@ def _permute_projection(edit: _Edit, lin: g.LinearLike, perm_kv: list[int], head
         edit.set_arg(lin.node, lin.bias, edit.param(b.index_select(0, idx), lin.node))
 
 
-def _model_outputs(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    nodes: list[fx.Node] = []
-    fx.node.map_arg(out.args, lambda n: nodes.append(n) or n)
-    return {f"out{i}": n for i, n in enumerate(dict.fromkeys(nodes))}
-
-
 def _close(a, b, rtol: float) -> bool:
     """Same values within rtol of the reference's scale (non-tensors: equal)."""
     if not isinstance(b, torch.Tensor):
@@ -195,7 +188,8 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     edit.set_arg(op, a[_ARG["q_weight"]], edit.param(constant_value(gm, a[_ARG["q_weight"]])[q_rows], op))
     if a[_ARG["q_bias"]] is not None:
         edit.set_arg(op, a[_ARG["q_bias"]], edit.param(constant_value(gm, a[_ARG["q_bias"]])[q_rows], op))
-    edit.set_arg(op, a[_ARG["o_weight"]], edit.param(constant_value(gm, a[_ARG["o_weight"]])[:, q_rows], op))
+    o_cols = _rows(perm, reference["v"].shape[-1])  # the values' head dim (MLA: not the queries')
+    edit.set_arg(op, a[_ARG["o_weight"]], edit.param(constant_value(gm, a[_ARG["o_weight"]])[:, o_cols], op))
     if a[_ARG["head_gates"]] is not None:
         edit.set_arg(op, a[_ARG["head_gates"]], edit.permuted_gates(a[_ARG["head_gates"]], perm, op))
     new_args = list(op.args)
@@ -206,7 +200,7 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     if reason:
         return reason
     # the model outputs are read in the same runs as v (the last change)
-    reason, values = _permute_kv(edit, op, "v", perm_kv, example, reference, rtol, _model_outputs(gm))
+    reason, values = _permute_kv(edit, op, "v", perm_kv, example, reference, rtol, g.output_nodes(gm))
     if reason:
         return reason
     if not all(_close(values[k], reference[k], rtol) for k in values if k.startswith("out")):
@@ -246,7 +240,7 @@ def reorder_heads(gm: fx.GraphModule, ops: dict[fx.Node, str], args: tuple, kwar
     head at each new position]} or {"skipped": reason}}."""
     if not ops:
         return {}
-    watch = _model_outputs(gm)
+    watch = g.output_nodes(gm)
     for i, op in enumerate(ops):
         watch[f"k{i}"], watch[f"v{i}"] = op.args[_ARG["k"]], op.args[_ARG["v"]]
     before = probe_values(gm, watch, args, kwargs)  # one run before any reorder

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from moh_compile.calibrate import moh_fit
 from moh_compile.errors import MohCompileError
-from moh_compile.flops import attention_flops
+from moh_compile.flops import block_attention_flops
 from moh_compile.match import graph as g
 from moh_compile.passes.base import Pass
 from moh_compile.passes.moh_router import GATE_STYLES, KINDS, HeadRouter
@@ -317,10 +317,8 @@ def _flops(m, router: HeadRouter) -> dict:
     from moh_compile.report import _block_seq
 
     b, seq = m.block, _block_seq(m)
-    args = (1, seq, b.d_model, b.num_heads, b.num_kv_heads, b.head_dim, b.d_out)
-    before = attention_flops(*args)["total"]
-    after = attention_flops(*args, active_heads=router.num_active / b.num_heads,
-                            query_projected=not b.query_from_graph)["total"]
+    before = block_attention_flops(b, seq)["total"]
+    after = block_attention_flops(b, seq, active_heads=router.num_active / b.num_heads)["total"]
     return {"seq_for_flops": seq, "flops_before": before,
             "flops_after": after + seq * _router_flops_per_token(router)}
 

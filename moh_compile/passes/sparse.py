@@ -25,7 +25,7 @@ from moh_compile.calibrate.metrics import embeddings, fidelity
 from moh_compile.calibrate.milp import choose_patterns
 from moh_compile.calibrate.sparse_profile import DENSE, candidate_grid, mass_outside_candidates, pattern_density
 from moh_compile.errors import MohCompileError
-from moh_compile.flops import attention_flops
+from moh_compile.flops import block_attention_flops
 from moh_compile.ops.attention import project_queries
 from moh_compile.passes import head_order
 from moh_compile.passes.base import Pass
@@ -388,8 +388,7 @@ def _flops(blocks, windows, n: int) -> tuple[float, float, float, float]:
         blk = b.match.block
         dens = float(np.mean([pattern_density(n, s, a, be, w["two_sided"], b.causal)
                               for s, a, be in zip(w["sink"], w["alpha"], w["beta"])]))
-        args = (1, n, blk.d_model, blk.num_heads, blk.num_kv_heads, blk.head_dim, blk.d_out)
-        dense, sparse = attention_flops(*args), attention_flops(*args, density=dens)
+        dense, sparse = block_attention_flops(blk, n), block_attention_flops(blk, n, density=dens)
         td, ts, cd, cs = td + dense["total"], ts + sparse["total"], cd + dense["core"], cs + sparse["core"]
     return td, ts, cd, cs
 

@@ -65,8 +65,9 @@ def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_s
     if head_gates is None and window_sink is None:
         return None  # dense: the reference already uses SDPA's flash kernels
     d = k.shape[-1]
-    if d < 16 or d > 256 or d & (d - 1) or k.dtype != x.dtype or (q_weight if query is None else query).dtype != x.dtype:
-        return None
+    if (d < 16 or d > 256 or d & (d - 1) or v.shape[-1] != d or k.dtype != x.dtype
+            or (q_weight if query is None else query).dtype != x.dtype):
+        return None  # the flash kernels take one power-of-two head size for queries, keys and values
     b, s, _ = x.shape
     s_k = k.shape[2]
     parts = decompose_mask(attn_mask, b, s, s_k)
