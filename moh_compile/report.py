@@ -69,9 +69,9 @@ class Report:
                                                ("sinks", "sinks"), ("query_from_graph", "query from graph"))
                       if b.get(key)]
             kind = b["attention_type"] + (f" ({', '.join(extras)})" if extras else "")
+            head_dim = str(b["head_dim"]) + (f" (v {b['v_head_dim']})" if b.get("v_head_dim") else "")
             rows.append([b["name"], str(b["layer"]), b["core"], kind, str(b["num_heads"]),
-                         str(b["num_kv_heads"]),
-                         str(b["head_dim"]) + (f" (v {b['v_head_dim']})" if b.get("v_head_dim") else ""), str(b["d_model"]), str(b["causal"]),
+                         str(b["num_kv_heads"]), head_dim, str(b["d_model"]), str(b["causal"]),
                          str(b["has_mask"]), str(b["rope"]), qkv, f"{b['params']:,}", f"{b['flops'] / 1e6:.1f}"])
         return rows
 

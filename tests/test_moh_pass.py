@@ -1,6 +1,5 @@
 """The MoH pass through compile: exact at identity, exactly k routed + shared heads per token, the
 op equals a masked dense reference for the chosen gates, re-export, CLI, plan round trip, errors."""
-import copy
 import json
 
 import pytest
@@ -9,11 +8,11 @@ import torch
 import moh_compile
 from moh_compile.calibrate import moh_fit
 from moh_compile.cli import main
-from moh_compile.ops.attention import attention_reference
 from moh_compile.passes.moh_router import HeadRouter
 from moh_compile.rewrite import record_values
 from tests.minilm import minilm_with_calibration
 from tests.models import ALL, build, main_output, reshape_inputs
+from tests.op_checks import dense_reference
 
 OP = torch.ops.moh_compile.attention.default
 
@@ -80,11 +79,7 @@ def test_topk_routing_exact_counts_and_masked_dense_reference(name, router):
         assert torch.equal(on.sum(-1), torch.full(on.shape[:2], 2))                 # shared + k per token
         assert on[..., s["shared"]].all()
     # the same graph with every op replaced by the dense reference (every head computed, then masked)
-    dense = copy.deepcopy(compiled.graph_module)
-    for n in dense.graph.nodes:
-        if n.target is OP:
-            n.target = attention_reference
-    dense.recompile()
+    dense = dense_reference(compiled)
     got, want = _run(compiled, x), _run(dense, x)
     assert (got - want).abs().max().item() <= 1e-5
     assert (got - _run(model, x)).abs().max().item() > 1e-3                          # it did change something

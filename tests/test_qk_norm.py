@@ -4,7 +4,6 @@ cannot hold (a norm after RoPE, a scaling before the norm) leave the query to th
 tests/test_query_from_graph.py."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 import moh_compile
 from moh_compile.match.qk_norm import match_rms_norm
-from moh_compile.ops.attention import attention_reference
+from tests.op_checks import dense_reference
 
 OP = torch.ops.moh_compile.attention.default
 EPS = 1e-6
@@ -103,11 +102,7 @@ def test_routed_heads_match_the_masked_dense_reference(style, rope):
     model = QKNormBlock(style, rope).eval()
     cfg = moh_compile.CompileConfig(attention="moh", options={"moh": {"active_heads": 0.5, "router": "query_norm"}})
     compiled = moh_compile.compile(model, _x(2, 8), cfg)
-    dense = copy.deepcopy(compiled.graph_module)
-    for n in dense.graph.nodes:
-        if n.target is OP:
-            n.target = attention_reference
-    dense.recompile()
+    dense = dense_reference(compiled)
     x = _x(3, 40, seed=2)
     with torch.no_grad():
         got, want = compiled(*x), dense(*x)

@@ -5,8 +5,6 @@ W_o columns of unchosen heads. Exact at the identity setting; the routed and blo
 against the masked dense reference; MoH compiles, exports to both ONNX forms and runs in ORT."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +17,8 @@ from moh_compile.flops import attention_flops
 from moh_compile.kernels import block_sparse as bs
 from moh_compile.kernels import routed_attention as ra
 from moh_compile.ops.attention import attention_reference
+from tests.op_checks import (assert_onnx_forms_reproduce, assert_routed_like_the_reference,
+                             compile_hf_moh_half_heads, dense_reference, hf_ids)
 from tests.test_qk_norm import QKNormBlock
 from tests.test_routed_attention_kernel import make_args
 
@@ -142,38 +142,17 @@ def _calibration(seeds=range(4)):
     return Calibration(batches=[_x(4, 32, seed=10 + s) for s in seeds])
 
 
-def _dense_copy(compiled):
-    dense = copy.deepcopy(compiled.graph_module)
-    for n in dense.graph.nodes:
-        if n.target is OP:
-            n.target = attention_reference
-    dense.recompile()
-    return dense
-
-
 @pytest.mark.parametrize("name", ["all_heads", "norm_after_rope"])
 def test_moh_matches_the_reference_and_exports(name, tmp_path):
-    from moh_compile.backends.ort_runtime import verify_onnx
-
     model = MODELS[name][0]().eval()
     cfg = moh_compile.CompileConfig(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}})
     compiled = moh_compile.compile(model, _x(2, 8), cfg, calibration=_calibration())
     x = _x(3, 40, seed=2)
     with torch.no_grad():
-        got, want = compiled(*x), _dense_copy(compiled)(*x)
+        got, want = compiled(*x), dense_reference(compiled)(*x)
         assert (got - want).abs().max().item() <= 1e-5
         assert (got - model(*x)).abs().max().item() > 1e-3  # routing changed something
-    forms = ["portable"]
-    try:
-        import onnxruntime_extensions  # noqa: F401
-        forms.append("custom")
-    except ImportError:
-        pass
-    program = compiled.export()
-    for form in forms:
-        path = tmp_path / f"model.{form}.onnx"
-        compiled.export_onnx(path, form=form, program=program, capacity="exact")
-        assert verify_onnx(compiled, x, path, atol=1e-4, form=form) <= 1e-4
+    assert_onnx_forms_reproduce(compiled, x, tmp_path)
 
 
 def test_flops_keep_the_whole_query_projection():
@@ -202,7 +181,7 @@ def test_sparse_pass_profiles_the_given_queries_and_keeps_the_head_order():
     assert [r.get("skipped") for r in _layout(compiled).values()] == [
         "queries computed by the model's graph (reordering them would copy them in every call)"]
     x = _x(2, 24, seed=3)
-    dense = _dense_copy(compiled)
+    dense = dense_reference(compiled)
     with torch.no_grad():
         assert (_out(compiled, x) - dense(*x)).abs().max().item() <= 1e-5
     cfg = moh_compile.CompileConfig(attention="sparse", ffn="keep",
@@ -225,25 +204,13 @@ def test_tensorrt_rules_take_query_or_q_weight():
 
 
 def test_olmo2_moh_end_to_end():
-    """A real family (OLMo 2, tiny config): identity exact, then MoH at half the heads equals the
-    masked dense reference."""
+    """A real family (OLMo 2, tiny config; its identity compile: tests/test_more_architectures.py):
+    MoH at half the heads equals the masked dense reference."""
     transformers = pytest.importorskip("transformers")
     config = transformers.Olmo2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     torch.manual_seed(0)
     model = transformers.Olmo2Model(config).eval()
-
-    def ids(b, s, seed):
-        return {"input_ids": torch.randint(0, 100, (b, s), generator=torch.Generator().manual_seed(seed)),
-                "use_cache": False}
-
-    cfg = moh_compile.CompileConfig(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}})
-    calib = Calibration(batches=[ids(4, 32, s) for s in range(3)])
-    compiled = moh_compile.compile(model, ids(2, 8, 0), cfg, calibration=calib)
+    compiled = compile_hf_moh_half_heads(model)
     assert all("OLMo 2" in b["query_from_graph"] for b in compiled.report.blocks if b["kind"] == "attention")
-    x = ids(3, 21, 9)
-    with torch.no_grad():
-        got = compiled(**x).last_hidden_state
-        want = _dense_copy(compiled)(**x).last_hidden_state
-        assert (got - want).abs().max().item() <= 1e-5
-        assert (got - model(**x).last_hidden_state).abs().max().item() > 1e-3
+    assert_routed_like_the_reference(compiled, model, hf_ids(3, 21, 9))

@@ -5,7 +5,6 @@ formula, the routed kernel against the reference, a tiny model through MoH and b
 and the sparse pass leaving it dense with its reason."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ import moh_compile
 from moh_compile.kernels import routed_attention as ra
 from moh_compile.ops.attention import attention_reference
 from tests.test_routed_attention_kernel import make_args
+from tests.op_checks import assert_onnx_forms_reproduce, dense_reference
 
 transformers = pytest.importorskip("transformers")
-OP = torch.ops.moh_compile.attention.default
 CAP = 2.0
 
 
@@ -98,33 +97,17 @@ def test_identity_is_bit_exact(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_routed_heads_match_the_reference_and_export(name, tmp_path):
-    from moh_compile.backends.ort_runtime import verify_onnx
-
     model = MODELS[name][0]()
     cfg = moh_compile.CompileConfig(attention="moh", ffn="keep",
                                     options={"moh": {"active_heads": 0.5, "router": "query_norm"}})
     compiled = moh_compile.compile(model, _ids(2, 8, 0), cfg)
-    dense = copy.deepcopy(compiled.graph_module)
-    for n in dense.graph.nodes:
-        if n.target is OP:
-            n.target = attention_reference
-    dense.recompile()
+    dense = dense_reference(compiled)
     x = _ids(3, 13, 1)
     with torch.no_grad():
         got, want = compiled(**x).last_hidden_state, dense(**x).last_hidden_state
         assert (got - want).abs().max().item() <= 1e-5
         assert (got - model(**x).last_hidden_state).abs().max().item() > 1e-3
-    forms = ["portable"]
-    try:
-        import onnxruntime_extensions  # noqa: F401
-        forms.append("custom")
-    except ImportError:
-        pass
-    program = compiled.export()
-    for form in forms:
-        path = tmp_path / f"model.{form}.onnx"
-        compiled.export_onnx(path, form=form, program=program, capacity="exact")
-        assert verify_onnx(compiled, x, path, atol=1e-4, form=form) <= 1e-4
+    assert_onnx_forms_reproduce(compiled, x, tmp_path)
 
 
 def test_sparse_pass_keeps_these_forms_dense_with_the_reason():

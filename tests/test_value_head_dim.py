@@ -3,8 +3,6 @@ nope + rope dims, values narrower), keys assembled by writing into slices of a f
 the compile's last check that dead-code removal left the model's outputs alone."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,14 +10,14 @@ import torch.nn.functional as F
 
 import moh_compile
 from moh_compile.backends import tensorrt as trt
-from moh_compile.calibrate.data import Calibration
 from moh_compile.kernels import block_sparse as bs
 from moh_compile.kernels import routed_attention as ra
 from moh_compile.match import graph as g
 from moh_compile.ops.attention import attention_reference
+from tests.op_checks import (assert_onnx_forms_reproduce, assert_routed_like_the_reference,
+                             compile_hf_moh_half_heads, hf_ids)
 from tests.test_routed_attention_kernel import make_args
 
-OP = torch.ops.moh_compile.attention.default
 
 
 class LatentBlock(nn.Module):
@@ -147,42 +145,15 @@ def test_deepseek_moh_matches_the_reference_and_exports(tmp_path):
     forms reproduce it in ONNX Runtime. (DeepSeek-V2 compiles too, tests/test_more_architectures.py,
     but its complex-number RoPE, in the graph, does not export to ONNX.)"""
     transformers = pytest.importorskip("transformers")
-    from moh_compile.backends.ort_runtime import verify_onnx
-
     config = transformers.DeepseekV3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                            num_key_value_heads=4, intermediate_size=128, vocab_size=100,
                                            q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                                            qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=2)
     torch.manual_seed(0)
     model = transformers.DeepseekV3Model(config).eval()
-
-    def ids(b, s, seed):
-        return {"input_ids": torch.randint(0, 100, (b, s), generator=torch.Generator().manual_seed(seed)),
-                "use_cache": False}
-
-    cfg = moh_compile.CompileConfig(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}})
-    compiled = moh_compile.compile(model, ids(2, 8, 0), cfg,
-                                   calibration=Calibration(batches=[ids(4, 32, s) for s in range(3)]))
+    compiled = compile_hf_moh_half_heads(model)
     blocks = [b for b in compiled.report.blocks if b["kind"] == "attention"]
     assert len(blocks) == 2 and all(b["v_head_dim"] == 16 and b["query_from_graph"] for b in blocks)
-    dense = copy.deepcopy(compiled.graph_module)
-    for n in dense.graph.nodes:
-        if n.target is OP:
-            n.target = attention_reference
-    dense.recompile()
-    x = ids(3, 21, 9)
-    with torch.no_grad():
-        got = compiled(**x).last_hidden_state
-        assert (got - dense(**x).last_hidden_state).abs().max().item() <= 1e-5
-        assert (got - model(**x).last_hidden_state).abs().max().item() > 1e-3
-    forms = ["portable"]
-    try:
-        import onnxruntime_extensions  # noqa: F401
-        forms.append("custom")
-    except ImportError:
-        pass
-    program = compiled.export()
-    for form in forms:
-        path = tmp_path / f"model.{form}.onnx"
-        compiled.export_onnx(path, form=form, program=program, capacity="exact")
-        assert verify_onnx(compiled, x, path, atol=1e-4, form=form) <= 1e-4
+    x = hf_ids(3, 21, 9)
+    assert_routed_like_the_reference(compiled, model, x)
+    assert_onnx_forms_reproduce(compiled, x, tmp_path)
