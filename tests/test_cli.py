@@ -74,6 +74,27 @@ def test_cli_inspects_hugging_face_encoder_decoder_directory(tmp_path, capsys):
     assert sorted((b["cross"], b["causal"]) for b in attn) == [(False, False), (False, True), (True, False)]
 
 
+def test_cli_compiles_olmo2_directory_with_moh_and_verifies_onnx(tmp_path, capsys):
+    """A saved OLMo 2 directory (tiny config: its query norm spans all heads, so its queries stay in
+    the graph) through the CLI: MoH calibrated on a .pt file of token ids, both ONNX forms
+    exported, then `moh-compile verify` runs them in ONNX Runtime against model.pt2."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.Olmo2Model(transformers.Olmo2Config(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=100)).save_pretrained(tmp_path / "olmo2")
+    ids = torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(1))
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "calib.pt")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "olmo2"), "--out", str(out), "--attention", "moh", "--active-heads", "0.5",
+                 "--ffn", "keep", "--calib", str(tmp_path / "calib.pt"), "--export", "onnx"]) == 0
+    report = (out / "report.md").read_text()
+    assert "GQA (query from graph)" in report and "Queries left to the model's graph" in report
+    assert {p.name for p in out.glob("model.*.onnx")} == {"model.custom.onnx", "model.portable.onnx"}
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+
+
 def test_missing_file(capsys, tmp_path):
     _one_line_error(capsys, main(["inspect", str(tmp_path / "nope.pt")]), "no such file")
 
