@@ -66,7 +66,8 @@ class Report:
                 continue
             qkv = "fused" if b["q"]["fused"] else "separate"
             extras = [label for key, label in (("cross", "cross"), ("qk_norm", "QK-norm"), ("softcap", "soft-capped"),
-                                               ("sinks", "sinks"), ("query_from_graph", "query from graph"))
+                                               ("sinks", "sinks"), ("query_from_graph", "query from graph"),
+                                               ("output_gate", "output-gated"))
                       if b.get(key)]
             kind = b["attention_type"] + (f" ({', '.join(extras)})" if extras else "")
             head_dim = str(b["head_dim"]) + (f" (v {b['v_head_dim']})" if b.get("v_head_dim") else "")

@@ -180,7 +180,18 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
         mask = b.call(aten.tril.default, ones)
     return dict(x=x, q_weight=wq, q_bias=bq, k=k, v=v, attn_mask=mask, rope_cos=cos,
                 rope_sin=sin, o_weight=wo, o_bias=bo, q_norm_weight=_q_norm_operand(b, m),
-                sinks=None if m.sinks is None else b.call(aten.reshape.default, m.sinks, [-1]), query=m.query)
+                sinks=None if m.sinks is None else b.call(aten.reshape.default, m.sinks, [-1]), query=m.query,
+                out_gate=_out_gate_operand(b, m, bsz, seq))
+
+
+def _out_gate_operand(b: _Builder, m: AttentionMatch, bsz: fx.Node, seq: fx.Node) -> fx.Node | None:
+    """The model's gate on the heads' contexts as the op takes it, (B, H, S, Dv)."""
+    gate, blk = m.out_gate, m.block
+    if gate is None or m.out_gate_layout == "bhsd":
+        return gate
+    if m.out_gate_layout == "bsf":
+        gate = b.call(aten.view.default, gate, [bsz, seq, blk.num_heads, blk.v_head_dim or blk.head_dim])
+    return b.call(aten.transpose.int, gate, 1, 2)
 
 
 def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
@@ -213,9 +224,9 @@ GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
 
 def _trailing_operands(m: AttentionMatch, ops: dict) -> tuple:
     """The op's optional last arguments (QK-norm, soft-capping, attention sinks, queries from the
-    graph), trailing defaults left out so that graphs without them keep the short form."""
+    graph, output gate), trailing defaults left out so that graphs without them keep the short form."""
     tail = [ops["q_norm_weight"], float(m.q_norm.eps) if m.q_norm is not None else 0.0, float(m.block.softcap),
-            ops["sinks"], ops["query"]]
+            ops["sinks"], ops["query"], ops["out_gate"]]
     while tail and (tail[-1] is None or (isinstance(tail[-1], float) and tail[-1] == 0.0)):  # the defaults
         tail.pop()
     return tuple(tail)

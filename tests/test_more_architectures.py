@@ -32,6 +32,10 @@ CONFIGS = {
     "deepseek_v2": lambda: T.DeepseekV2Model(T.DeepseekV2Config(**COMMON, num_key_value_heads=4, q_lora_rank=32,
                                                                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                                                 v_head_dim=16, first_k_dense_replace=2)),
+    # its full-attention layers: QK-norm and a sigmoid gate on the heads' contexts (tests/test_output_gate.py)
+    "qwen3_next": lambda: _random_norm_scales(T.Qwen3NextModel(T.Qwen3NextConfig(
+        **COMMON, num_key_value_heads=2, head_dim=16, layer_types=["full_attention"] * 2, num_experts=0,
+        mlp_only_layers=[0, 1]))),
     "hunyuan": lambda: T.HunYuanDenseV1Model(T.HunYuanDenseV1Config(**COMMON, num_key_value_heads=2, head_dim=16)),
     # QK-norm with Gemma's (1 + w) scales, sliding-window and global layers (Qwen3 is in tests/models.py)
     "gemma3": lambda: _random_norm_scales(T.Gemma3TextModel(T.Gemma3TextConfig(**COMMON, num_key_value_heads=2,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import moh_compile
 from moh_compile.backends import tensorrt as trt
 from moh_compile.calibrate.data import Calibration
-from moh_compile.flops import attention_flops
+from moh_compile.flops import block_attention_flops
 from moh_compile.kernels import block_sparse as bs
 from moh_compile.kernels import routed_attention as ra
 from moh_compile.ops.attention import attention_reference
@@ -155,14 +155,23 @@ def test_moh_matches_the_reference_and_exports(name, tmp_path):
     assert_onnx_forms_reproduce(compiled, x, tmp_path)
 
 
-def test_flops_keep_the_whole_query_projection():
-    """The report's MoH saving leaves out the Q projection when the graph computes the queries."""
-    dims = (1, 128, 64, 4, 2, 16)
-    full = attention_flops(*dims)
-    owned = attention_flops(*dims, active_heads=0.5)
-    graph = attention_flops(*dims, active_heads=0.5, query_projected=False)
-    assert owned["q_proj"] == full["q_proj"] / 2 and graph["q_proj"] == full["q_proj"]
-    assert graph["core"] == owned["core"] and graph["o_proj"] == owned["o_proj"]
+def test_flops_count_the_query_projection_the_graph_still_computes():
+    """The report's MoH saving: the op's own Q projection skips unchosen heads; queries from the
+    graph cost every row; a fused qkv projection computes every query row and the op its own on top."""
+    from moh_compile.match.blocks import AttentionBlock, ProjectionInfo
+
+    def block(**kw):
+        proj = ProjectionInfo("w", None)
+        return AttentionBlock(name="b", layer=0, core="sdpa", num_heads=4, num_kv_heads=2, head_dim=16, d_model=64,
+                              d_out=64, scale=0.25, causal=True, has_mask=True, rope=False, layout="batch_first",
+                              q=ProjectionInfo("w", None, fused=kw.pop("fused", False)), k=proj, v=proj, o=proj, **kw)
+
+    full = block_attention_flops(block(), 128)["q_proj"]
+    assert block_attention_flops(block(), 128, rewritten=True, active_heads=0.5)["q_proj"] == full / 2
+    assert block_attention_flops(block(query_from_graph="why"), 128, rewritten=True,
+                                 active_heads=0.5)["q_proj"] == full
+    assert block_attention_flops(block(fused=True), 128, rewritten=True, active_heads=0.5)["q_proj"] == 1.5 * full
+    assert block_attention_flops(block(fused=True), 128)["q_proj"] == full  # the model as it is
 
 
 def test_query_norm_router_is_refused_with_the_reason():

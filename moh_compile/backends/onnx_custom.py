@@ -98,6 +98,7 @@ ATTENTION_PORTS = [
     Port("attn_mask", "M", optional=True), Port("rope_cos", optional=True), Port("rope_sin", optional=True),
     Port("o_weight"), Port("o_bias", optional=True), Port("head_gates", optional=True),
     Port("q_norm_weight", optional=True), Port("sinks", optional=True), Port("query", optional=True),
+    Port("out_gate", optional=True),
 ]
 ATTENTION_SCHEMA = make_schema(
     ATTENTION_OP, ATTENTION_PORTS,
@@ -106,15 +107,15 @@ ATTENTION_SCHEMA = make_schema(
      ("window_alpha", _A.INTS, False), ("window_beta", _A.FLOATS, False), ("window_two_sided", _A.INT, False),
      ("q_norm_eps", _A.FLOAT, False), ("softcap", _A.FLOAT, False), ("v_head_dim", _A.INT, False)],
     "moh_compile::attention: Q projection (per-head RMS norm when q_norm_weight is given, RoPE; or the "
-    "query input, (B, H, S, D), when q_weight is absent), per-head (routed, windowed) attention, gated O "
-    "projection.",
+    "query input, (B, H, S, D), when q_weight is absent), per-head (routed, windowed) attention, the "
+    "out_gate input (B, H, S, Dv) times each head's context if given, gated O projection.",
     out_weight="o_weight", masks=True,
 )
 
 
 def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                         scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
+                        q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None, out_gate=None):
     """onnxscript translation of moh_compile::attention (head counts read from static weight shapes)."""
     head_dim = int(k.shape[-1])
     heads = int(query.shape[1]) if q_weight is None else int(q_weight.shape[0]) // head_dim
@@ -130,7 +131,7 @@ def translate_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin
     if softcap:
         attrs["softcap"] = float(softcap)
     return _moh.MohRoutedAttention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
-                                   head_gates, q_norm_weight, sinks, query, **attrs)
+                                   head_gates, q_norm_weight, sinks, query, out_gate, **attrs)
 
 
 def attention_kernel(inputs: dict[str, torch.Tensor | None], attrs: dict) -> torch.Tensor:

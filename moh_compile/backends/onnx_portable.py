@@ -84,14 +84,27 @@ def _kv_for_heads(k, v, heads: list[int], num_heads: int):
     return k.index_select(1, idx), v.index_select(1, idx)
 
 
+def _select_heads(t: torch.Tensor, heads: list[int], num_heads: int) -> torch.Tensor:
+    """The given heads of a (B, H, S, F) per-head tensor (queries or output gates from the graph)."""
+    return t if len(heads) == num_heads else t.index_select(1, _const(heads, torch.int64, t.device))
+
+
+def _head_rows(t: torch.Tensor, heads: list[int], num_heads: int, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx (B, Hr, C) of the given heads of a (B, H, S, F) per-head tensor -> (B, Hr, C, F)."""
+    b, hr, s = idx.shape[0], idx.shape[1], t.shape[2]
+    base = ((torch.arange(b, device=t.device) * hr).view(b, 1, 1)
+            + torch.arange(hr, device=t.device).view(1, hr, 1)) * s
+    return _gather_rows(_select_heads(t, heads, num_heads).reshape(b * hr * s, t.shape[-1]), idx + base)
+
+
 def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                 softcap, sinks, query, heads: list[int], num_heads: int):
+                 softcap, sinks, query, out_gate, heads: list[int], num_heads: int):
     """Every token through the selected heads (all heads for the identity setting); gates may be None."""
     b, s, _ = x.shape
     d = k.shape[-1]
     wq, bq, wo = _head_weights(q_weight, q_bias, o_weight, heads, num_heads, d)
     if query is not None:  # computed by the graph, every head
-        q = query if len(heads) == num_heads else query.index_select(1, _const(heads, torch.int64, x.device))
+        q = _select_heads(query, heads, num_heads)
     else:
         q = torch.matmul(x.unsqueeze(1), wq.transpose(1, 2))  # (B, Hs, S, D)
         if bq is not None:
@@ -105,6 +118,8 @@ def _dense_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_wei
         visible = _window_visible(torch.arange(s, device=x.device), k.shape[2], heads, *window, x.device)
         mask = and_pattern(mask, visible.unsqueeze(0))
     ctx = attention_core(q, kh, vh, _full_rows(mask, q.shape[2]), scale, softcap, _of_heads(sinks, heads, num_heads))
+    if out_gate is not None:
+        ctx = ctx * _select_heads(out_gate, heads, num_heads)
     if gates is not None:
         g = gates.index_select(-1, _const(heads, torch.int64, x.device)) if len(heads) != num_heads else gates
         ctx = ctx * g.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -154,7 +169,8 @@ def _gathered_core(q, idx, kh, vh, attn_mask, window, heads: list[int], scale, s
 
 
 def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, gates, scale, window, q_norm,
-                  softcap, sinks, query, heads: list[int], num_heads: int, cap: int, out: torch.Tensor | None):
+                  softcap, sinks, query, out_gate, heads: list[int], num_heads: int, cap: int,
+                  out: torch.Tensor | None):
     """One group of routed heads: top-C tokens per (batch row, head), gathered compute, scatter-added
     into `out` (B, S, E_out) or zeros."""
     b, s, e = x.shape
@@ -166,10 +182,7 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
     flat = idx + (torch.arange(b, device=x.device) * s).view(b, 1, 1)
     wq, bq, wo = _head_weights(q_weight, q_bias, o_weight, heads, num_heads, d)
     if query is not None:  # computed by the graph: gather the chosen (token, head) rows
-        qh = query if hr == num_heads else query.index_select(1, _const(heads, torch.int64, x.device))
-        base = ((torch.arange(b, device=x.device) * hr).view(b, 1, 1)
-                + torch.arange(hr, device=x.device).view(1, hr, 1)) * s
-        q = _gather_rows(qh.reshape(b * hr * s, d), idx + base)  # (B, Hr, C, D)
+        q = _head_rows(query, heads, num_heads, idx)  # (B, Hr, C, D)
     else:
         q = torch.matmul(_gather_rows(x.reshape(b * s, e), flat), wq.transpose(1, 2))  # (B, Hr, C, D)
         if bq is not None:
@@ -182,6 +195,8 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
     kh, vh = _kv_for_heads(k, v, heads, num_heads)
     ctx, masked = _gathered_core(q, idx, kh, vh, attn_mask, window, heads, scale, softcap,
                                  _of_heads(sinks, heads, num_heads))
+    if out_gate is not None:
+        ctx = ctx * _head_rows(out_gate, heads, num_heads, idx)
     y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
     e_out = y.shape[-1]
     out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device) if out is None else out.reshape(b * s, e_out)
@@ -190,14 +205,14 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                        scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None,
+                       q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None, out_gate=None,
                        dense_heads=None, routed_heads=None, group_sizes=None, group_caps=None):
     """moh_compile::attention in export-friendly torch. Without a plan every head is dense."""
     d = k.shape[-1]
     num_heads = num_query_heads(q_weight, query, d)
     window = None if window_sink is None else (window_sink, window_alpha, window_beta, window_two_sided)
     args = (q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, head_gates, scale, window,
-            (q_norm_weight, q_norm_eps), softcap, sinks, query)
+            (q_norm_weight, q_norm_eps), softcap, sinks, query, out_gate)
     if routed_heads is None or head_gates is None:
         dense_heads, routed_heads, group_sizes, group_caps = list(range(num_heads)), [], [], []
     out = _dense_heads(x, *args, list(dense_heads), num_heads) if dense_heads else None
@@ -215,14 +230,14 @@ def attention_capacity(
     o_weight: torch.Tensor, o_bias: torch.Tensor | None, head_gates: torch.Tensor, scale: float,
     window_sink: list[int] | None, window_alpha: list[int] | None, window_beta: list[float] | None,
     window_two_sided: bool, q_norm_weight: torch.Tensor | None, q_norm_eps: float, softcap: float,
-    sinks: torch.Tensor | None, query: torch.Tensor | None, dense_heads: list[int], routed_heads: list[int],
-    group_sizes: list[int], group_caps: list[int],
+    sinks: torch.Tensor | None, query: torch.Tensor | None, out_gate: torch.Tensor | None, dense_heads: list[int],
+    routed_heads: list[int], group_sizes: list[int], group_caps: list[int],
 ) -> torch.Tensor:
     """A call site of moh_compile::attention with its capacity plan attached (export-time only)."""
     return portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                               head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                              q_norm_weight, q_norm_eps, softcap, sinks, query, dense_heads, routed_heads,
-                              group_sizes, group_caps)
+                              q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate, dense_heads,
+                              routed_heads, group_sizes, group_caps)
 
 
 @attention_capacity.register_fake

@@ -32,7 +32,8 @@ PORTS = {
     ATTENTION_OP: [("x", "T", False), ("q_weight", "T", True), ("q_bias", "T", True), ("k", "T", False),
                    ("v", "T", False), ("attn_mask", "M", True), ("rope_cos", "T", True), ("rope_sin", "T", True),
                    ("o_weight", "T", False), ("o_bias", "T", True), ("head_gates", "T", True),
-                   ("q_norm_weight", "T", True), ("sinks", "T", True), ("query", "T", True)],
+                   ("q_norm_weight", "T", True), ("sinks", "T", True), ("query", "T", True),
+                   ("out_gate", "T", True)],
     FFN_OP: [("x", "T", False), ("w_in", "T", False), ("b_in", "T", True), ("w_out", "T", False),
              ("b_out", "T", True), ("w_gate", "T", True), ("b_gate", "T", True)],
     MOEPP_OP: [("x", "T", False), ("w_in", "T", False), ("b_in", "T", True), ("w_gate", "T", True),
@@ -95,6 +96,10 @@ def output_shape(op_type: str, shapes: dict, attrs: dict) -> tuple:
             raise ValueError(f"{op_type}: head_gates {tuple(s['head_gates'])} != (B, S, {h})")
         if s.get("q_norm_weight") is not None and tuple(s["q_norm_weight"]) not in ((d,), (None,)):
             raise ValueError(f"{op_type}: q_norm_weight {tuple(s['q_norm_weight'])} != ({d},) (one scale per head dim)")
+        if s.get("out_gate") is not None and not (len(s["out_gate"]) == 4 and _same(s["out_gate"][0], x[0])
+                                                  and _same(s["out_gate"][1], h) and _same(s["out_gate"][2], x[1])
+                                                  and _same(s["out_gate"][3], dv)):
+            raise ValueError(f"{op_type}: out_gate {tuple(s['out_gate'])} != (B, {h}, S, {dv})")
         if s.get("sinks") is not None and not (len(s["sinks"]) == 1 and _same(s["sinks"][0], h)):
             raise ValueError(f"{op_type}: sinks {tuple(s['sinks'])} != ({h},) (one logit per query head)")
         for name in ("window_sink", "window_alpha", "window_beta"):

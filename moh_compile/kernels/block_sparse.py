@@ -273,7 +273,7 @@ def sparse_attention_core(
 
 def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                            head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                           q_norm_weight=None, q_norm_eps=0.0, query=None):
+                           q_norm_weight=None, q_norm_eps=0.0, query=None, out_gate=None):
     """The op with window attributes: every head's windowed attention for every token, then the
     head gates if any (so key blocks outside the patterns are skipped, gate-0 rows are not; the
     routed-head kernel skips rows instead, and `kernels.routed_attention` picks between them)."""
@@ -282,6 +282,8 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
     q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps, query)
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
                                 window_two_sided, scale)
+    if out_gate is not None:
+        ctx = ctx * out_gate
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
     return F.linear(ctx.transpose(1, 2).reshape(b, s, -1), o_weight, o_bias)
@@ -290,7 +292,7 @@ def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_
 def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                             head_gates, scale, window_sink=None, window_alpha=None, window_beta=None,
                             window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None,
-                            query=None):
+                            query=None, out_gate=None):
     """Fast path of `moh_compile::attention` for window attributes without head gates; else None:
     also when the cost model predicts the dense masked reference faster (short sequences, where
     the bands cover most keys and the block kernel's per-call overheads dominate), and for
@@ -306,7 +308,7 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
     STATS["calls"] += 1
     return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                                   None, scale, window_sink, window_alpha, window_beta, window_two_sided,
-                                  q_norm_weight, q_norm_eps, query)
+                                  q_norm_weight, q_norm_eps, query, out_gate)
 
 
 # Cost of one (query, key) pair the block kernel computes (band padding included) relative to one

@@ -192,7 +192,7 @@ def _applicable(x, q_weight, k, head_gates, rope_cos, query) -> bool:
 def routed_attention_cpu(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0, sinks=None, query=None,
+    softcap=0.0, sinks=None, query=None, out_gate=None,
 ):
     """The op with gate-0 (token, head) pairs skipped; None when it does not apply."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos, query):
@@ -200,13 +200,13 @@ def routed_attention_cpu(
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks, query)
+                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
 
 
 def routed_attention_when_faster(
     x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False, q_norm_weight=None, q_norm_eps=0.0,
-    softcap=0.0, sinks=None, query=None,
+    softcap=0.0, sinks=None, query=None, out_gate=None,
 ):
     """What the op dispatches to: the kernel where `routing_speedup` predicts it beats the dense
     masked path, else None (the op then runs that path; the output is the same either way).
@@ -234,7 +234,7 @@ def routed_attention_when_faster(
             STATS.sparse_calls += 1
             return sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight,
                                           o_bias, head_gates, scale, window_sink, window_alpha, window_beta,
-                                          window_two_sided, q_norm_weight, q_norm_eps, query)
+                                          window_two_sided, q_norm_weight, q_norm_eps, query, out_gate)
         if best == "dense":
             STATS.dense_calls += 1
             return None
@@ -245,7 +245,7 @@ def routed_attention_when_faster(
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
-                   q_norm_weight, q_norm_eps, softcap, sinks, query)
+                   q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
 
 
 def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, window_two_sided, device):
@@ -257,7 +257,7 @@ def _kernel_mask(attn_mask, s, s_k, window_sink, window_alpha, window_beta, wind
 
 
 def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan: RoutingPlan,
-            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
+            q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None, out_gate=None):
     """The kernel proper, given the prepared mask (`_kernel_mask`) and the routing plan."""
     b, s, e = x.shape
     d, dv = k.shape[-1], v.shape[-1]  # queries/keys and values (MLA's values are narrower)
@@ -276,7 +276,9 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
     if query is None:
         xg = torch.index_select(x.reshape(b * s, e), 0, rows, out=ws[: n * e].view(n, e))
     else:  # queries computed by the graph: gather the chosen rows, (H, B*S, D) head-major
-        q_heads = query.transpose(0, 1).reshape(h, b * s, d)
+        q_heads = _head_major(query)
+    if out_gate is not None:  # the model's gate on each head's context: the chosen rows of it
+        gate_heads = _head_major(out_gate)
     if rope_cos is not None:
         cos_all = as_4d(rope_cos).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
         sin_all = as_4d(rope_sin).expand(b, 1, s, d).reshape(b * s, d).index_select(0, rows)
@@ -313,6 +315,8 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
                                                _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap,
                                                None if group_sinks is None else group_sinks[h0:h1])
         ctx = ctx.transpose(0, 1).reshape(g, b * cap, dv)
+        if out_gate is not None:
+            ctx = ctx * gate_heads[idx.view(g, 1), rows[span].view(g, b * cap)]
         # Output projection per head (columns h*Dv:(h+1)*Dv of W_o).
         out_g = contrib[span].view(g, b * cap, e_out)
         for j, head in enumerate(group):
@@ -323,6 +327,11 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
     if o_bias is not None:
         out.add_(o_bias)
     return out.view(b, s, e_out)
+
+
+def _head_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (H, B*S, D): per head, rows indexed like the routing plan's flat tokens."""
+    return t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], t.shape[3])
 
 
 def _project_rows(xq: torch.Tensor, q_weight, q_bias, group: list[int], d: int) -> torch.Tensor:

@@ -69,6 +69,8 @@ class AttentionMatch:
     y: fx.Node  # node whose value the op output replaces, (B, S, E) or (S, B, E)
     sinks: fx.Node | None = None  # per-head sink logits (GPT-OSS), a parameter of H values
     query: fx.Node | None = None  # the core's (B, H, S, D) queries, when the graph keeps computing them
+    out_gate: fx.Node | None = None  # what multiplies the heads' contexts before W_o (Qwen3-Next's sigmoid gate)
+    out_gate_layout: str = ""  # its layout: "bhsd" (B, H, S, Dv), "bshd" (B, S, H, Dv) or "bsf" (B, S, H * Dv)
 
 
 @dataclass
@@ -388,7 +390,10 @@ def _unexpand_kv(node, num_heads: int):
 
 
 def _walk_to_out_projection(node):
-    cur = node
+    """(output projection, gate, the context value the gate multiplies): through layout ops and at
+    most one elementwise gate of the context's own shape that does not depend on it (Qwen3-Next's
+    `ctx * sigmoid(gate)`); gate None when there is none."""
+    cur, gate, gated = node, None, None
     for _ in range(16):
         users = list(cur.users)
         if len(users) != 1:
@@ -396,12 +401,47 @@ def _walk_to_out_projection(node):
         user = users[0]
         lin = g.as_linear(user)
         if lin is not None and lin.x is cur:
-            return lin
+            return lin, gate, gated
         if g.is_passthrough(user) and user.args[0] is cur:
             cur = user
             continue
+        other = _gate_factor(user, cur, node)
+        if other is not None and gate is None:
+            gate, gated, cur = other, cur, user
+            continue
         raise NoMatch(f"attention output does not reach an output projection (stopped at {_desc(user)})")
     raise NoMatch("output path too long")
+
+
+def _gate_factor(user, cur, core_out):
+    """The other factor when `user` multiplies `cur` elementwise by a tensor of its shape that is
+    computed without the attention output; else None."""
+    if not (g.is_call(user, {aten.mul.Tensor}) and len(user.args) == 2 and cur in user.args):
+        return None
+    other = user.args[1] if user.args[0] is cur else user.args[0]
+    if not isinstance(other, fx.Node) or g.shape_keys(other) != g.shape_keys(cur):
+        return None
+    stack, seen = [other], set()
+    while stack:  # the gate must not read the attention output
+        n = stack.pop()
+        if n is core_out:
+            return None
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return other
+
+
+def _gate_layout(gated, s_key, num_heads: int, dv: int) -> str:
+    """How the gated context is laid out where the gate multiplies it (see AttentionMatch.out_gate_layout)."""
+    keys = g.shape_keys(gated)
+    if keys is not None and len(keys) == 4 and keys[2] == s_key and keys[1] == str(num_heads) and keys[3] == str(dv):
+        return "bhsd"
+    if keys is not None and len(keys) == 4 and keys[1] == s_key and keys[2] == str(num_heads) and keys[3] == str(dv):
+        return "bshd"
+    if keys is not None and len(keys) == 3 and keys[1] == s_key and keys[2] == str(num_heads * dv):
+        return "bsf"
+    raise NoMatch(f"the attention output is gated in a layout moh-compile does not read ({keys})")
 
 
 def _token_layout(node, b_key: str | None, s_key: str) -> str | None:
@@ -524,7 +564,8 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
     scale *= qs.scale
     rope_seq_major = rope is not None and _rope_is_seq_major(rope.src, s_key, qv.dim())
     dv = g.static_int(g.val(v).shape[-1])  # the values' head dim: MLA's is narrower than the queries'
-    lin_o = _walk_to_out_projection(core_out)
+    lin_o, out_gate, gated = _walk_to_out_projection(core_out)
+    gate_layout = _gate_layout(gated, s_key, num_heads, dv) if out_gate is not None else ""
     if lin_o.in_features != num_heads * dv:
         raise NoMatch(f"output projection expects {lin_o.in_features} features, heads give {num_heads * dv}")
     y, _ = _walk_forward_to_3d(lin_o.node, s_key, b_key or g.shape_keys(x)[0 if layout == "batch_first" else 1])
@@ -568,12 +609,13 @@ def _match_block(gm, core: _Core) -> AttentionMatch:
         sinks=core.sinks is not None,
         query_from_graph=qs.from_graph,
         v_head_dim=dv if dv != d else None,
+        output_gate=out_gate is not None,
     )
     if core.sinks is not None and g.val(core.sinks).numel() != num_heads:
         raise NoMatch(f"{g.val(core.sinks).numel()} sink logits for {num_heads} heads")
     return AttentionMatch(block, core_out, x, lin_q, qs.rows, rope, qs.norm, qs.head_perm, rope_seq_major, k_src,
                           v_src, mask_steps, mask_probe, is_causal, lin_o, y, core.sinks,
-                          q if qs.from_graph else None)
+                          q if qs.from_graph else None, out_gate, gate_layout)
 
 
 def _rope_is_seq_major(roped: fx.Node, s_key, core_rank: int) -> bool:

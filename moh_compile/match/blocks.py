@@ -45,6 +45,7 @@ class AttentionBlock:
     # (the op then skips no Q projection rows); "" when the op projects them
     query_from_graph: str = ""
     v_head_dim: int | None = None  # the values' head dim where it differs from head_dim (DeepSeek's MLA)
+    output_gate: bool = False  # each head's context multiplied by a gate before W_o (Qwen3-Next)
 
     @property
     def attention_type(self) -> str:

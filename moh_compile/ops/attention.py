@@ -22,6 +22,8 @@ Semantics (the reference below is the definition; fast kernels must match it):
   op cannot absorb (a norm over all heads, a LayerNorm, a norm after RoPE, ...). Then q_weight,
   q_bias, RoPE and the query norm are None, x is only the block's token input (the router's),
   and the op skips the core rows and W_o columns of unchosen heads but not their Q projection.
+- `out_gate` (B, H, S, Dv): an elementwise gate the model applies to each head's context before
+  the output projection (Qwen3-Next: `ctx * sigmoid(gate)`), computed by the graph.
 """
 from __future__ import annotations
 
@@ -181,8 +183,10 @@ def head_contexts(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     query: torch.Tensor | None = None,
+    out_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Every head's context vectors (B, H, S, D), before gating and the output projection.
+    """Every head's context vectors (B, H, S, D), the model's output gate applied, before the head
+    gates and the output projection.
 
     Shared by the reference and by calibration (per-head contributions = ctx_h @ W_o[:, h].T).
     """
@@ -194,8 +198,10 @@ def head_contexts(
         pattern = window_mask(s, k.shape[2], window_sink, window_alpha, window_beta, window_two_sided, x.device)
     mask = simplify_mask(merge_masks(attn_mask, pattern))
     if not softcap and sinks is None and is_causal_mask(mask, s, k.shape[2]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h)
-    return attention_core(q, k, v, mask, scale, softcap, sinks)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != h)
+    else:
+        ctx = attention_core(q, k, v, mask, scale, softcap, sinks)
+    return ctx if out_gate is None else ctx * out_gate
 
 
 def attention_core(q, k, v, mask, scale: float, softcap: float = 0.0, sinks=None) -> torch.Tensor:
@@ -247,10 +253,11 @@ def attention_reference(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     query: torch.Tensor | None = None,
+    out_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense, masked computation of the op: every head is computed, then gated."""
     ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query)
+                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
     b, h, s, d = ctx.shape
     if head_gates is not None:
         ctx = ctx * head_gates.transpose(1, 2).unsqueeze(-1).to(ctx.dtype)
@@ -284,14 +291,17 @@ def attention(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     query: torch.Tensor | None = None,
+    out_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q_norm_weight / q_norm_eps: the per-head RMS norm of QK-norm models, applied to each query
     head before RoPE (None: no norm); the keys arrive normalised. softcap > 0: scores soft-capped
     to softcap * tanh(scores / softcap) before the mask (Gemma 2). sinks (H,): a per-head logit
     added to every softmax row and dropped after it (GPT-OSS). query (B, H, S, D): queries the
-    model's graph computed (q_weight None; module docstring)."""
+    model's graph computed (q_weight None; module docstring). out_gate (B, H, S, Dv): the model's
+    gate on each head's context before the output projection (Qwen3-Next)."""
     args = (x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query)
+            window_sink, window_alpha, window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query,
+            out_gate)
     out = _FAST_KERNELS.run(*args)
     if out is not None:
         return out
@@ -301,7 +311,7 @@ def attention(
 @attention.register_fake
 def _attention_fake(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                     scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
+                    q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None, out_gate=None):
     return x.new_empty((x.shape[0], x.shape[1], o_weight.shape[0]))
 
 

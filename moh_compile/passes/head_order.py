@@ -31,7 +31,7 @@ from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, pr
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
 _ARG = {"q_weight": 1, "q_bias": 2, "k": 3, "v": 4, "attn_mask": 5, "rope_cos": 6, "rope_sin": 7,
-        "o_weight": 8, "head_gates": 10, "sink": 12, "alpha": 13, "beta": 14, "query": 20}
+        "o_weight": 8, "head_gates": 10, "sink": 12, "alpha": 13, "beta": 14, "query": 20, "out_gate": 21}
 
 
 def head_permutation(sink: list, alpha: list, beta: list, rep: int) -> list[int] | None:
@@ -157,6 +157,8 @@ def _reorder_op(gm, op: fx.Node, example: tuple, reference: dict, rtol: float) -
     a = op.args
     if len(a) > _ARG["query"] and a[_ARG["query"]] is not None:
         return {"skipped": "queries computed by the model's graph (reordering them would copy them in every call)"}
+    if len(a) > _ARG["out_gate"] and a[_ARG["out_gate"]] is not None:
+        return {"skipped": "an output gate computed by the model's graph (reordering it would copy it in every call)"}
     for name in ("attn_mask", "rope_cos", "rope_sin"):
         t = g.val(a[_ARG[name]]) if isinstance(a[_ARG[name]], fx.Node) else None
         if t is not None and t.dim() == 4 and t.shape[1] > 1:

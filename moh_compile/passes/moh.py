@@ -318,7 +318,7 @@ def _flops(m, router: HeadRouter) -> dict:
 
     b, seq = m.block, _block_seq(m)
     before = block_attention_flops(b, seq)["total"]
-    after = block_attention_flops(b, seq, active_heads=router.num_active / b.num_heads)["total"]
+    after = block_attention_flops(b, seq, rewritten=True, active_heads=router.num_active / b.num_heads)["total"]
     return {"seq_for_flops": seq, "flops_before": before,
             "flops_after": after + seq * _router_flops_per_token(router)}
 

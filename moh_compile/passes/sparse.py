@@ -388,7 +388,7 @@ def _flops(blocks, windows, n: int) -> tuple[float, float, float, float]:
         blk = b.match.block
         dens = float(np.mean([pattern_density(n, s, a, be, w["two_sided"], b.causal)
                               for s, a, be in zip(w["sink"], w["alpha"], w["beta"])]))
-        dense, sparse = block_attention_flops(blk, n), block_attention_flops(blk, n, density=dens)
+        dense, sparse = block_attention_flops(blk, n), block_attention_flops(blk, n, rewritten=True, density=dens)
         td, ts, cd, cs = td + dense["total"], ts + sparse["total"], cd + dense["core"], cs + sparse["core"]
     return td, ts, cd, cs
 

@@ -56,11 +56,13 @@ def decompose_mask(attn_mask: torch.Tensor | None, b: int, s: int, s_k: int):
 
 def attention_fast_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
                           scale, window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                          q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None):
+                          q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None, out_gate=None):
     """moh_compile::attention via Triton: routed heads when gated, sparse core when windowed
     (not for soft-capped scores or attention sinks: the flash kernels have neither step; routed
-    heads not for queries computed by the graph: the routed kernel projects its own)."""
-    if not (_usable(x) and k.device == x.device and x.dim() == 3 and k.dim() == 4) or softcap or sinks is not None:
+    heads not for queries computed by the graph: the routed kernel projects its own; neither for
+    an output gate)."""
+    if (not (_usable(x) and k.device == x.device and x.dim() == 3 and k.dim() == 4) or softcap or sinks is not None
+            or out_gate is not None):
         return None
     if head_gates is None and window_sink is None:
         return None  # dense: the reference already uses SDPA's flash kernels
