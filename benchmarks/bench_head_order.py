@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import print_table, save_results, set_threads, time_interleaved  # noqa: E402
+from harness import add_run_args, print_table, save_results, set_threads, time_interleaved  # noqa: E402
 
 import moh_compile  # noqa: E402
 from moh_compile.calibrate.data import as_calibration  # noqa: E402
@@ -30,10 +30,7 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--shapes", default="8x512,32x128,2x512", help="batch x tokens, comma-separated")
     ap.add_argument("--calib-samples", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--plain", action="store_true", help="plain-text table")
-    ap.add_argument("--save", default="bench_head_order", help="results/<name>.{md,json}; '' to skip")
+    add_run_args(ap, save="bench_head_order")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     loaded = load_model("example:minilm")

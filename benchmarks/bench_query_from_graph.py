@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import print_table, save_results, set_threads, time_interleaved  # noqa: E402
+from harness import add_run_args, print_table, save_results, set_threads, time_interleaved  # noqa: E402
 
 from moh_compile.kernels.routed_attention import STATS  # noqa: E402
 from moh_compile.ops.attention import attention, attention_reference  # noqa: E402
@@ -32,10 +32,7 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--active", type=int, default=6, help="heads per token")
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--plain", action="store_true", help="plain-text table")
-    ap.add_argument("--save", default="", help="results/<name>.{md,json}; '' (default) to skip")
+    add_run_args(ap, save="")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     b, h, d = args.batch, args.heads, args.head_dim

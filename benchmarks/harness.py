@@ -42,6 +42,15 @@ def _summary(samples: list[float]) -> Timing:
     return Timing(statistics.median(ms), min(ms), max(ms), len(ms))
 
 
+def add_run_args(ap, save: str, reps: int = 7) -> None:
+    """The options every table benchmark takes: --threads, --reps, --plain, --save (default `save`;
+    '' skips writing results/<name>.{md,json})."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--plain", action="store_true", help="plain-text table")
+    ap.add_argument("--save", default=save, help="results/<name>.{md,json}; '' to skip")
+
+
 def time_fn(fn: Callable[[], object], reps: int = 7, warmup: int = 2) -> Timing:
     """Median-of-`reps` wall time of `fn()` after `warmup` untimed calls."""
     return time_interleaved({"fn": fn}, reps, warmup)["fn"]
@@ -117,4 +126,4 @@ def save_results(name: str, title: str, columns: list[str], rows: list[list], me
     return json_path, md_path
 
 
-__all__ = ["Timing", "set_threads", "time_fn", "time_interleaved", "print_table", "save_results", "environment"]
+__all__ = ["Timing", "add_run_args", "set_threads", "time_fn", "time_interleaved", "print_table", "save_results", "environment"]
