@@ -206,15 +206,11 @@ def fit_gate_scale(router: HeadRouter, x: torch.Tensor, contrib: torch.Tensor,
 
 
 @torch.no_grad()
-def op_head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates, scale,
-                     window_sink=None, window_alpha=None, window_beta=None, window_two_sided=False,
-                     q_norm_weight=None, q_norm_eps=0.0, softcap=0.0, sinks=None, query=None,
-                     out_gate=None) -> torch.Tensor:
-    """(B, S, H, D) every head's context from the attention op's own arguments (head_gates and the
-    output projection are ignored: the fit decides the gates)."""
-    ctx = head_contexts(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, scale, window_sink, window_alpha,
-                        window_beta, window_two_sided, q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
-    return ctx.transpose(1, 2)
+def op_head_contexts(*op_args) -> torch.Tensor:
+    """(B, S, H, D) every head's context from the attention op's own arguments, in the op's order
+    (its output projection and head_gates, positions 8-10, are left out: the fit decides the gates;
+    `head_contexts` takes the rest in the same order, so new op arguments need no change here)."""
+    return head_contexts(*op_args[:8], *op_args[11:]).transpose(1, 2)
 
 
 def contributions(ctx: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
