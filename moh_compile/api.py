@@ -1,7 +1,7 @@
 """The Python API: the pipeline on one screen.
 
-    load -> capture -> match -> plan -> rewrite (verified at identity) -> finalize/calibrate
-    -> optimize (exact layout changes, verified) -> report
+    load -> capture -> match -> plan -> rewrite (verified at identity) -> narrow projections
+    -> finalize/calibrate -> optimize (exact layout changes, verified) -> report
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from moh_compile.config import CompileConfig
 from moh_compile.errors import MohCompileError
 from moh_compile.match import MatchResult, find_blocks
 from moh_compile.match.attention import MASKED_OUT
+from moh_compile.passes import narrow_projections
 from moh_compile.plan import BlockPlan, Plan
 from moh_compile.report import Report, block_rows
 from moh_compile.rewrite import commit_verified, probe_values
@@ -208,6 +209,8 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
             pending.append(p.rewrite(gm, m, bp))
             owners.append((p, m, bp))
     results = commit_verified(gm, pending, insp.captured.args, insp.captured.kwargs, config.verify_rtol)
+    if config.narrow_projections and any(not isinstance(r, str) for r in results):
+        _narrow_projections(gm, insp, matches.attention, config.verify_rtol)
     done: dict = {}
     for (p, m, bp), rw, res in zip(owners, pending, results):
         if isinstance(res, str):
@@ -231,6 +234,19 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
     if calibration is not None:
         compiled.plan_batches = calibration.batches[:DISPATCH_PLAN_BATCHES]
     return compiled
+
+
+def _narrow_projections(gm: fx.GraphModule, insp: Inspection, attention: list, rtol: float) -> None:
+    """Drop the rows of projections nothing reads after the rewrites (a fused QKV projection's
+    query rows); mark the blocks whose Q rows went, so FLOP counts follow; report what changed."""
+    result = narrow_projections.narrow_projections(gm, insp.captured.args, insp.captured.kwargs, rtol)
+    if not result:
+        return
+    narrowed = set(result.pop("linears", []))
+    for m in attention:
+        if m.q_proj is not None and m.q_proj.node in narrowed:
+            m.block.q.narrowed = True
+    insp.report.sections["narrowed projections"] = dict(result, markdown=narrow_projections.markdown(result))
 
 
 def measure_fidelity(original: torch.nn.Module, compiled: torch.nn.Module, batches: list) -> dict:

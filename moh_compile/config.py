@@ -21,6 +21,9 @@ class CompileConfig:
     ffn: str = "identity"
     options: dict = field(default_factory=dict)
     verify_rtol: float = 1e-4
+    # compute only the output rows of projections the rewritten graph still reads (a fused QKV
+    # projection's query rows are projected by the attention op): passes/narrow_projections.py
+    narrow_projections: bool = True
 
     def validate(self, attention_choices=ATTENTION_CHOICES, ffn_choices=FFN_CHOICES) -> "CompileConfig":
         if any(part not in attention_choices for part in self.attention.split("+")) or (

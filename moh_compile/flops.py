@@ -44,11 +44,12 @@ def block_attention_flops(block, seq: int, rewritten: bool = False, active_heads
     as the model has it or (`rewritten`) as the op runs it. The op's Q projection skips unchosen
     heads, except where the graph computes the queries anyway: all of them when it keeps the
     query path ("query from graph"), and on top of the op's own rows when the query rows are part
-    of a fused projection whose K/V (or gate) rows the graph still needs."""
+    of a fused projection whose K/V (or gate) rows the graph still needs, unless the compile
+    narrowed that projection to the rows read (`block.q.narrowed`, the default)."""
     q_rows = active_heads
     if rewritten and block.query_from_graph:
         q_rows = 1.0
-    elif rewritten and block.q.fused:
+    elif rewritten and block.q.fused and not block.q.narrowed:
         q_rows = 1.0 + active_heads
     return attention_flops(1, seq, block.d_model, block.num_heads, block.num_kv_heads, block.head_dim, block.d_out,
                            active_heads=active_heads, q_proj_rows=q_rows, v_head_dim=block.v_head_dim, **kwargs)

@@ -44,7 +44,7 @@ class PendingRewrite:
     inserted: list[fx.Node] = field(default_factory=list)
 
 
-class _Builder:
+class GraphBuilder:
     """Inserts nodes in order right after `anchor`, remembering what it inserted. Inserted nodes
     get shape metadata (meta["val"]) like export's own, so later graph analysis reads them alike."""
 
@@ -99,7 +99,7 @@ class _Builder:
         return self.attr(name)
 
 
-def _weight_as_linear(b: _Builder, lin: g.LinearLike, rows: list[int] | None):
+def _weight_as_linear(b: GraphBuilder, lin: g.LinearLike, rows: list[int] | None):
     """Weight in nn.Linear layout (out, in), restricted to `rows` of the projection, in that
     order: a slice when they are one range (a fused projection's q block), else a gather (per
     head interleaved fused layouts, RoPE dim permutations)."""
@@ -120,7 +120,7 @@ def _weight_as_linear(b: _Builder, lin: g.LinearLike, rows: list[int] | None):
     return w, bias
 
 
-def _rope_operands(b: _Builder, m: AttentionMatch, k: fx.Node):
+def _rope_operands(b: GraphBuilder, m: AttentionMatch, k: fx.Node):
     """(cos, sin, k) for the op's full-head rotate-half RoPE: tables padded to the head (cos 1,
     sin 0 on dims the model does not rotate) and, for other pairings, the tables and the keys
     put in the permuted head-dim order the op's W_q rows already have (match/rope.py)."""
@@ -143,7 +143,7 @@ def _rope_operands(b: _Builder, m: AttentionMatch, k: fx.Node):
     return cos, sin, k
 
 
-def _q_norm_operand(b: _Builder, m: AttentionMatch) -> fx.Node | None:
+def _q_norm_operand(b: GraphBuilder, m: AttentionMatch) -> fx.Node | None:
     """The op's per-dim query-norm scale: the model's parameter (plus its offset, Gemma's 1 + w;
     ones when the norm has no scale), in the op's head-dim order. None without QK-norm."""
     norm = m.q_norm
@@ -160,7 +160,7 @@ def _q_norm_operand(b: _Builder, m: AttentionMatch) -> fx.Node | None:
     return w
 
 
-def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
+def attention_operands(b: GraphBuilder, m: AttentionMatch) -> dict:
     """Graph nodes for the op's operands, in the op's canonical layouts."""
     blk = m.block
     x = m.x if blk.layout == "batch_first" else b.call(aten.transpose.int, m.x, 0, 1)
@@ -184,7 +184,7 @@ def attention_operands(b: _Builder, m: AttentionMatch) -> dict:
                 out_gate=_out_gate_operand(b, m, bsz, seq))
 
 
-def _out_gate_operand(b: _Builder, m: AttentionMatch, bsz: fx.Node, seq: fx.Node) -> fx.Node | None:
+def _out_gate_operand(b: GraphBuilder, m: AttentionMatch, bsz: fx.Node, seq: fx.Node) -> fx.Node | None:
     """The model's gate on the heads' contexts as the op takes it, (B, H, S, Dv)."""
     gate, blk = m.out_gate, m.block
     if gate is None or m.out_gate_layout == "bhsd":
@@ -194,7 +194,7 @@ def _out_gate_operand(b: _Builder, m: AttentionMatch, bsz: fx.Node, seq: fx.Node
     return b.call(aten.transpose.int, gate, 1, 2)
 
 
-def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
+def _mask_operand(b: GraphBuilder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) -> fx.Node | None:
     """The op's one mask from the model's masking steps: additive terms summed; a masked_fill as
     the model's fill value where its condition holds (a bool "visible" mask when it is the only
     step and fills -inf). Terms of (B*H, S, S_k) scores are viewed as (B, H, S, S_k); a step's
@@ -219,7 +219,7 @@ def _mask_operand(b: _Builder, steps: list[MaskStep], x: fx.Node, bsz: fx.Node) 
     return mask
 
 
-GatesFn = Callable[[_Builder, dict], tuple[fx.Node | None, fx.Node | None]]
+GatesFn = Callable[[GraphBuilder, dict], tuple[fx.Node | None, fx.Node | None]]
 
 
 def _trailing_operands(m: AttentionMatch, ops: dict) -> tuple:
@@ -239,7 +239,7 @@ def insert_attention(gm: fx.GraphModule, m: AttentionMatch, gates_fn: GatesFn | 
     gates_fn(builder, operands) may add a router and return (head_gates, compensation) nodes;
     window: {'sink': [...], 'alpha': [...], 'beta': [...], 'two_sided': bool} per-head pattern.
     """
-    b = _Builder(gm.graph, m.y)
+    b = GraphBuilder(gm.graph, m.y)
     ops = attention_operands(b, m)
     gates, compensation = (None, None) if gates_fn is None else gates_fn(b, ops)
     w = window or {}
@@ -259,7 +259,7 @@ def _range_rows(rows: tuple[int, int] | None) -> list[int] | None:
     return None if rows is None else list(range(*rows))
 
 
-def ffn_operands(b: _Builder, m: FFNMatch) -> dict:
+def ffn_operands(b: GraphBuilder, m: FFNMatch) -> dict:
     w_in, b_in = _weight_as_linear(b, m.fc_in, _range_rows(m.in_rows))
     w_out, b_out = _weight_as_linear(b, m.fc_out, None)
     w_gate = b_gate = None
@@ -268,10 +268,10 @@ def ffn_operands(b: _Builder, m: FFNMatch) -> dict:
     return dict(x=m.x, w_in=w_in, b_in=b_in, w_out=w_out, b_out=b_out, w_gate=w_gate, b_gate=b_gate)
 
 
-def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[_Builder, dict], fx.Node] | None = None
+def insert_ffn(gm: fx.GraphModule, m: FFNMatch, emit: Callable[[GraphBuilder, dict], fx.Node] | None = None
                ) -> PendingRewrite:
     """Insert the dense `moh_compile.ffn` op (or what `emit` builds from the operands)."""
-    b = _Builder(gm.graph, m.fc_out.node)
+    b = GraphBuilder(gm.graph, m.fc_out.node)
     ops = ffn_operands(b, m)
     if emit is None:
         out = b.call(torch.ops.moh_compile.ffn.default, ops["x"], ops["w_in"], ops["b_in"], ops["w_out"],
@@ -360,6 +360,20 @@ def tolerance(reference: torch.Tensor, rtol: float) -> float:
     return rtol * (1.0 + float(reference.abs().max()))
 
 
+def same_values(new, old, rtol: float) -> bool:
+    """Whether `new` holds `old`'s values: floating tensors within `tolerance`, other tensors
+    equal, non-tensors equal."""
+    if not isinstance(old, torch.Tensor):
+        return new == old
+    if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+        return False
+    if not old.numel():
+        return True
+    if not old.is_floating_point():
+        return torch.equal(new, old)
+    return float((new - old).abs().max()) <= tolerance(old, rtol)
+
+
 def commit_verified(gm: fx.GraphModule, pending: list[PendingRewrite], args: tuple, kwargs: dict,
                     rtol: float = 1e-4) -> list[float | str]:
     """Compare each pending rewrite with the block it replaces on the example inputs; wire in
@@ -400,10 +414,6 @@ def _check_after_cleanup(gm, before: dict, args, kwargs, rtol: float) -> None:
     per-block checks had passed); fail loudly rather than return a wrong model."""
     after = probe_values(gm, g.output_nodes(gm), args, kwargs)
     for key, old in before.items():
-        if not (isinstance(old, torch.Tensor) and old.is_floating_point() and old.numel()):
-            continue
-        new = after.get(key)
-        if not (isinstance(new, torch.Tensor) and new.shape == old.shape
-                and float((new - old).abs().max()) <= tolerance(old, rtol)):
+        if not same_values(after.get(key), old, rtol):
             raise MohCompileError(f"internal error: the rewritten model's output {key} no longer matches the "
                                   "original after dead-code removal; please report it")

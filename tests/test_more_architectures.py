@@ -75,6 +75,9 @@ CONFIGS = {
     "clip_text": lambda: T.CLIPTextModel(T.CLIPTextConfig(**COMMON)),  # quick-GELU MLP
 }
 ENCODERS = {"roberta", "distilbert", "electra", "clip_text", "mpnet", "modernbert"}
+# fused projections whose query rows the compile stops computing (passes/narrow_projections.py): Q, K, V
+# (Qwen3-Next: Q and its output gate) in blocks, per head, per KV group and per model-parallel group
+NARROWED = {"bloom", "codegen", "falcon_alibi", "falcon_mqa", "gpt_bigcode", "modernbert", "mpt", "phi3", "qwen3_next"}
 
 
 def _random_norm_scales(model):
@@ -99,6 +102,7 @@ def test_every_block_matched_and_identity_exact(name):
     ops = [n.target for n in compiled.graph_module.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.moh_compile.attention.default) == 2, compiled.report.skipped
     assert ops.count(torch.ops.moh_compile.ffn.default) == 2, compiled.report.skipped
+    assert ("narrowed projections" in compiled.report.sections) == (name in NARROWED)
     x = _inputs(name, 3, 13)
     with torch.no_grad():
         want, got = model(**x).last_hidden_state, compiled(**x).last_hidden_state

@@ -14,6 +14,8 @@ class ProjectionInfo:
     bias: str | None
     rows: tuple[int, int] | None = None  # slice of a fused projection's output features
     fused: bool = False
+    # the compiled graph's fused projection no longer computes these rows (passes/narrow_projections.py)
+    narrowed: bool = False
 
 
 @dataclass

@@ -23,6 +23,8 @@ from moh_compile.match.rope import match_rope
 aten = g.aten
 _SIZE_VALUES = (3, 5, 7, 11, 13, 17)  # concrete stand-ins for symbolic sizes, distinct primes
 GATHERS = {aten.index_select.default, aten.index.Tensor}
+PADS = {aten.constant_pad_nd.default}  # move values too; padded entries hold NO_FEATURE
+NO_FEATURE = -1
 # what layout ops and size arithmetic raise on sizes that do not fit them (Swin: side // window on a
 # side of 3 divides by zero; SigLIP: reshaping 0 patches)
 _SIZE_ERRORS = (RuntimeError, ValueError, IndexError, ArithmeticError)
@@ -107,6 +109,8 @@ def _run_layout_path(node: fx.Node, projection: fx.Node, size_of) -> torch.Tenso
             out = concrete(n.meta["val"])
         elif n.op == "get_attr":
             out = _attribute(gm, n.target)  # constant indices of a gather
+        elif n.op == "call_function" and n.target in PADS:
+            out = n.target(run(n.args[0]), n.args[1], NO_FEATURE)
         elif n.op == "call_function" and (n.target in g.LAYOUT or n.target in g.SPLITS or n.target in GATHERS
                                           or n.target is operator.getitem):
             args = fx.node.map_arg(n.args, run)

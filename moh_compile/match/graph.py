@@ -183,18 +183,24 @@ class LinearLike:
 
 
 def is_weight(node) -> bool:
-    """True for a parameter or a view of one (weights never depend on the model's inputs)."""
+    """True for a parameter, a view of one, or its rows gathered by a constant index (weights
+    never depend on the model's inputs)."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 8:
         if node.op == "get_attr":
             return True
         if node.op == "call_function" and (node.target in LAYOUT or node.target is operator.getitem
-                                           or node.target in SPLITS):
+                                           or node.target in SPLITS or _constant_gather(node)):
             node = node.args[0]
             seen += 1
             continue
         return False
     return False
+
+
+def _constant_gather(node: fx.Node) -> bool:
+    return node.target is aten.index_select.default and isinstance(node.args[2], fx.Node) \
+        and node.args[2].op == "get_attr"
 
 
 def as_linear(node) -> LinearLike | None:

@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 
 from moh_compile.match import graph as g
-from moh_compile.match.feature_map import GATHERS, NotALayoutPath, feature_index, head_rows
-from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, probe_values, tolerance
+from moh_compile.match.feature_map import GATHERS, PADS, NotALayoutPath, feature_index, head_rows
+from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, probe_values, same_values
 
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
@@ -66,7 +66,8 @@ def _source_linear(node: fx.Node) -> g.LinearLike | None:
         if lin is not None:
             found.append(lin)
         elif n.op == "call_function" and (g.is_passthrough(n) or n.target in g.POINTWISE
-                                          or n.target is aten.cat.default or n.target in GATHERS):
+                                          or n.target is aten.cat.default or n.target in GATHERS
+                                          or n.target in PADS):
             stack.extend(n.all_input_nodes)
     return found[0] if len(found) == 1 else None
 
@@ -142,15 +143,6 @@ def _permute_projection(edit: _Edit, lin: g.LinearLike, perm_kv: list[int], head
         edit.set_arg(lin.node, lin.bias, edit.param(b.index_select(0, idx), lin.node))
 
 
-def _close(a, b, rtol: float) -> bool:
-    """Same values within rtol of the reference's scale (non-tensors: equal)."""
-    if not isinstance(b, torch.Tensor):
-        return a == b
-    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
-        return False
-    return a.numel() == 0 or float((a - b).abs().max()) <= tolerance(b, rtol)
-
-
 def _reorder_op(gm, op: fx.Node, example: tuple, reference: dict, rtol: float) -> dict:
     """Reorder one op's heads and verify; {"order": [...]} or {"skipped": reason}, graph unchanged then.
     reference: the model outputs ("out*") and this op's "k"/"v" before any reorder."""
@@ -205,7 +197,7 @@ def _apply(edit: _Edit, op: fx.Node, perm: list[int], rep: int, d: int, example:
     reason, values = _permute_kv(edit, op, "v", perm_kv, example, reference, rtol, g.output_nodes(gm))
     if reason:
         return reason
-    if not all(_close(values[k], reference[k], rtol) for k in values if k.startswith("out")):
+    if not all(same_values(values[k], reference[k], rtol) for k in values if k.startswith("out")):
         return "model outputs changed after reordering (not a per-head layout)"
     return None
 
@@ -230,7 +222,7 @@ def _permute_kv(edit: _Edit, op: fx.Node, which: str, perm_kv: list[int], exampl
     _permute_projection(edit, lin, perm_kv, rows)
     values = probe_values(gm, {which: node, **(also or {})}, *example)  # recompiles gm with the change
     want = reference[which].index_select(1, torch.tensor(perm_kv))
-    if not _close(values[which], want, rtol):
+    if not same_values(values[which], want, rtol):
         return f"{which} did not arrive in the new head order", {}
     return None, values
 
