@@ -243,9 +243,12 @@ def _narrow_projections(gm: fx.GraphModule, insp: Inspection, attention: list, r
     if not result:
         return
     narrowed = set(result.pop("linears", []))
+    rows = {b["name"]: b for b in insp.report.blocks if b["kind"] == "attention"}
     for m in attention:
         if m.q_proj is not None and m.q_proj.node in narrowed:
             m.block.q.narrowed = True
+            if m.block.name in rows:
+                rows[m.block.name]["q"]["narrowed"] = True
     insp.report.sections["narrowed projections"] = dict(result, markdown=narrow_projections.markdown(result))
 
 

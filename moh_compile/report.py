@@ -64,7 +64,7 @@ class Report:
         for b in self.blocks:
             if b["kind"] != "attention":
                 continue
-            qkv = "fused" if b["q"]["fused"] else "separate"
+            qkv = ("fused, Q rows dropped" if b["q"].get("narrowed") else "fused") if b["q"]["fused"] else "separate"
             extras = [label for key, label in (("cross", "cross"), ("qk_norm", "QK-norm"), ("softcap", "soft-capped"),
                                                ("sinks", "sinks"), ("query_from_graph", "query from graph"),
                                                ("output_gate", "output-gated"))

@@ -55,6 +55,7 @@ def test_fused_qkv_computes_only_key_and_value_rows_and_stays_exact(name):
     compiled = _compile(model, inputs)
     section = compiled.report.sections["narrowed projections"]
     assert section["narrowed"] and "| rows computed |" in section["markdown"]
+    assert "fused, Q rows dropped" in compiled.report.markdown()
     widths = _projection_widths(compiled)
     heads, kv, d = facts["heads"], facts["kv"], model_width(model, inputs) // facts["heads"]
     for item in section["narrowed"]:
