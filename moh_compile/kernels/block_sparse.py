@@ -51,8 +51,9 @@ def _band(q0: int, q1: int, span: int, two_sided: bool, s_k: int) -> tuple[int, 
     return max(0, lo), min(s_k, hi)
 
 
-def _flash(q, k, v, mask, scale):
-    """Attention over one key set plus its log-sum-exp; rows with no visible key get lse -inf.
+def flash_with_lse(q, k, v, mask, scale, every_row_sees_a_key: bool = False):
+    """Attention over one key set plus its log-sum-exp; rows with no visible key get lse -inf
+    (unless the caller vouches there are none: `every_row_sees_a_key` skips that check).
 
     The lse lets the sink keys and the local band be attended separately (no K/V copies) and
     merged exactly afterwards.
@@ -60,7 +61,9 @@ def _flash(q, k, v, mask, scale):
     if k.shape[2] == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"))
     valid = None
-    if mask is not None:
+    if mask is not None and every_row_sees_a_key:
+        mask = mask if mask.dtype != torch.bool else torch.where(mask, q.new_zeros(()), q.new_full((), float("-inf")))
+    elif mask is not None:
         if mask.dtype == torch.bool:
             valid = mask.any(-1)
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
@@ -74,7 +77,7 @@ def _flash(q, k, v, mask, scale):
     return out, lse
 
 
-def _merge_parts_into(out, o1, l1, o2, l2):
+def merge_partial_attention(out, o1, l1, o2, l2):
     """out = the exact combination of two softmax-normalised partial attentions, by their
     log-sum-exps, in one fused lerp written straight into `out` (a view of the result): the
     second part's weight is exp(l2) / (exp(l1) + exp(l2)) = sigmoid(l2 - l1)."""
@@ -150,7 +153,7 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
             for c0 in range(0, nb, per):
                 c1 = min(nb, c0 + per)
                 m = and_pattern(mview[:, :, c0:c1], pat).expand(b, hg, c1 - c0, block, width)
-                o, lse = _flash(qb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
+                o, lse = flash_with_lse(qb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 kb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 vb.unflatten(0, (b, hg))[:, :, c0:c1].flatten(0, 1),
                                 m.reshape(b * hg, c1 - c0, block, width), scale)
@@ -169,7 +172,7 @@ def _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal, sc
         if mask_g is not None:
             model = mask_g[:, :, q0:q1] if mask_g.shape[2] > 1 else mask_g
             model = model[..., lo:hi] if model.shape[3] > 1 else model
-        o, lse = _flash(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi], and_pattern(model, pat), scale)
+        o, lse = flash_with_lse(qg[:, :, q0:q1], kg[:, :, lo:hi], vg[:, :, lo:hi], and_pattern(model, pat), scale)
         pieces.append((slice(q0, q1), o, lse))
         count((q1 - q0) * (hi - lo))
     return pieces
@@ -257,7 +260,7 @@ def sparse_attention_core(
             rows = slice(n_global, s_q)
             # the sink keys, visible to every remaining row (i >= sink > j): one call for all rows
             m = _mask_slice(mask, hidx, rows, slice(0, n_sink))
-            o_sink, l_sink = _flash(qg[:, :, rows], kg[:, :, :n_sink], vg[:, :, :n_sink], m, scale)
+            o_sink, l_sink = flash_with_lse(qg[:, :, rows], kg[:, :, :n_sink], vg[:, :, :n_sink], m, scale)
             count((s_q - n_global) * n_sink)
             for rs, o_band, l_band in _band_part(qg, kg, vg, mask_g, n_global, n_sink, span, two_sided, causal,
                                                  scale, block, count):
@@ -265,7 +268,7 @@ def sparse_attention_core(
                     og[:, :, rs] = o_band
                 else:
                     sink_rows = slice(rs.start - n_global, rs.stop - n_global)
-                    _merge_parts_into(og[:, :, rs], o_sink[:, :, sink_rows], l_sink[:, :, sink_rows], o_band, l_band)
+                    merge_partial_attention(og[:, :, rs], o_sink[:, :, sink_rows], l_sink[:, :, sink_rows], o_band, l_band)
         if not contiguous:
             out[:, hidx] = og
     return out

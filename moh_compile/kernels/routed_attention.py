@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, sparse_attention_block, sparse_row_cost,
-                                             window_masks_fit)
+from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, flash_with_lse, merge_partial_attention,
+                                             sparse_attention_block, sparse_row_cost, window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, attention_core, finish_queries, is_causal_mask, merge_masks,
                                       num_query_heads, register_fast_kernel, simplify_mask, window_mask)
@@ -65,6 +65,10 @@ ROW_COST_CORE = 1.15
 # 12 heads x 32 / 64 dims, 256-2048 tokens, 25-75% of the heads
 # (`python benchmarks/bench_moh_sparse_dispatch.py --fit`).
 ROW_COST_CORE_WINDOWED = 2.7
+# Causal masks: `_causal_core` runs a tile of CAUSAL_TILE positions at a time (keys before the tile
+# in one unmasked flash call, the tile's own under a mask), at ROW_COST_CORE_CAUSAL per key computed.
+CAUSAL_TILE = 256
+ROW_COST_CORE_CAUSAL = 1.0
 
 
 _WS = WORKSPACE  # shared with the MoE++ kernel (kernels/workspace.py)
@@ -96,43 +100,57 @@ def head_groups(caps: list[int], slack: float | None = None) -> list[list[int]]:
 
 @dataclass
 class RoutingPlan:
-    """Slot layout: group g holds heads groups[g] as (G, B, C_g) slots from starts[g]; each
-    (token, head) pair with a nonzero gate owns one slot, the rest is padding on row 0."""
+    """Slot layout: group g holds heads groups[g] as (G, T, B, C_gt) slots from starts[g], T tiles
+    of `tile` positions (one tile of all positions when untiled), C_gt rows per batch row in tile
+    t (`tile_caps[g]`, summing to caps[g]); within a tile a batch row's rows are in position
+    order. Each (token, head) pair with a nonzero gate owns one slot, the rest is padding on row 0."""
     groups: list[list[int]]
-    caps: list[int]           # C_g per group
+    caps: list[int]           # C_g per group: rows per batch row and head, over all tiles
     starts: list[int]         # first slot of each group
     n_slots: int
     rows: torch.Tensor        # (n_slots,) row of x, viewed as (B*S, E), each slot holds
     slot: torch.Tensor        # (n_active,) slot of each active pair, token-major, heads ascending
     offsets: torch.Tensor     # (B*S,) first active pair of each token (embedding_bag bags)
     weights: torch.Tensor     # (n_active,) gate of each active pair
+    tile_caps: list[list[int]]  # per group, C_gt per tile
+    tile: int | None = None   # positions per tile (causal attention: `_causal_core`), None: one tile
 
 
-def routing_plan(gates: torch.Tensor) -> RoutingPlan:
+def routing_plan(gates: torch.Tensor, tile: int | None = None) -> RoutingPlan:
     """Where every active (token, head) pair of `gates` (B, S, H) goes; see RoutingPlan."""
     b, s, h = gates.shape
     dev = gates.device
     active = gates != 0
-    head_caps = active.sum(1).amax(0).tolist() if active.numel() else [0] * h      # (H,) max over batch
-    groups = head_groups(head_caps)
-    base, stride = [0] * h, [0] * h   # per head: slot of (batch 0, rank 0), slots per batch row
-    caps, starts, n_slots = [], [], 0
+    width = s if tile is None else tile
+    n_tiles = max(1, -(-s // width))
+    by_tile = F.pad(active, (0, 0, 0, n_tiles * width - s)).view(b, n_tiles, width, h)
+    counts = by_tile.sum(2).amax(0)                                         # (T, H): most rows of any batch row
+    # heads ascending within a group: adjacent heads' K/V are then a view, not a copy (`_group_kv`)
+    groups = [sorted(heads) for heads in head_groups(counts.sum(0).tolist())]
+    base = torch.zeros(n_tiles, h, dtype=torch.long)    # per tile and head: slot of (batch 0, rank 0)
+    stride = torch.zeros(n_tiles, h, dtype=torch.long)  # per tile and head: slots per batch row
+    caps, starts, tile_caps, n_slots = [], [], [], 0
     for heads in groups:
-        cap = head_caps[heads[0]]
+        per_tile = counts[:, heads].amax(1)                                  # (T,) C_gt
+        tile_caps.append(per_tile.tolist())
+        cap = int(per_tile.sum())
         caps.append(cap)
         starts.append(n_slots)
+        tile_start = torch.cumsum(per_tile, 0) - per_tile
         for pos, head in enumerate(heads):
-            base[head], stride[head] = n_slots + pos * b * cap, cap
+            base[:, head] = n_slots + pos * b * cap + b * tile_start
+            stride[:, head] = per_tile
         n_slots += len(heads) * b * cap
-    first = (torch.tensor(base, device=dev).view(1, 1, h) - 1
-             + torch.arange(b, device=dev).view(b, 1, 1) * torch.tensor(stride, device=dev).view(1, 1, h))
+    first = (base.to(dev).view(1, n_tiles, 1, h) - 1
+             + torch.arange(b, device=dev).view(b, 1, 1, 1) * stride.to(dev).view(1, n_tiles, 1, h))
     nz = active.reshape(-1).nonzero().squeeze(1)                             # token-major, heads ascending
-    slot = active.cumsum(1).add_(first).reshape(-1).index_select(0, nz)
+    slot = by_tile.cumsum(2).add_(first).view(b, n_tiles * width, h)[:, :s].reshape(-1).index_select(0, nz)
     rows = torch.zeros(n_slots, dtype=torch.long, device=dev)
     rows.index_copy_(0, slot, nz.div(h, rounding_mode="floor"))             # flat (B*S) index of the token
     offsets = active.sum(-1).reshape(-1).cumsum(0)
     offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])
-    return RoutingPlan(groups, caps, starts, n_slots, rows, slot, offsets, gates.reshape(-1).index_select(0, nz))
+    return RoutingPlan(groups, caps, starts, n_slots, rows, slot, offsets, gates.reshape(-1).index_select(0, nz),
+                       tile_caps, tile)
 
 
 def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: int, s_k: int) -> torch.Tensor:
@@ -151,20 +169,33 @@ def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, s: i
     return flat.index_select(0, rows.reshape(-1)).view(g, b, cap, s_k).transpose(0, 1)
 
 
-def routing_speedup(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int, causal: bool) -> float:
+def routing_speedup(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int, causal: bool,
+                    tile: int | None = None) -> float:
     """Predicted time of the dense path over the kernel's when the kernel computes `fraction` of
     the (token, head) rows. Per row, projections cost ~ (d_in + d_out) and the core ~ 2 S_k (half
-    of it for the dense path when the mask is causal: SDPA's is_causal skips the masked half, the
-    kernel's gathered queries carry an explicit mask)."""
+    of it for the dense path when the mask is causal: SDPA's is_causal skips the masked half). The
+    kernel's gathered queries carry an explicit mask over every key, except with a causal `tile`
+    (`_causal_core`), where a row computes the keys before its tile and its tile's keys."""
     dense = d_in + d_out + (s_k if causal else 2 * s_k)
-    kernel = routed_row_cost(fraction, d_in, d_out, head_dim, s_k)
+    if tile is None:
+        kernel = routed_row_cost(fraction, d_in, d_out, head_dim, s_k)
+    else:
+        kernel = routed_row_cost(fraction, d_in, d_out, head_dim, causal_keys_per_row(s_k, tile), ROW_COST_CORE_CAUSAL)
     return dense / kernel if kernel > 0 else float("inf")
 
 
-def routed_row_cost(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int,
+def causal_keys_per_row(s_k: int, tile: int) -> float:
+    """Keys `_causal_core` computes per query row, averaged over tiles (the keys before the tile,
+    unmasked, plus the whole tile under its mask)."""
+    n = max(1, -(-s_k // tile))
+    return sum(min(s_k, (t + 1) * tile) for t in range(n)) / n
+
+
+def routed_row_cost(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: float,
                     core: float = ROW_COST_CORE) -> float:
     """Predicted kernel cost per (token, head) row when it computes `fraction` of them (units of
-    `routing_speedup`: a dense row costs d_in + d_out + 2 S_k); `core`: cost per key."""
+    `routing_speedup`: a dense row costs d_in + d_out + 2 S_k); `core`: cost per key, `s_k`: keys
+    computed per row."""
     return fraction * ((1 + ROW_COST_PROJ_D / head_dim) * (d_in + d_out) + core * 2 * s_k)
 
 
@@ -199,8 +230,17 @@ def routed_attention_cpu(
         return None
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
-    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale,
-                   routing_plan(head_gates), q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
+    plan = routing_plan(head_gates, causal_tile(mask, x.shape[1], k, v, softcap, sinks))
+    return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
+                   q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
+
+
+def causal_tile(mask, s: int, k, v, softcap: float, sinks) -> int | None:
+    """CAUSAL_TILE where the causal core applies (an exactly causal mask, scores its flash calls
+    can compute: no soft-capping or sinks, one head size for keys and values), else None."""
+    if softcap or sinks is not None or k.shape[-1] != v.shape[-1] or not is_causal_mask(mask, s, k.shape[2]):
+        return None
+    return CAUSAL_TILE
 
 
 def routed_attention_when_faster(
@@ -218,10 +258,13 @@ def routed_attention_when_faster(
     (`block_sparse.window_masks_fit`)."""
     if not _applicable(x, q_weight, k, head_gates, rope_cos, query):
         return None
-    plan = routing_plan(head_gates)
-    fraction = plan.n_slots / max(1, head_gates.numel())
     d_out, head_dim, s_k = o_weight.shape[0], k.shape[-1], k.shape[2]
     d_in = 0 if query is not None else x.shape[-1]  # queries from the graph: every path pays their projection
+    mask = _kernel_mask(attn_mask, x.shape[1], s_k, window_sink, window_alpha, window_beta, window_two_sided,
+                        x.device)
+    tile = causal_tile(mask, x.shape[1], k, v, softcap, sinks)
+    plan = routing_plan(head_gates, tile)
+    fraction = plan.n_slots / max(1, head_gates.numel())
     if window_sink is not None:
         costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
                                     window_two_sided)
@@ -238,10 +281,7 @@ def routed_attention_when_faster(
         if best == "dense":
             STATS.dense_calls += 1
             return None
-    mask = _kernel_mask(attn_mask, x.shape[1], s_k, window_sink, window_alpha, window_beta,
-                        window_two_sided, x.device)
-    if window_sink is None and routing_speedup(fraction, d_in, d_out, head_dim, s_k,
-                                               is_causal_mask(mask, x.shape[1], s_k)) <= 1.0:
+    elif routing_speedup(fraction, d_in, d_out, head_dim, s_k, is_causal_mask(mask, x.shape[1], s_k), tile) <= 1.0:
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
@@ -285,7 +325,7 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
     per_kv = h // k.shape[1]
     # index_select on a strided view clones the whole tensor per call: copy K/V once instead
     k, v = k.contiguous(), v.contiguous()
-    for group, cap, start in zip(plan.groups, plan.caps, plan.starts):
+    for gi, (group, cap, start) in enumerate(zip(plan.groups, plan.caps, plan.starts)):
         g = len(group)
         idx = torch.tensor(group, device=x.device)
         span = slice(start, start + g * b * cap)
@@ -297,24 +337,15 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
             q = finish_queries(q, cos, sin, q_norm_weight, q_norm_eps)
         else:
             q = q_heads[idx.view(g, 1), rows[span].view(g, b * cap)]                    # (G, B*C, D)
-        q = q.view(g, b, cap, d).transpose(0, 1)                                       # (B, G, C, D)
         # Attention core on the gathered queries against every key (GQA: kv head = h // (H / Hkv)).
-        kv_idx = idx // per_kv
-        kk, vv = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+        kk, vv = _group_kv(k, group, per_kv), _group_kv(v, group, per_kv)
         group_sinks = None if sinks is None else sinks.index_select(0, idx)
-        if mask is None:
-            ctx = attention_core(q, kk, vv, None, scale, softcap, group_sinks)
+        pos = rows[span].view(g, b * cap) % s                                         # query positions
+        if plan.tile is not None:  # causal: tile by tile, the keys before each tile unmasked
+            ctx = _causal_core(q, kk, vv, pos, plan.tile_caps[gi], plan.tile, b, scale)
         else:
-            ctx = q.new_empty(*q.shape[:-1], dv)
-            row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
-            step = max(1, min(g, MASK_CHUNK_BYTES // max(1, row_bytes)))
-            tok = rows[span].view(g, b, cap) % s                  # query positions
-            for h0 in range(0, g, step):                       # bounded gathered-mask memory
-                h1 = min(g, h0 + step)
-                ctx[:, h0:h1] = attention_core(q[:, h0:h1], kk[:, h0:h1], vv[:, h0:h1],
-                                               _mask_rows(mask, tok[h0:h1], idx[h0:h1], s, s_k), scale, softcap,
-                                               None if group_sinks is None else group_sinks[h0:h1])
-        ctx = ctx.transpose(0, 1).reshape(g, b * cap, dv)
+            ctx = _masked_core(q.view(g, b, cap, d).transpose(0, 1), kk, vv, mask, pos.view(g, b, cap), idx, s,
+                               scale, softcap, group_sinks).transpose(0, 1).reshape(g, b * cap, dv)
         if out_gate is not None:
             ctx = ctx * gate_heads[idx.view(g, 1), rows[span].view(g, b * cap)]
         # Output projection per head (columns h*Dv:(h+1)*Dv of W_o).
@@ -327,6 +358,66 @@ def _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bia
     if o_bias is not None:
         out.add_(o_bias)
     return out.view(b, s, e_out)
+
+
+def _group_kv(t: torch.Tensor, heads: list[int], per_kv: int) -> torch.Tensor:
+    """K or V (B, Hkv, S_k, D) for each query head of a group, (B, G, S_k, D): a view when the
+    group's heads use adjacent KV heads one each, else a copy."""
+    kv = [h // per_kv for h in heads]
+    if per_kv == 1 and kv == list(range(kv[0], kv[0] + len(kv))):
+        return t[:, kv[0]:kv[0] + len(kv)]
+    return t.index_select(1, torch.tensor(kv, device=t.device))
+
+
+def _masked_core(q, k, v, mask, pos, heads, s: int, scale: float, softcap: float, sinks):
+    """Attention of gathered queries q (B, G, C, D) at positions pos (G, B, C) over every key, the
+    model's mask gathered for their rows (`_mask_rows`, a bounded number of bytes at a time)."""
+    if mask is None:
+        return attention_core(q, k, v, None, scale, softcap, sinks)
+    b, g, cap, _ = q.shape
+    s_k = k.shape[2]
+    ctx = q.new_empty(b, g, cap, v.shape[-1])
+    row_bytes = b * (cap if mask.shape[2] > 1 else 1) * s_k * mask.element_size()
+    step = max(1, min(g, MASK_CHUNK_BYTES // max(1, row_bytes)))
+    for h0 in range(0, g, step):
+        h1 = min(g, h0 + step)
+        ctx[:, h0:h1] = attention_core(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1],
+                                       _mask_rows(mask, pos[h0:h1], heads[h0:h1], s, s_k), scale, softcap,
+                                       None if sinks is None else sinks[h0:h1])
+    return ctx
+
+
+def _causal_core(q, k, v, pos, tile_caps: list[int], tile: int, batch: int, scale: float) -> torch.Tensor:
+    """Causal attention of gathered queries, a tile of positions at a time: the rows of tile t
+    attend to every key before the tile unmasked (one flash call for all batch rows and heads of
+    the group) and to the tile's own keys under a mask built from their positions; the two parts
+    are merged exactly by their log-sum-exps. Keys after a tile are never computed, and only the
+    (rows x tile) band carries a mask, where the gathered-mask path read and computed (rows x S_k).
+
+    q (G, B*C, D) in the routing plan's (tile, batch, row) slot order, k/v (B, G, S_k, D), pos
+    (G, B*C) query positions. Returns (G, B*C, Dv) in the same order."""
+    g, _, d = q.shape
+    s_k = k.shape[2]
+    out = q.new_empty(g, q.shape[1], v.shape[-1])
+    start = 0
+    for t, cap in enumerate(tile_caps):
+        if cap == 0:
+            continue
+        rows = slice(start, start + batch * cap)
+        start += batch * cap
+        q_t = q[:, rows].view(g, batch, cap, d).transpose(0, 1)                           # (B, G, C_t, D)
+        lo, hi = t * tile, min(s_k, (t + 1) * tile)
+        # padding rows (position 0) are given the tile's first position, so every row sees a key
+        p = pos[:, rows].view(g, batch, cap, 1).transpose(0, 1).clamp(min=lo)
+        seen = torch.arange(lo, hi, device=q.device) <= p
+        o_band, l_band = flash_with_lse(q_t, k[:, :, lo:hi], v[:, :, lo:hi], seen, scale, every_row_sees_a_key=True)
+        o_t = out[:, rows].view(g, batch, cap, -1).transpose(0, 1)                        # a view of out
+        if lo == 0:
+            o_t.copy_(o_band)
+        else:
+            o_before, l_before = flash_with_lse(q_t, k[:, :, :lo], v[:, :, :lo], None, scale)
+            merge_partial_attention(o_t, o_before, l_before, o_band, l_band)
+    return out
 
 
 def _head_major(t: torch.Tensor) -> torch.Tensor:
