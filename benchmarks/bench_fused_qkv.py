@@ -21,7 +21,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_run_args, print_table, save_results, set_threads, time_interleaved  # noqa: E402
+from harness import add_run_args, emit, set_threads, time_interleaved  # noqa: E402
 
 import moh_compile  # noqa: E402
 
@@ -87,9 +87,7 @@ def main(argv=None) -> list[list]:
                "narrowed vs not", "max diff"]
     title = (f"fused QKV narrowing: {args.layers} layers, {args.heads}x{args.width // args.heads}, batch "
              f"{args.batch}, MoH {args.active:g} of heads, {args.threads} threads")
-    print_table(title, columns, rows, plain=args.plain)
-    if args.save:
-        save_results(args.save, title, columns, rows)
+    emit(args, title, columns, rows)
     return rows
 
 

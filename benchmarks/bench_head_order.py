@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_run_args, print_table, save_results, set_threads, time_interleaved  # noqa: E402
+from harness import add_run_args, emit, set_threads, time_interleaved  # noqa: E402
 
 import moh_compile  # noqa: E402
 from moh_compile.calibrate.data import as_calibration  # noqa: E402
@@ -57,10 +57,7 @@ def main(argv=None) -> list[list]:
     columns = ["batch x tokens", "original order ms", "reordered ms", "speedup", "max abs diff"]
     title = (f"Sparse MiniLM (density {args.density:g}), heads reordered by pattern vs original order, "
              f"{args.threads} threads, median of {args.reps}")
-    print_table(title, columns, rows, plain=args.plain)
-    if args.save:
-        save_results(args.save, title, columns, rows, {"distinct_patterns_per_layer": groups,
-                                                       "layers_reordered": moved})
+    emit(args, title, columns, rows, {"distinct_patterns_per_layer": groups, "layers_reordered": moved})
     return rows
 
 

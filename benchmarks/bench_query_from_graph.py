@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_run_args, print_table, save_results, set_threads, time_interleaved  # noqa: E402
+from harness import add_run_args, emit, set_threads, time_interleaved  # noqa: E402
 
 from moh_compile.kernels.routed_attention import STATS  # noqa: E402
 from moh_compile.ops.attention import attention, attention_reference  # noqa: E402
@@ -66,9 +66,7 @@ def main(argv=None) -> list[list]:
                "speedup", "path", "max diff"]
     title = (f"MoH {args.active}/{h} heads, {h}x{d}, batch {b}, {'causal' if args.causal else 'no mask'}, "
              f"{args.threads} threads")
-    print_table(title, columns, rows, plain=args.plain)
-    if args.save:
-        save_results(args.save, title, columns, rows)
+    emit(args, title, columns, rows)
     return rows
 
 

@@ -51,6 +51,14 @@ def add_run_args(ap, save: str, reps: int = 7) -> None:
     ap.add_argument("--save", default=save, help="results/<name>.{md,json}; '' to skip")
 
 
+def emit(args, title: str, columns: list[str], rows: list[list], meta: dict | None = None) -> None:
+    """Print the table (plain text with --plain) and save it under results/<--save> unless --save ''
+    (the options `add_run_args` adds)."""
+    print_table(title, columns, rows, plain=args.plain)
+    if args.save:
+        save_results(args.save, title, columns, rows, meta)
+
+
 def time_fn(fn: Callable[[], object], reps: int = 7, warmup: int = 2) -> Timing:
     """Median-of-`reps` wall time of `fn()` after `warmup` untimed calls."""
     return time_interleaved({"fn": fn}, reps, warmup)["fn"]
