@@ -127,8 +127,8 @@ def routing_plan(gates: torch.Tensor, tile: int | None = None) -> RoutingPlan:
     counts = by_tile.sum(2).amax(0)                                         # (T, H): most rows of any batch row
     # heads ascending within a group: adjacent heads' K/V are then a view, not a copy (`_group_kv`)
     groups = [sorted(heads) for heads in head_groups(counts.sum(0).tolist())]
-    base = torch.zeros(n_tiles, h, dtype=torch.long)    # per tile and head: slot of (batch 0, rank 0)
-    stride = torch.zeros(n_tiles, h, dtype=torch.long)  # per tile and head: slots per batch row
+    base = torch.zeros(n_tiles, h, dtype=torch.long, device=dev)    # per tile and head: slot of (batch 0, rank 0)
+    stride = torch.zeros(n_tiles, h, dtype=torch.long, device=dev)  # per tile and head: slots per batch row
     caps, starts, tile_caps, n_slots = [], [], [], 0
     for heads in groups:
         per_tile = counts[:, heads].amax(1)                                  # (T,) C_gt
@@ -141,8 +141,8 @@ def routing_plan(gates: torch.Tensor, tile: int | None = None) -> RoutingPlan:
             base[:, head] = n_slots + pos * b * cap + b * tile_start
             stride[:, head] = per_tile
         n_slots += len(heads) * b * cap
-    first = (base.to(dev).view(1, n_tiles, 1, h) - 1
-             + torch.arange(b, device=dev).view(b, 1, 1, 1) * stride.to(dev).view(1, n_tiles, 1, h))
+    first = (base.view(1, n_tiles, 1, h) - 1
+             + torch.arange(b, device=dev).view(b, 1, 1, 1) * stride.view(1, n_tiles, 1, h))
     nz = active.reshape(-1).nonzero().squeeze(1)                             # token-major, heads ascending
     slot = by_tile.cumsum(2).add_(first).view(b, n_tiles * width, h)[:, :s].reshape(-1).index_select(0, nz)
     rows = torch.zeros(n_slots, dtype=torch.long, device=dev)
