@@ -202,6 +202,24 @@ def block_flops(program_module, args: tuple, kwargs: dict, batch: int, seq: int)
     return dense, compiled
 
 
+def budget_docs(model: str, seq: int, path: str, count: int = 32) -> str:
+    """`count` documents of exactly `seq` tokens packed from the bundled calibration sentences (not
+    the held-out ones text_feed times), saved as a .pt of the model's inputs for
+    `--ffn-budget-data`: the MoE++ budget then holds at that length (set on short sentences,
+    512-token documents spend 63-70% of the FFN work at --ffn-keep 0.5)."""
+    import torch
+
+    from moh_compile.calibrate.data import Calibration, load_lines, tokenize_lines, tokenizer_for
+    from moh_compile.loading import load_model
+    from moh_compile.passes.sparse import pack_batches
+
+    loaded = load_model(model)
+    batches = tokenize_lines(load_lines("example"), tokenizer_for(loaded), batch_size=16, max_length=128)
+    docs = pack_batches(Calibration(batches=batches, tokenized=True), batches, seq, count=count, batch_size=count)
+    torch.save({k: v for k, v in docs[0].items() if k in ("input_ids", "attention_mask")}, path)
+    return path
+
+
 def text_feed(loaded, session, batch: int, seq: int) -> dict:
     """`batch` held-out documents of exactly `seq` tokens (moh_compile/data/eval.txt sentences
     concatenated): routers route real text differently from random token ids, so the work the
@@ -306,9 +324,15 @@ def main(argv=None) -> None:
     p.add_argument("--demo", action="store_true", help="build and time a MiniLM-sized demo block")
     p.add_argument("--no-torch", action="store_true",
                    help="--model tables: leave out the PyTorch columns (original module, compiled model.pt2)")
+    p.add_argument("--budget-seq", type=int, metavar="SEQ",
+                   help="--model tables with --ffn moepp: re-set the FFN budget on calibration documents of SEQ "
+                        "tokens (adds --ffn-budget-data), so the asked work holds at that length")
     argv = list(sys.argv[1:] if argv is None else argv)
     compile_args = argv[argv.index("--") + 1:] if "--" in argv else []
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if a.model and a.budget_seq:
+        compile_args += ["--ffn-budget-data", budget_docs(a.model, a.budget_seq,
+                                                          os.path.join(tempfile.mkdtemp(), "budget_docs.pt"))]
     if a.model:
         model_table(a.model, compile_args, a.seq, a.batch, a.repeats, a.threads, a.capacity, a.inputs, a.forms,
                     torch_columns=not a.no_torch)
