@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from moh_compile.api import DISPATCH_PLAN_BATCHES
 from moh_compile.calibrate.budget import set_ffn_budget as _set_router_budgets
 from moh_compile.calibrate.data import as_calibration
 from moh_compile.calibrate.distill import DEFAULT_POOLED_WEIGHT, TRAIN_MODES, default_loss, distill
@@ -97,7 +98,9 @@ def set_ffn_budget(compiled, data, ffn_keep: float | None = None, tokenizer=None
     """Shift each MoE++ block's zero-expert threshold so that its FFN work on `data` (calibration
     data in any form `as_calibration` takes) is `ffn_keep` (default: the block's planned
     ffn_keep), in place. Use it after fine-tuning, or with text like your deployment text, since
-    the compile-time threshold meets the budget on the calibration text only.
+    the compile-time threshold meets the budget on the calibration text only. The portable ONNX
+    export then plans its expert dispatch on `data` too (`compiled.plan_batches`): which experts
+    run densely and how the rest are grouped follows the usage on that text.
     Returns {router: {"before", "after", "shift"}}, also recorded in the report.
     """
     budgets = router_budgets(compiled.plan, compiled.graph_module)
@@ -114,6 +117,7 @@ def set_ffn_budget(compiled, data, ffn_keep: float | None = None, tokenizer=None
         result = _set_router_budgets(compiled.graph_module, calib.batches, budgets, calib.token_mask, progress)
     except ValueError as err:
         raise MohCompileError(str(err)) from err
+    compiled.plan_batches = calib.batches[:DISPATCH_PLAN_BATCHES]
     rows = [f"| {name} | {r['before']:.3f} | {r['after']:.3f} |" for name, r in result.items()]
     compiled.report.sections["ffn_budget"] = {
         "routers": result, "source": calib.source,

@@ -277,6 +277,9 @@ def test_set_ffn_budget_meets_a_new_budget_on_new_data(bert_fitted):
         assert r["after"] == pytest.approx(measured, abs=1e-6)
         assert 0.25 - 2 / (tokens * n_ffn) - 1e-6 <= measured <= 0.25 + 1e-6  # as close as whole counts allow
     assert "ffn_budget" in compiled.report.sections and "| router |" in compiled.report.markdown()
+    # the portable export's dispatch plan follows the same data (which experts run densely, groups)
+    assert [b["input_ids"].data_ptr() for b in compiled.plan_batches] == \
+        [b["input_ids"].data_ptr() for b in data.batches[:len(compiled.plan_batches)]]
     with pytest.raises(MohCompileError, match="ffn_keep must be in"):
         moh_compile.set_ffn_budget(compiled, data, ffn_keep=1.5)
     plain = moh_compile.compile(model, inputs, CompileConfig(attention="keep", ffn="keep"))
