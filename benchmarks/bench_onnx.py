@@ -202,21 +202,21 @@ def block_flops(program_module, args: tuple, kwargs: dict, batch: int, seq: int)
     return dense, compiled
 
 
-def budget_docs(model: str, seq: int, path: str, count: int = 32) -> str:
-    """`count` documents of exactly `seq` tokens packed from the bundled calibration sentences (not
-    the held-out ones text_feed times), saved as a .pt of the model's inputs for
-    `--ffn-budget-data`: the MoE++ budget then holds at that length (set on short sentences,
-    512-token documents spend 63-70% of the FFN work at --ffn-keep 0.5)."""
+def budget_docs(model: str, seq: int, path: str) -> str:
+    """Documents of exactly `seq` tokens packed from all the bundled calibration sentences (not the
+    held-out ones text_feed times; the CLI's --ffn-budget-length packs only the --calib-samples
+    lines), saved as a .pt of the model's inputs for `--ffn-budget-data`: the MoE++ budget then
+    holds at that length (set on short sentences, 512-token documents spend 46-70% of the FFN
+    work at --ffn-keep 0.5)."""
     import torch
 
-    from moh_compile.calibrate.data import Calibration, load_lines, tokenize_lines, tokenizer_for
+    from moh_compile.calibrate.data import as_calibration
+    from moh_compile.cli import budget_documents
     from moh_compile.loading import load_model
-    from moh_compile.passes.sparse import pack_batches
 
-    loaded = load_model(model)
-    batches = tokenize_lines(load_lines("example"), tokenizer_for(loaded), batch_size=16, max_length=128)
-    docs = pack_batches(Calibration(batches=batches, tokenized=True), batches, seq, count=count, batch_size=count)
-    torch.save({k: v for k, v in docs[0].items() if k in ("input_ids", "attention_mask")}, path)
+    docs = budget_documents(as_calibration("example", load_model(model)), seq).batches
+    keys = ("input_ids", "attention_mask")
+    torch.save({k: torch.cat([d[k] for d in docs]) for k in keys}, path)
     return path
 
 

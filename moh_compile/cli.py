@@ -67,6 +67,10 @@ def build_compile_parser() -> argparse.ArgumentParser:
                         "its FFN work on DATA is --ffn-keep; same forms as --calib. The threshold otherwise "
                         "meets the budget on the calibration text only (docs/moepp.md): give text like your "
                         "deployment text, e.g. long documents")
+    c.add_argument("--ffn-budget-length", type=int, metavar="N",
+                   help="like --ffn-budget-data, on the calibration text itself packed into documents of N "
+                        "tokens: the budget then holds at the length you deploy at (short calibration sentences "
+                        "set it for short inputs; longer ones use more experts)")
     c.add_argument("--eval", metavar="DATA",
                    help="held-out data for the report's fidelity figures, same forms as --calib "
                         "(default with --calib example: the bundled held-out sentences)")
@@ -193,8 +197,13 @@ def run_compile(argv: list[str]) -> int:
         raise MohCompileError("--finetune-validation must be a fraction in [0, 1)")
     if args.finetune_minutes and not args.calib:
         raise MohCompileError("--finetune-minutes needs --calib data to train on")
-    if args.ffn_budget_data and args.ffn != "moepp" and not args.plan:
-        raise MohCompileError("--ffn-budget-data needs --ffn moepp (it re-sets the MoE++ FFN budget)")
+    if (args.ffn_budget_data or args.ffn_budget_length) and args.ffn != "moepp" and not args.plan:
+        raise MohCompileError("--ffn-budget-data / --ffn-budget-length need --ffn moepp (they re-set the MoE++ "
+                              "FFN budget)")
+    if args.ffn_budget_data and args.ffn_budget_length:
+        raise MohCompileError("give --ffn-budget-data or --ffn-budget-length, not both")
+    if args.ffn_budget_length is not None and (args.ffn_budget_length < 2 or not args.calib):
+        raise MohCompileError("--ffn-budget-length needs a length of at least 2 and --calib text to pack")
     options = {}
     for pass_ in passes.all_passes():
         opts = pass_.options_from_args(args)
@@ -231,7 +240,7 @@ def run_compile(argv: list[str]) -> int:
                           **pooled)
         kept = f", kept the weights of step {result['best_step']}" if result.get("best_step") is not None else ""
         print(f"fine-tuned {result['steps']} steps in {result['wall_s']:.0f}s{kept}", file=sys.stderr)
-    if args.ffn_budget_data:
+    if args.ffn_budget_data or args.ffn_budget_length:
         _reset_ffn_budget(compiled, loaded, args, calibration)
     sections = compiled.report.sections
     fid = (sections.get("ffn_budget", {}).get("fidelity") or sections.get("finetune", {}).get("fidelity")
@@ -248,13 +257,17 @@ def run_compile(argv: list[str]) -> int:
 
 
 def _reset_ffn_budget(compiled, loaded, args, calibration) -> None:
-    """--ffn-budget-data: set_ffn_budget on that data; fidelity re-measured on the held-out data."""
+    """--ffn-budget-data / --ffn-budget-length: set_ffn_budget on that data (or on the calibration
+    text packed into documents of that length); fidelity re-measured on the held-out data."""
     from moh_compile.api import measure_fidelity
     from moh_compile.calibrate.data import as_calibration
     from moh_compile.finetune import set_ffn_budget
 
-    data = as_calibration(args.ffn_budget_data, loaded, batch_size=args.batch_size, max_length=args.max_length,
-                          limit=args.calib_samples)
+    if args.ffn_budget_length:
+        data = budget_documents(as_calibration(calibration, loaded), args.ffn_budget_length)
+    else:
+        data = as_calibration(args.ffn_budget_data, loaded, batch_size=args.batch_size, max_length=args.max_length,
+                              limit=args.calib_samples)
     result = set_ffn_budget(compiled, data)
     work = ", ".join(f"{r['before']:.3f} -> {r['after']:.3f}" for r in result.values())
     print(f"FFN budget re-set on {data.source}: work per block {work}", file=sys.stderr)
@@ -262,6 +275,22 @@ def _reset_ffn_budget(compiled, loaded, args, calibration) -> None:
     if held_out:
         compiled.report.sections["ffn_budget"]["fidelity"] = measure_fidelity(loaded.model, compiled.graph_module,
                                                                               held_out)
+
+
+BUDGET_DOCUMENTS = 32  # at most this many packed documents set an FFN budget (--ffn-budget-length)
+
+
+def budget_documents(calibration, length: int):
+    """The calibration examples concatenated into documents of exactly `length` real tokens (as
+    many as the text gives, at most BUDGET_DOCUMENTS), as calibration data."""
+    from moh_compile.calibrate.data import Calibration
+    from moh_compile.passes.sparse import pack_batches
+
+    batches = pack_batches(calibration, calibration.batches, length, count=BUDGET_DOCUMENTS, batch_size=8,
+                           purpose="--ffn-budget-length", shorter="a shorter length")
+    n = sum(next(iter(b.values())).shape[0] if isinstance(b, dict) else b[0].shape[0] for b in batches)
+    return Calibration(batches=batches, source=f"{n} calibration documents of {length} tokens",
+                       tokenized=calibration.tokenized)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,7 +258,25 @@ def test_cli_ffn_budget_data(tmp_path, capsys):
     (r,) = routers.values()
     assert r["before"] != 0.25 and r["shift"] != 0 and abs(r["after"] - 0.25) <= 1 / 8 / (32 * 8) + 1e-6, r
     _one_line_error(capsys, main(["tests.models:ManualBlock", "--input-shape", "2,8,64", "--out",
-                                  str(tmp_path / "x"), "--ffn-budget-data", str(other)]), "needs --ffn moepp")
+                                  str(tmp_path / "x"), "--ffn-budget-data", str(other)]), "need --ffn moepp")
+
+
+def test_cli_ffn_budget_length(tmp_path, capsys):
+    """--ffn-budget-length packs the calibration examples into documents of that length and re-sets
+    the budget on them (the work there is the asked --ffn-keep); bad combinations are one-line errors."""
+    torch.manual_seed(0)
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(32, 8, 64), calib)
+    base = ["tests.models:ManualBlock", "--input-shape", "2,8,64", "--ffn", "moepp", "--experts", "8",
+            "--ffn-keep", "0.25", "--calib", str(calib)]
+    assert main([*base, "--ffn-budget-length", "16", "--out", str(tmp_path / "o")]) == 0
+    assert "FFN budget re-set on 16 calibration documents of 16 tokens" in capsys.readouterr().err
+    (r,) = json.loads((tmp_path / "o" / "report.json").read_text())["sections"]["ffn_budget"]["routers"].values()
+    assert abs(r["after"] - 0.25) <= 1 / 8 / (16 * 16) + 1e-6, r
+    for extra, needle in ((["--ffn-budget-length", "1"], "at least 2"),
+                          (["--ffn-budget-length", "16", "--ffn-budget-data", str(calib)], "not both"),
+                          (["--ffn-budget-length", "4096"], "--ffn-budget-length at length 4096 needs at least")):
+        _one_line_error(capsys, main([*base, *extra, "--out", str(tmp_path / "x"), "--force"]), needle)
 
 
 def _work(compiled, batches, calib) -> list[float]:

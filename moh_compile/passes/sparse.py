@@ -107,7 +107,8 @@ def _split(batch):
         batch, (tuple, list)) else (batch,))), False)
 
 
-def pack_batches(calibration: Calibration, batches: list, length: int, count: int, batch_size: int = 2) -> list:
+def pack_batches(calibration: Calibration, batches: list, length: int, count: int, batch_size: int = 2,
+                 purpose: str = "sparse profiling", shorter: str = "shorter --profile-lengths") -> list:
     """Batches of up to `count` sequences of exactly `length` real tokens, made by concatenating
     the real tokens of consecutive examples (short sentences -> long inputs). Each sequence
     starts where an example starts. When every example begins with the same token and ends with
@@ -129,7 +130,7 @@ def pack_batches(calibration: Calibration, batches: list, length: int, count: in
             if real.any():
                 examples.append({k: items[k][r][real] for k in keys})
     if not examples:
-        raise MohCompileError("sparse profiling needs token batches (tensors of shape (batch, seq, ...))")
+        raise MohCompileError(f"{purpose} needs token batches (tensors of shape (batch, seq, ...))")
     ids = next((k for k in examples[0] if k == "input_ids"), None)
     ids = ids if ids is not None else next((k for k, t in examples[0].items() if not t.is_floating_point()), None)
     wrap = (ids is not None and len(examples) > 1 and all(len(e[ids]) > 2 for e in examples)
@@ -149,8 +150,8 @@ def pack_batches(calibration: Calibration, batches: list, length: int, count: in
             if len(chunks) == count:
                 break
     if not chunks:
-        raise MohCompileError(f"calibration data has {total} tokens; sparse profiling at length {length} "
-                              f"needs at least {length} (use more --calib-samples or shorter --profile-lengths)")
+        raise MohCompileError(f"calibration data has {total} tokens; {purpose} at length {length} "
+                              f"needs at least {length} (use more --calib-samples or {shorter})")
     first, last = examples[0], examples[0]
     out = []
     for i in range(0, len(chunks), batch_size):
