@@ -116,6 +116,23 @@ def test_neox_heads_are_still_reordered_after_narrowing():
     assert (_out(compiled, x) - _out(plain, x)).abs().max().item() <= 1e-5
 
 
+def test_a_narrowed_graph_that_fails_to_run_is_undone(monkeypatch):
+    """Simulated bug (a pad to the wrong width breaks the graph's views): the compile goes on with
+    the projections whole and says why."""
+    model, inputs, _, _ = build("gpt2")
+    real = narrow.periodic_range
+
+    def too_wide(read, total):
+        layout = real(read, total)
+        return None if layout is None else (layout[0] + 1, layout[1], layout[2])
+
+    monkeypatch.setattr(narrow, "periodic_range", too_wide)
+    compiled = _compile(model, inputs)
+    assert "failed to run" in compiled.report.sections["narrowed projections"]["markdown"]
+    x = reshape_inputs(inputs, 2, 24)
+    assert (_out(compiled, x) - _out(model, x)).abs().max().item() <= 1e-5
+
+
 def test_a_narrowing_that_changes_the_outputs_is_undone(monkeypatch):
     """Simulated bug (the pad put back one position off): verification catches it, every edit is
     undone, and the compile keeps the whole projections with the original outputs."""

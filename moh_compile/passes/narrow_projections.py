@@ -151,12 +151,17 @@ def narrow_projections(gm: fx.GraphModule, args: tuple, kwargs: dict, rtol: floa
     before = probe_values(gm, watch, args, kwargs)
     edits = [(lin, _narrow(gm, lin, layout)) for lin, layout in candidates]
     gm.recompile()
-    after = probe_values(gm, g.output_nodes(gm), args, kwargs)
-    if not all(same_values(after.get(k), v, rtol) for k, v in before.items()):
+    try:
+        after = probe_values(gm, g.output_nodes(gm), args, kwargs)
+        reason = None if all(same_values(after.get(k), v, rtol) for k, v in before.items()) else \
+            "the model's outputs changed when narrowing"
+    except Exception as err:  # a narrowing bug must not break the compile: undo it
+        reason = f"the narrowed graph failed to run ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+    if reason:
         for lin, inserted in reversed(edits):
             _undo(gm, lin, inserted)
         gm.recompile()
-        return {"skipped": "the model's outputs changed when narrowing; projections kept whole"}
+        return {"skipped": f"{reason}; projections kept whole"}
     g.remove_dead_code(gm)
     return {"narrowed": [{"node": lin.node.name, "weight": g.param_name(lin.weight),
                           "rows": lin.out_features // period * (stop - start), "of": lin.out_features}
