@@ -91,7 +91,7 @@ def test_causal_tiles_match_the_reference(tile, gates, heads, monkeypatch):
     chose and a last tile shorter than the others; keys after a row's tile are never computed."""
     monkeypatch.setattr(ra, "CAUSAL_TILE", tile)
     args = make_args(b=3, s=13, h=heads[0], hkv=heads[1], mask="causal", gates=gates, rope=True, seed=tile)
-    plan = ra.routing_plan(args[10], ra.causal_tile(args[5], 13, args[3], args[4], 0.0, None))
+    plan = ra.routing_plan(args[10], ra.causal_tile(ra.is_causal_mask(args[5], 13, 13), args[3], args[4], 0.0, None))
     assert plan.tile == tile and all(len(c) == -(-13 // tile) for c in plan.tile_caps)
     calls = []  # (keys, mask given) of every flash call
     real = ra.flash_with_lse
@@ -114,10 +114,12 @@ def test_causal_tiles_make_the_kernel_worth_running_on_long_causal_inputs():
 
 def test_causal_tiles_are_not_used_for_other_masks():
     args = make_args(b=2, s=9, mask="padding")
-    assert ra.causal_tile(args[5], 9, args[3], args[4], 0.0, None) is None
+    assert not ra.is_causal_mask(args[5], 9, 9)
+    assert ra.causal_tile(False, args[3], args[4], 0.0, None) is None
     args = make_args(b=2, s=9, mask="causal")
-    assert ra.causal_tile(args[5], 9, args[3], args[4], 0.0, None) == ra.CAUSAL_TILE
-    assert ra.causal_tile(args[5], 9, args[3], args[4], 30.0, None) is None  # soft-capped scores
+    assert ra.is_causal_mask(args[5], 9, 9)
+    assert ra.causal_tile(True, args[3], args[4], 0.0, None) == ra.CAUSAL_TILE
+    assert ra.causal_tile(True, args[3], args[4], 30.0, None) is None  # soft-capped scores
 
 
 @pytest.mark.parametrize("s", [1, 2, 7, 33, 70])

@@ -61,15 +61,13 @@ def flash_with_lse(q, k, v, mask, scale, every_row_sees_a_key: bool = False):
     if k.shape[2] == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"))
     valid = None
-    if mask is not None and every_row_sees_a_key:
-        mask = mask if mask.dtype != torch.bool else torch.where(mask, q.new_zeros(()), q.new_full((), float("-inf")))
-    elif mask is not None:
+    if mask is not None:
         if mask.dtype == torch.bool:
-            valid = mask.any(-1)
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            valid = None if every_row_sees_a_key else mask.any(-1)
+            mask = torch.where(mask, q.new_zeros(()), q.new_full((), float("-inf")))
         else:
             mask = mask.to(q.dtype)
-            valid = (mask > float("-inf")).any(-1)
+            valid = None if every_row_sees_a_key else (mask > float("-inf")).any(-1)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                            scale=scale)
     if valid is not None:

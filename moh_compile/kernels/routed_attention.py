@@ -230,15 +230,15 @@ def routed_attention_cpu(
         return None
     mask = _kernel_mask(attn_mask, x.shape[1], k.shape[2], window_sink, window_alpha, window_beta,
                         window_two_sided, x.device)
-    plan = routing_plan(head_gates, causal_tile(mask, x.shape[1], k, v, softcap, sinks))
+    plan = routing_plan(head_gates, causal_tile(is_causal_mask(mask, x.shape[1], k.shape[2]), k, v, softcap, sinks))
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
                    q_norm_weight, q_norm_eps, softcap, sinks, query, out_gate)
 
 
-def causal_tile(mask, s: int, k, v, softcap: float, sinks) -> int | None:
-    """CAUSAL_TILE where the causal core applies (an exactly causal mask, scores its flash calls
-    can compute: no soft-capping or sinks, one head size for keys and values), else None."""
-    if softcap or sinks is not None or k.shape[-1] != v.shape[-1] or not is_causal_mask(mask, s, k.shape[2]):
+def causal_tile(causal: bool, k, v, softcap: float, sinks) -> int | None:
+    """CAUSAL_TILE where the causal core applies (an exactly causal mask: `is_causal_mask`; scores
+    its flash calls can compute: no soft-capping or sinks, one head size for keys and values)."""
+    if not causal or softcap or sinks is not None or k.shape[-1] != v.shape[-1]:
         return None
     return CAUSAL_TILE
 
@@ -262,7 +262,8 @@ def routed_attention_when_faster(
     d_in = 0 if query is not None else x.shape[-1]  # queries from the graph: every path pays their projection
     mask = _kernel_mask(attn_mask, x.shape[1], s_k, window_sink, window_alpha, window_beta, window_two_sided,
                         x.device)
-    tile = causal_tile(mask, x.shape[1], k, v, softcap, sinks)
+    causal = is_causal_mask(mask, x.shape[1], s_k)  # compares the whole mask: once per call
+    tile = causal_tile(causal, k, v, softcap, sinks)
     plan = routing_plan(head_gates, tile)
     fraction = plan.n_slots / max(1, head_gates.numel())
     if window_sink is not None:
@@ -281,7 +282,7 @@ def routed_attention_when_faster(
         if best == "dense":
             STATS.dense_calls += 1
             return None
-    elif routing_speedup(fraction, d_in, d_out, head_dim, s_k, is_causal_mask(mask, x.shape[1], s_k), tile) <= 1.0:
+    elif routing_speedup(fraction, d_in, d_out, head_dim, s_k, causal, tile) <= 1.0:
         STATS.dense_calls += 1
         return None
     return _routed(x, q_weight, q_bias, k, v, mask, rope_cos, rope_sin, o_weight, o_bias, scale, plan,
