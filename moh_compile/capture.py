@@ -1,4 +1,5 @@
-"""Capture: (model, example inputs) -> torch.fx GraphModule via torch.export (non-strict).
+"""Capture: (model, example inputs) -> torch.fx GraphModule via torch.export (non-strict), with
+einsum contractions lowered to matmuls (`lower_einsum`).
 
 Batch and sequence dimensions are exported dynamic (Dim.AUTO: export keeps them symbolic
 where the model allows). A batch of 1 would be specialised to 1 by export, so examples with
@@ -13,6 +14,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from moh_compile.errors import MohCompileError
+from moh_compile.lower_einsum import lower_einsums
 from moh_compile.match.graph import remove_dead_code
 
 
@@ -82,6 +84,7 @@ def capture(model: torch.nn.Module, example_inputs, dynamic: bool = True) -> Cap
         model.train(was_training)
     gm = program.module()
     remove_dead_code(gm)
+    lower_einsums(gm)  # einsum-written attention and projections: matmuls the matcher knows
     return Captured(gm, program, args, kwargs, dyn)
 
 

@@ -122,6 +122,33 @@ class NanoGPTBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class EinsumBlock(nn.Module):
+    """Attention and FFN written with torch.einsum, research-code style: (d, heads, head_dim)
+    projection weights ('bsd,dhk->bshk'), 'bshk,bthk->bhst' scores with a causal fill,
+    'bhst,bthk->bshk' context, 'bshk,hkd->bsd' output projection, an einsum FFN on weights in
+    nn.Linear layout with a separate bias add."""
+
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        hd = d // h
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, h, hd) * d ** -0.5) for _ in range(3))
+        self.wo = nn.Parameter(torch.randn(h, hd, d) * d ** -0.5)
+        self.w1, self.b1 = nn.Parameter(torch.randn(4 * d, d) * d ** -0.5), nn.Parameter(torch.randn(4 * d) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(d, 4 * d) * (4 * d) ** -0.5)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        y = self.n1(x)
+        q, k, v = (torch.einsum("bsd,dhk->bshk", y, w) for w in (self.wq, self.wk, self.wv))
+        s = torch.einsum("bshk,bthk->bhst", q, k) * q.shape[-1] ** -0.5
+        n = x.shape[1]
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        ctx = torch.einsum("bhst,bthk->bshk", s.softmax(-1), v)
+        x = x + torch.einsum("bshk,hkd->bsd", ctx, self.wo)
+        hidden = F.gelu(torch.einsum("bsd,fd->bsf", self.n2(x), self.w1) + self.b1)
+        return x + torch.einsum("bsf,df->bsd", hidden, self.w2)
+
+
 class MHAModel(nn.Module):
     """A custom model around nn.MultiheadAttention (need_weights default: the bmm path)."""
 
@@ -246,6 +273,9 @@ def build(name):
     if name == "nanogpt":
         return NanoGPTBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=True, rope=False, fused=True,
                                                             act="gelu")
+    if name == "einsum_block":
+        return EinsumBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=True, rope=False, fused=False,
+                                                           act="gelu")
     if name == "manual_block":
         return ManualBlock().eval(), (x_bf,), (1, 1), dict(heads=4, kv=4, causal=False, rope=False, fused=True,
                                                            act="gelu")
@@ -253,7 +283,7 @@ def build(name):
 
 
 ALL = ["gpt2", "llama", "llama_mqa", "bert", "vit", "tel", "tel_bf", "tel_nf", "tel_bf_nf", "tel_layer", "mha",
-       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5", "nanogpt",
+       "sdpa_block", "gqa_sdpa", "rope_bshd", "manual_block", "einsum_block", "gpt_neox", "phi", "gptj", "falcon", "bart", "t5", "nanogpt",
        "qwen3"]
 
 

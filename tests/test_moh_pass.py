@@ -64,7 +64,8 @@ def test_learned_router_at_full_heads_is_exact():
 @pytest.mark.parametrize("name,router", [("bert", "learned"), ("llama", "query_norm"), ("llama_mqa", "learned"),
                                          ("tel", "learned"), ("gpt2", "query_norm"),
                                          ("gqa_sdpa", "query_norm"), ("gpt_neox", "learned"), ("gptj", "query_norm"),
-                                         ("bart", "learned"), ("t5", "query_norm"), ("qwen3", "learned")])
+                                         ("bart", "learned"), ("t5", "query_norm"), ("qwen3", "learned"),
+                                         ("einsum_block", "learned")])
 def test_topk_routing_exact_counts_and_masked_dense_reference(name, router):
     model, inputs, _, facts = build(name)
     calib = _calibration(name, inputs) if router == "learned" else None

@@ -223,9 +223,12 @@ def _scores_source(s):
     scale, steps = 1.0, []
     while True:
         add = (g.is_call(s, {aten.add.Tensor}) or _inplace(s, aten.add_.Tensor)) and g.val(s.args[1]) is not None
+        sub = g.is_call(s, {aten.sub.Tensor}) and g.val(s.args[1]) is not None and s.kwargs.get("alpha", 1) == 1
         fill = _fill(s)
-        if add:
-            steps.append(MaskStep("add", s.args[1], scores_rank=g.val(s).dim(), factor=scale))
+        if add or sub:  # a subtracted mask (Funnel: scores - 1e6 (1 - mask)) is added with factor -1
+            steps.append(MaskStep("add", s.args[1], scores_rank=g.val(s).dim(), factor=-scale if sub else scale))
+            s = s.args[0]
+        elif _constant_shift(s):  # softmax(x + c) = softmax(x) (XLNet adds a 0 segment term)
             s = s.args[0]
         elif fill is not None:
             cond, value, where, scores = fill
@@ -256,6 +259,12 @@ def _scores_source(s):
     else:
         raise NoMatch("softmax input is not a Q K^T product")
     return q, kt, scale, steps[::-1], softcap
+
+
+def _constant_shift(s) -> bool:
+    """s = scores + c or scores - c for a plain number c."""
+    return g.is_call(s, {aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar}) \
+        and isinstance(s.args[1], (int, float)) and not isinstance(s.args[1], bool) and isinstance(s.args[0], fx.Node)
 
 
 def _unscaled(s) -> tuple[fx.Node, float]:

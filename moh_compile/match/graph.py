@@ -216,10 +216,39 @@ def as_linear(node) -> LinearLike | None:
         if node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and is_weight(w):
             return LinearLike(node, x, w, b, True)
     if node.target in (aten.mm.default, aten.matmul.default):
-        x, w = node.args[:2]
-        if is_weight(w) and val(w) is not None and val(w).dim() == 2 and not is_weight(x):
-            return LinearLike(node, x, w, None, True)
+        lin = _bias_free_matmul(node)
+        if lin is not None and _bias_added(lin) is None:  # with a bias added, the add is the linear
+            return lin
+    if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs:
+        for mm in node.args:
+            lin = _bias_free_matmul(mm) if is_call(mm, {aten.mm.default, aten.matmul.default}) else None
+            if lin is not None and _bias_added(lin) is node:
+                bias = node.args[1] if mm is node.args[0] else node.args[0]
+                return LinearLike(node, lin.x, lin.weight, bias, True)
     return None
+
+
+def _bias_free_matmul(node: fx.Node) -> LinearLike | None:
+    """x @ W for a 2-D weight W (stored (in, out))."""
+    x, w = node.args[:2]
+    if is_weight(w) and val(w) is not None and val(w).dim() == 2 and not is_weight(x):
+        return LinearLike(node, x, w, None, True)
+    return None
+
+
+def _bias_added(lin: LinearLike) -> fx.Node | None:
+    """The node `x @ W + b` when the product's only use adds a 1-D weight b of out_features
+    (hand-written projections, einsum ones once lowered), else None."""
+    users = list(lin.node.users)
+    if len(users) != 1 or not is_call(users[0], {aten.add.Tensor}) or users[0].kwargs:
+        return None
+    add = users[0]
+    other = add.args[1] if add.args[0] is lin.node else add.args[0]
+    b = val(other)
+    ok = other is not lin.node and is_weight(other) and b is not None and b.dim() == 1 \
+        and static_int(b.shape[0]) == lin.out_features and val(add) is not None \
+        and val(add).shape == val(lin.node).shape
+    return add if ok else None
 
 
 def attribute(gm: fx.GraphModule, target: str):
