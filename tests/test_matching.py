@@ -150,3 +150,32 @@ def test_squared_relu_is_named_in_any_spelling(spelling):
     assert identify_activation(spelling) == "relu2"
     t = torch.linspace(-3, 3, 101)
     assert torch.equal(apply_activation_("relu2", t.clone()), apply_activation("relu2", t))
+
+
+class _ScaledScores(torch.nn.Module):
+    """softmax(Q K^T * t) V with t a one-element buffer (a constant) or parameter (learned)."""
+
+    def __init__(self, learned: bool):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(64, 64) for _ in range(4))
+        t = torch.tensor(0.3)
+        if learned:
+            self.t = torch.nn.Parameter(t)
+        else:
+            self.register_buffer("t", t)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 4, 16).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = ((q @ k.transpose(-2, -1)) * torch.sqrt(self.t * 3.0)).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, s, 64))
+
+
+def test_scale_computed_from_a_constant_is_read_but_a_learned_one_is_not_frozen():
+    """A scale computed from a buffer is folded into the op (exactly); a learned temperature would
+    be frozen into a number, so that block is left alone, with a reason."""
+    x = torch.randn(2, 8, 64)
+    insp = moh_compile.inspect(_ScaledScores(learned=False).eval(), (x,))
+    assert insp.matches.attention[0].block.scale == pytest.approx(0.9 ** 0.5)
+    with pytest.raises(moh_compile.MohCompileError, match="not a Q K\\^T product"):
+        moh_compile.inspect(_ScaledScores(learned=True).eval(), (x,))

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import moh_compile
+from moh_compile.calibrate.data import Calibration
+from tests.op_checks import dense_reference
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -81,8 +83,16 @@ CONFIGS = {
     # block's queries pooled to half the keys
     "funnel": lambda: T.FunnelBaseModel(T.FunnelConfig(vocab_size=100, d_model=64, n_head=4, d_head=16, d_inner=128,
                                                        block_sizes=[1, 1])),
+    # disentangled attention: content-to-position and position-to-content terms added to the scores,
+    # K^T scaled by a constant computed from a tensor before the product
+    "deberta": lambda: T.DebertaModel(T.DebertaConfig(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                      max_relative_positions=16)),
+    "deberta_v2": lambda: T.DebertaV2Model(T.DebertaV2Config(**COMMON, relative_attention=True,
+                                                            pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+                                                            position_buckets=8)),
 }
-ENCODERS = {"roberta", "distilbert", "electra", "clip_text", "mpnet", "modernbert", "xlnet", "funnel"}
+ENCODERS = {"roberta", "distilbert", "electra", "clip_text", "mpnet", "modernbert", "xlnet", "funnel", "deberta",
+            "deberta_v2"}
 # export specialises the sequence length (Funnel's pooling computes sizes in Python): checked at a
 # new batch size, the traced length
 TRACED_LENGTH_ONLY = {"funnel"}
@@ -118,6 +128,30 @@ def test_every_block_matched_and_identity_exact(name):
     with torch.no_grad():
         want, got = model(**x).last_hidden_state, compiled(**x).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def _ids(b, s, seed):
+    return {"input_ids": torch.randint(0, 100, (b, s), generator=torch.Generator().manual_seed(seed))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["xlnet", "funnel", "deberta_v2"])
+def test_relative_position_attention_routes_like_the_reference(name):
+    """MoH at half the heads on attention with relative position terms (XLNet / Funnel: einsums;
+    DeBERTa-v2: gathered c2p / p2c terms) equals the masked dense reference: the terms reach the
+    op as an additive mask."""
+    torch.manual_seed(0)
+    model = CONFIGS[name]().eval()
+    cfg = moh_compile.CompileConfig(attention="moh", ffn="keep", options={"moh": {"active_heads": 0.5}})
+    compiled = moh_compile.compile(model, _ids(2, 8, 0), cfg,
+                                   calibration=Calibration(batches=[_ids(4, 8, s) for s in range(3)]))
+    blocks = [b for b in compiled.report.blocks if b["kind"] == "attention"]
+    assert len(blocks) == 2 and all(b["has_mask"] for b in blocks)
+    x = _ids(3, 8, 9)
+    with torch.no_grad():
+        got = compiled(**x).last_hidden_state
+        assert (got - dense_reference(compiled)(**x).last_hidden_state).abs().max().item() <= 1e-5
+        assert (got - model(**x).last_hidden_state).abs().max().item() > 1e-3
 
 
 VISION = {

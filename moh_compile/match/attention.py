@@ -176,6 +176,9 @@ def _core_from(node: fx.Node) -> _Core | None:
         raise NoMatch("attention probabilities are used outside the block (e.g. returned as weights)")
     v = pv[0].args[1]
     q, kt, scale, mask_steps, softcap = _scores_source(scores_in)
+    while (scaled := g.scalar_scaling(kt)) is not None:  # DeBERTa scales K^T before the product
+        kt, factor = scaled
+        scale *= factor
     k = _untranspose_last(kt)
     if k is None:
         raise NoMatch("keys enter Q K^T without a visible transpose")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch._ops import OpOverload
 
 aten = torch.ops.aten
@@ -132,7 +133,7 @@ def static_int(d) -> int | None:
 def scalar_scaling(node) -> tuple[fx.Node, float] | None:
     """(input, factor) when node = input * scalar or input / scalar; else None."""
     if is_call(node, {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}):
-        f = scalar_of(node.args[1])
+        f = constant_scalar(node.args[1], parameters=False)
         if f is not None:
             return node.args[0], (f if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / f)
     return None
@@ -145,20 +146,46 @@ def scalar_of(x) -> float | None:
 
 
 _CONSTANT_COPIES = {aten.lift_fresh_copy.default, aten.detach.default, aten.detach_.default, aten.clone.default}
+# arithmetic a model may do on its own constants (DeBERTa's scale: sqrt(tensor(head_dim) * 3))
+_CONSTANT_MATH = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+                  aten.sub.Tensor, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default, aten.neg.default,
+                  aten.pow.Tensor_Scalar}
 
 
-def constant_scalar(x) -> float | None:
-    """A number, or the value of a constant one-element tensor of the module (a model's
-    `torch.tensor(torch.finfo(dtype).min)`, lifted by export and copied); else None."""
+def constant_scalar(x, parameters: bool = True) -> float | None:
+    """A number, or the value of a one-element float tensor computed from the module's constants
+    only (a model's `torch.tensor(torch.finfo(dtype).min)`, lifted by export and copied; a scale
+    computed from a constant); else None. parameters=False refuses values that read a parameter
+    (a learned temperature must stay in the graph, not be frozen into a number)."""
     if not isinstance(x, fx.Node):
         return scalar_of(x)
-    while is_call(x, _CONSTANT_COPIES) or (is_call(x, CASTS)):
-        x = x.args[0]
-    if isinstance(x, fx.Node) and x.op == "get_attr":
-        value = attribute(x.graph.owning_module, x.target)
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-            return float(value)
+    value = _constant_value(x, parameters, depth=8)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        return float(value)
     return None
+
+
+def _constant_value(x, parameters: bool, depth: int):
+    """Evaluate a small subgraph of copies, casts and arithmetic on get_attr tensors and numbers."""
+    if not isinstance(x, fx.Node):
+        return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    if x.op == "get_attr":
+        value = attribute(x.graph.owning_module, x.target)
+        ok = isinstance(value, torch.Tensor) and value.numel() == 1 and (parameters or not isinstance(value, nn.Parameter))
+        return value.detach().clone() if ok else None
+    if depth == 0 or not (is_call(x, _CONSTANT_COPIES) or is_call(x, CASTS) or is_call(x, _CONSTANT_MATH)):
+        return None
+    args = []
+    for a in x.args:
+        v = _constant_value(a, parameters, depth - 1) if isinstance(a, fx.Node) else a
+        if v is None:
+            return None
+        args.append(v)
+    try:
+        with torch.no_grad():
+            return x.target(*args, **x.kwargs)
+    except Exception:  # e.g. a cast to another device: not a constant we can read here
+        return None
 
 
 @dataclass
