@@ -77,3 +77,37 @@ def test_pass_output_exports_to_both_forms(arch, setting, tmp_path):
         path = tmp_path / f"model.{form}.onnx"
         compiled.export_onnx(path, form=form, program=program, capacity="exact")
         assert verify_onnx(compiled, x, path, atol=1e-4, form=form) <= 1e-4
+
+
+def test_portable_scatter_adds_never_repeat_a_row_so_threads_cannot_race(tmp_path):
+    """ONNX Runtime applies ScatterND(reduction="add") on several threads without atomics, so a row
+    repeated in one ScatterND's indices races (results changed from run to run on MiniLM). Every
+    ScatterND of the portable form (MoH heads and MoE++ experts, default dynamic dispatch) is
+    evaluated on a sample and its index rows must be distinct; and 4-thread runs repeat exactly."""
+    import numpy as np
+    import onnx
+
+    from moh_compile.backends.ort_runtime import make_session, run_session
+
+    model, inputs, _, _ = build("bert")
+    cfg = dict(attention="moh", ffn="moepp", options={"moh": {"active_heads": 0.5},
+                                                      "moepp": {"experts": 4, "ffn_keep": 0.5}})
+    compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(**cfg), calibration=_calibration(inputs))
+    path = tmp_path / "model.portable.onnx"
+    compiled.export_onnx(path, form="portable")
+    proto = onnx.load(path)
+    indices = [n.input[1] for n in proto.graph.node if n.op_type == "ScatterND"]
+    assert len(indices) >= 4  # heads and experts of both layers
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None)
+                              for name in indices)
+    probe = tmp_path / "probe.onnx"
+    onnx.save(proto, probe)
+    x = reshape_inputs(inputs, 4, 24)
+    outs = run_session(make_session(probe, "portable", intra_op_threads=4), x)
+    for name, idx in zip(indices, outs[-len(indices):]):
+        rows = idx.reshape(-1, idx.shape[-1])
+        assert len(np.unique(rows, axis=0)) == len(rows), f"{name} repeats a row"
+    session = make_session(path, "portable", intra_op_threads=4)
+    first = run_session(session, x)[0]
+    assert all(np.array_equal(first, run_session(session, x)[0]) for _ in range(5))
+    assert verify_onnx(compiled, x, path, atol=1e-4, form="portable") <= 1e-4

@@ -5,8 +5,9 @@ weights are scatter-added into a (T, E_total) table over the T = batch*seq token
 cost nothing; copy and constant experts are elementwise. FFN experts follow the call site's
 plan (dispatch_plan.py): heavy experts run densely on every token, weighted; the others run in
 groups of similar load, each one batched dispatch (TopK over tokens -> Gather -> batched MatMul
--> ScatterND add) with C tokens per expert: the group's largest load at run time ("dynamic",
-exact), a capacity factor (static shapes; tokens over capacity drop that expert) or T ("exact").
+-> ScatterND add, one per expert so that no row repeats: onnx_portable.scatter_add_units) with C
+tokens per expert: the group's largest load at run time ("dynamic", exact), a capacity factor
+(static shapes; tokens over capacity drop that expert) or T ("exact").
 Rows are weighted before the output projection, so weight-0 slots add exactly 0.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from moh_compile.backends.onnx_custom import _A, Port, _moh, _plugin_attrs, make_schema
 from moh_compile.backends.dispatch_plan import group_capacity, iter_groups
-from moh_compile.backends.onnx_portable import _const
+from moh_compile.backends.onnx_portable import _const, scatter_add_units
 from moh_compile.ops.activations import apply_activation
 
 MOEPP_OP = "MohMoEppFFN"
@@ -77,7 +78,7 @@ def _expert_group(xf, table, units: list[int], w_in, b_in, w_gate, b_gate, w_out
     vals, idx = torch.topk(weights, group_capacity(weights != 0, t, cap), dim=-1)  # (G, C)
     xg = xf.index_select(0, idx.reshape(-1)).view(len(units), -1, xf.shape[-1])
     y = _expert_ffn(xg, *(_select(w, units) for w in (w_in, b_in, w_gate, b_gate, w_out)), vals, activation)
-    return out.index_add(0, idx.reshape(-1), y.reshape(-1, y.shape[-1]))
+    return scatter_add_units(out, idx, y)
 
 
 def _dense_experts(xf, table, units: list[int], w_in, b_in, w_gate, b_gate, w_out, activation, out):

@@ -132,6 +132,19 @@ def _gather_rows(t: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, flat_idx.reshape(-1)).view(*flat_idx.shape, t.shape[-1])
 
 
+def scatter_add_units(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out (N, F) plus `rows` (U, ..., F) added at row `index` (U, ...), one unit (head, expert) at a
+    time; each unit's indices are distinct.
+
+    Why not one index_add: it exports to ScatterND(reduction="add"), which ONNX Runtime (1.32, CPU)
+    applies on several threads without atomics, so a row repeated across units (a token that chose
+    two heads or experts) races and loses updates: the portable form's output then changed from run
+    to run with intra-op threads > 1 (max error 0.4 on MiniLM). One ScatterND per unit repeats no row."""
+    for unit_index, unit_rows in zip(index.unbind(0), rows.unbind(0)):  # one Split each, not U Gathers
+        out = out.index_add(0, unit_index.reshape(-1), unit_rows.reshape(-1, rows.shape[-1]))
+    return out
+
+
 def weight_slots(t: torch.Tensor, weights: torch.Tensor, guard_nan: bool) -> torch.Tensor:
     """t * weights on the narrowest tensor of a dispatch; slots with weight 0 then add exactly 0.
     `guard_nan`: a slot may hold NaN (a query row with every key masked), so zero it by Where."""
@@ -200,7 +213,7 @@ def _routed_heads(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_we
     y = torch.matmul(weight_slots(ctx, vals, guard_nan=masked), wo)  # (B, Hr, C, E_out)
     e_out = y.shape[-1]
     out = torch.zeros(b * s, e_out, dtype=y.dtype, device=y.device) if out is None else out.reshape(b * s, e_out)
-    return out.index_add(0, flat.reshape(-1), y.reshape(-1, e_out)).view(b, s, e_out)
+    return scatter_add_units(out, flat.transpose(0, 1), y.transpose(0, 1)).view(b, s, e_out)
 
 
 def portable_attention(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias, head_gates,
