@@ -57,9 +57,13 @@ def _detect_causality(captured: Captured, matches: MatchResult) -> None:
         m.block.causal = bool(s_q > 1 and not visible[..., upper].any() and visible[..., ~upper].any())
 
 
-def inspect(model: torch.nn.Module, example_inputs) -> Inspection:
-    """Capture the model and describe every attention and FFN block found (and skipped)."""
-    captured = capture(model, example_inputs)
+def inspect(model: torch.nn.Module, example_inputs, captured: Captured | None = None) -> Inspection:
+    """Capture the model and describe every attention and FFN block found (and skipped).
+
+    captured: an earlier `moh_compile.capture(...)` of this model (or of one built the same way)
+    to reuse instead of running torch.export again (`Captured.for_model`); it is not modified.
+    """
+    captured = captured.for_model(model) if captured is not None else capture(model, example_inputs)
     matches = find_blocks(captured.module)
     _detect_causality(captured, matches)
     if not matches.attention:
@@ -175,8 +179,12 @@ def _pass_for(kind: str, name: str):
 
 
 def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None = None,
-            plan: Plan | None = None, calibration=None, tokenizer=None) -> CompiledModel:  # noqa: A001
+            plan: Plan | None = None, calibration=None, tokenizer=None,
+            captured: Captured | None = None) -> CompiledModel:  # noqa: A001
     """Rewrite the model's blocks as `config` asks (or as a saved `plan` says).
+
+    captured: reuse an earlier `moh_compile.capture(model, example_inputs)` (e.g. when compiling
+    several configurations of one model; torch.export is most of a small model's compile time).
 
     calibration: data for passes that fit routers, in any form `calibrate.data.as_calibration`
     accepts ("example", a .txt/.pt path, tensors, an iterable of batches, a forward loop, or a
@@ -187,7 +195,7 @@ def compile(model: torch.nn.Module, example_inputs, config: CompileConfig | None
         calibration = as_calibration(calibration, tokenizer).match_inputs(example_inputs)
     config = (config or CompileConfig()).validate(
         tuple(passes.ATTENTION_PASSES) + ("keep",), tuple(passes.FFN_PASSES) + ("keep",))
-    insp = inspect(model, example_inputs)
+    insp = inspect(model, example_inputs, captured)
     gm, matches = insp.captured.module, insp.matches
     new_plan = Plan(config=config.to_dict())
     pending, owners = [], []

@@ -7,7 +7,9 @@ batch 1 are repeated to batch 2 for tracing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -25,6 +27,27 @@ class Captured:
     args: tuple
     kwargs: dict
     dynamic_shapes: object
+
+    def for_model(self, model: torch.nn.Module) -> "Captured":
+        """A fresh copy of this capture's graph bound to `model`'s own parameters and buffers, as a
+        new capture of `model` would be: compile several configurations of one model (or of
+        identically built models) while paying for torch.export once. `model` must have every
+        captured parameter and buffer under the same name, shape and dtype (MohCompileError
+        otherwise); the graph is the traced one, so it must also run the same code. `program` stays
+        the traced ExportedProgram (nothing reads its weights after capture)."""
+        own = dict(model.named_parameters(remove_duplicate=False))
+        own.update(model.named_buffers(remove_duplicate=False))
+        memo = {}
+        for name, tensor in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            mine = own.get(name)
+            if mine is None or mine.shape != tensor.shape or mine.dtype != tensor.dtype:
+                found = "missing" if mine is None else f"{tuple(mine.shape)} {mine.dtype}"
+                raise MohCompileError(f"this capture is not of this model: {name} is {tuple(tensor.shape)} "
+                                      f"{tensor.dtype} in the capture, {found} in the model")
+            memo[id(tensor)] = mine
+        with warnings.catch_warnings():  # torch's own pytree copying, on every GraphModule deepcopy
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            return replace(self, module=copy.deepcopy(self.module, memo))
 
 
 def normalize_inputs(example_inputs) -> tuple[tuple, dict]:

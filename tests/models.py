@@ -2,6 +2,7 @@
 configs (random weights) so tests are fast. The real pretrained model is used for fidelity."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -221,6 +222,19 @@ def hf(name):
                                    intermediate_size=128, image_size=32, patch_size=8))
         return m, {"pixel_values": torch.randn(2, 3, 32, 32)}
     raise KeyError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name):
+    """One torch.export capture of `build(name)` per test process, for tests that compile a zoo model
+    again (moh_compile.compile(..., captured=captured(name))): torch.export is most of a small
+    model's compile time, and the suite compiles each zoo model a dozen times. build() is seeded,
+    so the capture fits every model it builds (Captured.for_model checks names, shapes, dtypes).
+    test_identity_rewrite and test_more_architectures still capture every model afresh."""
+    import moh_compile
+
+    model, inputs, _, _ = build(name)
+    return moh_compile.capture(model, inputs)
 
 
 def build(name):

@@ -27,8 +27,9 @@ except ImportError:
 FAST = {"bert", "llama", "tel"}  # padding mask + kwargs; GQA + RoPE + causal; sequence-first layout
 # exported like the model named (same graph pieces around the op), left out to keep the suite short:
 # partial / interleaved RoPE -> GPT-NeoX's padded, permuted tables and gathered keys; T5 -> BART's
-# cross-attention (per-head masks, as T5's position bias gives, are in test_onnx_backend's op tests)
-SAME_EXPORT_AS = {"phi": "gpt_neox", "gptj": "gpt_neox", "t5": "bart"}
+# cross-attention (per-head masks, as T5's position bias gives, are in test_onnx_backend's op tests);
+# batch-first or norm-first alone -> the TransformerEncoderLayer with both (the op's inputs are the same)
+SAME_EXPORT_AS = {"phi": "gpt_neox", "gptj": "gpt_neox", "t5": "bart", "tel_bf": "tel_bf_nf", "tel_nf": "tel_bf_nf"}
 
 
 def _cases():
@@ -41,7 +42,7 @@ def _cases():
 def test_identity_compile_onnx_both_forms_match_original(name, tmp_path):
     """Identity compile -> both ONNX forms; ORT within 1e-5 of the ORIGINAL model at a new shape."""
     model, inputs, _, _ = models.build(name)
-    compiled = moh_compile.compile(model, inputs)
+    compiled = moh_compile.compile(model, inputs, captured=models.captured(name))
     program = compiled.export()
     shapes = [models.reshape_inputs(inputs, 3, 5)]
     for form in ("custom", "portable"):

@@ -11,7 +11,7 @@ import torch
 import moh_compile
 from moh_compile.backends.ort_runtime import verify_onnx
 from moh_compile.calibrate.data import Calibration
-from tests.models import build, reshape_inputs
+from tests.models import build, captured, reshape_inputs
 
 try:
     import onnxruntime_extensions  # noqa: F401
@@ -66,7 +66,7 @@ def _cases():
 def test_pass_output_exports_to_both_forms(arch, setting, tmp_path):
     model, inputs, _, _ = build(arch)
     compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(**CONFIGS[setting]),
-                                   calibration=_calibration(inputs))
+                                   calibration=_calibration(inputs), captured=captured(arch))
     applied = {a["transform"] for a in compiled.report.actions}
     assert applied - {"identity"}, applied  # the pass really rewrote blocks
     program = compiled.export()
@@ -92,7 +92,8 @@ def test_portable_scatter_adds_never_repeat_a_row_so_threads_cannot_race(tmp_pat
     model, inputs, _, _ = build("bert")
     cfg = dict(attention="moh", ffn="moepp", options={"moh": {"active_heads": 0.5},
                                                       "moepp": {"experts": 4, "ffn_keep": 0.5}})
-    compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(**cfg), calibration=_calibration(inputs))
+    compiled = moh_compile.compile(model, inputs, moh_compile.CompileConfig(**cfg), calibration=_calibration(inputs),
+                                   captured=captured("bert"))
     path = tmp_path / "model.portable.onnx"
     compiled.export_onnx(path, form="portable")
     proto = onnx.load(path)

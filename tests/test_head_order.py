@@ -12,16 +12,16 @@ import torch.nn.functional as F
 import moh_compile
 from moh_compile.passes.head_order import head_permutation
 from moh_compile.plan import BlockPlan, Plan
-from tests.models import ALL, build, main_output, reshape_inputs
+from tests.models import ALL, build, captured, main_output, reshape_inputs
 
 A = (1, 4, 0.0)   # sink 1, local span 4: sparse at the test length (24 tokens)
 DENSE = (0, -1, 0.0)
 
 
-def _plan(model, inputs, patterns_of, transform="sparse"):
+def _plan(model, inputs, patterns_of, transform="sparse", capture=None):
     """A plan giving each attention block the per-head patterns `patterns_of(block)` returns."""
     blocks = []
-    for m in moh_compile.inspect(model, inputs).matches.attention:
+    for m in moh_compile.inspect(model, inputs, capture).matches.attention:
         sink, alpha, beta = zip(*patterns_of(m.block))
         window = {"sink": list(sink), "alpha": list(alpha), "beta": list(beta), "two_sided": not m.block.causal}
         blocks.append(BlockPlan(m.block.name, "attention", transform,
@@ -29,9 +29,9 @@ def _plan(model, inputs, patterns_of, transform="sparse"):
     return Plan(blocks=blocks)
 
 
-def _compile(model, inputs, plan, reorder, attention="sparse"):
+def _compile(model, inputs, plan, reorder, attention="sparse", capture=None):
     cfg = moh_compile.CompileConfig(attention=attention, ffn="keep", options={"sparse": {"reorder_heads": reorder}})
-    return moh_compile.compile(model, inputs, cfg, plan=plan)
+    return moh_compile.compile(model, inputs, cfg, plan=plan, captured=capture)
 
 
 def _out(model, inputs):
@@ -60,8 +60,10 @@ def test_reorder_is_exact_on_every_model(name):
     windows matter; K/V projections read permuted copies; the user's model is untouched."""
     model, inputs, _, facts = build(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = _plan(model, inputs, lambda blk: [A if h % 2 == 0 else DENSE for h in range(blk.num_heads)])
-    reordered, plain = _compile(model, inputs, plan, True), _compile(model, inputs, plan, False)
+    capture = captured(name)
+    plan = _plan(model, inputs, lambda blk: [A if h % 2 == 0 else DENSE for h in range(blk.num_heads)], capture=capture)
+    reordered, plain = _compile(model, inputs, plan, True, capture=capture), _compile(model, inputs, plan, False,
+                                                                                        capture=capture)
     results = _layout(reordered)
     assert results and not _layout(plain)
     if facts["kv"] == facts["heads"] and not facts.get("kv_repeated") and not facts.get("per_head_mask"):

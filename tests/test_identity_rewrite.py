@@ -27,6 +27,33 @@ def test_identity_rewrite_matches_original_at_two_shapes(name):
         assert (got - ref).abs().max().item() <= 1e-5
 
 
+def test_a_capture_is_reused_bound_to_the_model_given():
+    """compile(..., captured=c): the graph of c, the weights of the model passed (shared, as a fresh
+    capture's are), c itself untouched; a capture of another architecture is refused in one line."""
+    source, inputs, _, _ = build("llama")
+    capture = moh_compile.capture(source, inputs)
+    nodes_before = len(capture.module.graph.nodes)
+    other, _, _, _ = build("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)  # same architecture, other weights: the reused graph must read these
+    compiled = moh_compile.compile(other, inputs, moh_compile.CompileConfig(attention="moh", ffn="moepp", options={
+        "moh": {"active_heads": 1.0, "router": "query_norm"}, "moepp": {"experts": 4, "ffn_keep": 1.0}}),
+        captured=capture)
+    fresh = moh_compile.compile(other, inputs)
+    x = reshape_inputs(inputs, 2, 9)
+    assert (_run(compiled, x) - _run(other, x)).abs().max().item() <= 1e-5
+    assert (_run(fresh, x) - _run(other, x)).abs().max().item() <= 1e-5
+    assert (_run(other, x) - _run(source, x)).abs().max().item() > 1e-2
+    ours = {id(p) for p in other.parameters()}
+    embed = dict(compiled.graph_module.named_parameters())["embed_tokens.weight"]
+    assert id(embed) in ours and not any(id(p) in ours for p in capture.module.parameters())
+    assert len(capture.module.graph.nodes) == nodes_before  # compile rewrote a copy
+    wrong, _, _, _ = build("gpt2")
+    with pytest.raises(moh_compile.MohCompileError, match="this capture is not of this model"):
+        moh_compile.compile(wrong, inputs, captured=capture)
+
+
 def test_compiled_model_reexports_and_trains():
     model, inputs, _, _ = build("llama")
     compiled = moh_compile.compile(model, inputs)

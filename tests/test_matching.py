@@ -3,13 +3,13 @@ import pytest
 import torch
 
 import moh_compile
-from tests.models import ALL, build
+from tests.models import ALL, build, captured
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_blocks_found_and_described(name):
     model, inputs, (n_attn, n_ffn), facts = build(name)
-    insp = moh_compile.inspect(model, inputs)
+    insp = moh_compile.inspect(model, inputs, captured(name))
     attn = [m.block for m in insp.matches.attention]
     ffn = [m.block for m in insp.matches.ffn]
     assert len(attn) == n_attn, [s.reason for s in insp.matches.skipped]

@@ -17,7 +17,7 @@ from moh_compile.passes.moepp import expert_usage
 from moh_compile.passes.moepp_router import ExpertRouter
 from moh_compile.plan import Plan
 from tests.minilm import minilm_with_calibration
-from tests.models import ALL, build, main_output
+from tests.models import ALL, build, captured, main_output
 
 
 def _run(model, inputs):
@@ -53,7 +53,8 @@ def test_identity_is_exact_on_every_model(name):
     """All FFN experts active, no zero-computation expert chosen: the dense FFN within 1e-5."""
     model, inputs, (_, n_ffn), facts = build(name)
     compiled = moh_compile.compile(model, inputs, _moepp(experts=4, ffn_keep=1.0, zero_experts=1, copy_experts=1,
-                                                         const_experts=1, gating_residual=True))
+                                                         const_experts=1, gating_residual=True),
+                                    captured=captured(name))
     applied = [a for a in compiled.report.actions if a.get("transform") == "moepp"]
     assert len(applied) == n_ffn, compiled.report.skipped
     assert (_run(compiled, inputs) - _run(model, inputs)).abs().max().item() <= 1e-5

@@ -11,7 +11,7 @@ from moh_compile.cli import main
 from moh_compile.passes.moh_router import HeadRouter
 from moh_compile.rewrite import record_values
 from tests.minilm import minilm_with_calibration
-from tests.models import ALL, build, main_output, reshape_inputs
+from tests.models import ALL, build, captured, main_output, reshape_inputs
 from tests.op_checks import dense_reference
 
 OP = torch.ops.moh_compile.attention.default
@@ -46,7 +46,7 @@ def _gates(compiled, inputs):
 def test_identity_setting_is_exact_on_every_model(name):
     """All heads active: every router gives gates exactly 1 and no compensation."""
     model, inputs, (n_attn, _), _ = build(name)
-    compiled = moh_compile.compile(model, inputs, _moh(active_heads=1.0, router="query_norm"))
+    compiled = moh_compile.compile(model, inputs, _moh(active_heads=1.0, router="query_norm"), captured=captured(name))
     assert [n.target for n in compiled.graph_module.graph.nodes].count(OP) == n_attn
     assert all(a["identity_max_abs_diff"] <= 1e-5 for a in compiled.report.actions)
     for batch, seq in ((3, 5), (2, 13)):
@@ -70,7 +70,7 @@ def test_topk_routing_exact_counts_and_masked_dense_reference(name, router):
     model, inputs, _, facts = build(name)
     calib = _calibration(name, inputs) if router == "learned" else None
     compiled = moh_compile.compile(model, inputs, _moh(active_heads=0.5, shared_heads=0.25, router=router),
-                                   calibration=calib)
+                                   calibration=calib, captured=captured(name))
     x = reshape_inputs(inputs, 3, 11)
     for bp, gates in zip([b for b in compiled.plan.blocks if b.transform == "moh"], _gates(compiled, x)):
         s = bp.settings

@@ -11,7 +11,7 @@ import moh_compile
 from moh_compile.match import graph as g
 from moh_compile.passes import narrow_projections as narrow
 from moh_compile.passes.narrow_projections import periodic_range
-from tests.models import build, main_output, reshape_inputs
+from tests.models import build, captured, main_output, reshape_inputs
 
 FUSED = ["gpt2", "gpt_neox", "falcon", "tel", "mha", "nanogpt", "manual_block"]
 
@@ -52,7 +52,7 @@ def test_periodic_range_finds_the_fused_layouts():
 @pytest.mark.parametrize("name", FUSED)
 def test_fused_qkv_computes_only_key_and_value_rows_and_stays_exact(name):
     model, inputs, _, facts = build(name)
-    compiled = _compile(model, inputs)
+    compiled = _compile(model, inputs, captured=captured(name))
     section = compiled.report.sections["narrowed projections"]
     assert section["narrowed"] and "| rows computed |" in section["markdown"]
     assert "fused, Q rows dropped" in compiled.report.markdown()
@@ -72,7 +72,9 @@ def model_width(model, inputs) -> int:
 
 def test_switched_off_keeps_the_whole_projection_with_the_same_outputs():
     model, inputs, _, _ = build("gpt2")
-    whole, narrowed = _compile(model, inputs, narrow_on=False), _compile(model, inputs)
+    capture = captured("gpt2")
+    whole = _compile(model, inputs, narrow_on=False, captured=capture)
+    narrowed = _compile(model, inputs, captured=capture)
     assert "narrowed projections" not in whole.report.sections
     assert set(_projection_widths(whole).values()) >= {192}
     assert 192 not in _projection_widths(narrowed).values()
@@ -82,7 +84,7 @@ def test_switched_off_keeps_the_whole_projection_with_the_same_outputs():
 
 def test_separate_projections_are_left_alone():
     model, inputs, _, _ = build("llama")
-    assert "narrowed projections" not in _compile(model, inputs).report.sections
+    assert "narrowed projections" not in _compile(model, inputs, captured=captured("llama")).report.sections
 
 
 def test_moh_flops_count_the_query_rows_once_when_narrowed():
@@ -91,8 +93,8 @@ def test_moh_flops_count_the_query_rows_once_when_narrowed():
     model, inputs, _, _ = build("gpt2")
     calib = [reshape_inputs(inputs, 4, 16) for _ in range(2)]
     opts = {"moh": {"active_heads": 0.5}}
-    layers = {on: _compile(model, inputs, "moh", on, options=opts, calibration=calib).report.sections[
-        "attention:moh"]["layers"] for on in (True, False)}
+    layers = {on: _compile(model, inputs, "moh", on, options=opts, calibration=calib, captured=captured("gpt2"))
+              .report.sections["attention:moh"]["layers"] for on in (True, False)}
     blk = moh_compile.inspect(model, inputs).matches.attention[0].block
     seq = layers[True][0]["seq_for_flops"]
     q_rows_flops = 2 * seq * blk.d_model * blk.num_heads * blk.head_dim  # all Q rows of one sequence
@@ -107,12 +109,13 @@ def test_neox_heads_are_still_reordered_after_narrowing():
     from tests.test_head_order import A, DENSE, _compile as sparse_compile, _layout, _plan
 
     model, inputs, _, _ = build("gpt_neox")
-    plan = _plan(model, inputs, lambda blk: [A if h % 2 == 0 else DENSE for h in range(blk.num_heads)])
-    compiled = sparse_compile(model, inputs, plan, True)
+    plan = _plan(model, inputs, lambda blk: [A if h % 2 == 0 else DENSE for h in range(blk.num_heads)],
+                 capture=captured("gpt_neox"))
+    compiled = sparse_compile(model, inputs, plan, True, capture=captured("gpt_neox"))
     assert compiled.report.sections["narrowed projections"]["narrowed"]
     assert all(r.get("order") == [0, 2, 1, 3] for r in _layout(compiled).values())
     x = reshape_inputs(inputs, 2, 24)
-    plain = sparse_compile(model, inputs, plan, False)
+    plain = sparse_compile(model, inputs, plan, False, capture=captured("gpt_neox"))
     assert (_out(compiled, x) - _out(plain, x)).abs().max().item() <= 1e-5
 
 
@@ -127,7 +130,7 @@ def test_a_narrowed_graph_that_fails_to_run_is_undone(monkeypatch):
         return None if layout is None else (layout[0] + 1, layout[1], layout[2])
 
     monkeypatch.setattr(narrow, "periodic_range", too_wide)
-    compiled = _compile(model, inputs)
+    compiled = _compile(model, inputs, captured=captured("gpt2"))
     assert "failed to run" in compiled.report.sections["narrowed projections"]["markdown"]
     x = reshape_inputs(inputs, 2, 24)
     assert (_out(compiled, x) - _out(model, x)).abs().max().item() <= 1e-5
@@ -144,7 +147,7 @@ def test_a_narrowing_that_changes_the_outputs_is_undone(monkeypatch):
         return None if layout is None else (layout[0], layout[1] - 1, layout[2] - 1)
 
     monkeypatch.setattr(narrow, "periodic_range", off_by_one)
-    compiled = _compile(model, inputs)
+    compiled = _compile(model, inputs, captured=captured("gpt2"))
     assert "outputs changed" in compiled.report.sections["narrowed projections"]["markdown"]
     assert 192 in _projection_widths(compiled).values()
     assert not [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.aten.constant_pad_nd.default]
