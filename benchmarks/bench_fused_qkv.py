@@ -48,8 +48,10 @@ def compiled_pair(model, inputs, attention: str, active: float, calibration) -> 
     def cfg(narrow: bool):
         return moh_compile.CompileConfig(attention=attention, ffn="keep", narrow_projections=narrow,
                                          options={"moh": {"active_heads": active}})
-    narrowed = moh_compile.compile(model, inputs, cfg(True), calibration=calibration)
-    whole = moh_compile.compile(model, inputs, cfg(False), plan=narrowed.plan, calibration=calibration)
+    capture = moh_compile.capture(model, inputs)
+    narrowed = moh_compile.compile(model, inputs, cfg(True), calibration=calibration, captured=capture)
+    whole = moh_compile.compile(model, inputs, cfg(False), plan=narrowed.plan, calibration=calibration,
+                                captured=capture)
     return narrowed, whole
 
 

@@ -37,8 +37,9 @@ def main(argv=None) -> list[list]:
     cal = as_calibration("example", loaded, limit=args.calib_samples)
     cfg = lambda reorder: moh_compile.CompileConfig(  # noqa: E731
         attention="sparse", ffn="keep", options={"sparse": {"density": args.density, "reorder_heads": reorder}})
-    reordered = moh_compile.compile(loaded.model, loaded.example_inputs, cfg(True), calibration=cal)
-    plain = moh_compile.compile(loaded.model, loaded.example_inputs, cfg(False), plan=reordered.plan)
+    capture = moh_compile.capture(loaded.model, loaded.example_inputs)
+    reordered = moh_compile.compile(loaded.model, loaded.example_inputs, cfg(True), calibration=cal, captured=capture)
+    plain = moh_compile.compile(loaded.model, loaded.example_inputs, cfg(False), plan=reordered.plan, captured=capture)
     layout = reordered.report.sections.get("attention:sparse:layout", {}).get("head_order", {})
     groups = [len(set(zip(b.settings['sink'], b.settings['alpha'], b.settings['beta']))) for b in reordered.plan.blocks if b.kind == "attention"]
     moved = sum("order" in r for r in layout.values())

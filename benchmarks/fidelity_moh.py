@@ -58,13 +58,15 @@ def main() -> None:
     tune = tuning_data(args, loaded, cal)
     pooled = {} if args.pooled_weight is None else {"pooled_weight": args.pooled_weight}
     rows = []
+    capture = moh_compile.capture(teacher, loaded.example_inputs)  # torch.export once for every row
 
     def compile_row(name, active, opts):
         t0 = time.perf_counter()
         torch.manual_seed(0)
         cfg = moh_compile.CompileConfig(attention="moh", ffn="keep", options={"moh": {"active_heads": active, **opts}})
         # a private copy: fine-tuning "all" must not move the teacher's weights
-        compiled = moh_compile.compile(copy.deepcopy(teacher), loaded.example_inputs, cfg, calibration=cal)
+        compiled = moh_compile.compile(copy.deepcopy(teacher), loaded.example_inputs, cfg, calibration=cal,
+                                       captured=capture)
         fid = compiled.report.sections["fidelity"]
         rows.append((name, active, fid["cosine"], fid["cosine_min"], fid["knn10"], time.perf_counter() - t0, ""))
         print(rows[-1], flush=True)
