@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moh_compile.kernels.moe_dispatch import moepp_dispatch
+from moh_compile.kernels.moe_dispatch import moepp_dispatch, stable_order
 from moh_compile.ops.activations import ACTIVATIONS, apply_activation, apply_activation_
 from moh_compile.ops.ffn import ffn_reference
 from moh_compile.ops.moepp import moepp_ffn, moepp_ffn_reference, split_ffn_into_experts
@@ -294,3 +294,16 @@ def test_invalid_settings_raise_one_line_value_errors():
     raises(op_args(x, ex, w["b_out"], idx, torch.ones(4, 2), act="swish2"), "unknown activation")
     raises(op_args(x, ex, w["b_out"], idx, torch.ones(4, 3)), "expert_weight shape")
     raises(op_args(x[:3], ex, w["b_out"], idx, torch.ones(4, 2)), "expert_idx must be")
+
+
+@pytest.mark.parametrize("total", [5, 127, 300, 40000])
+def test_stable_order_is_torch_stable_argsort(total):
+    """The dispatch's radix sort (numpy, 8/16-bit keys) orders pairs exactly as torch's stable
+    argsort, ties in their original order; ids too large for 16 bits fall back to torch."""
+    from moh_compile.kernels.moe_dispatch import stable_order
+
+    g = torch.Generator().manual_seed(total)
+    for n in (10, 4096):
+        flat = torch.randint(0, total, (n,), generator=g)
+        got = stable_order(flat, total)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.argsort(flat, stable=True))

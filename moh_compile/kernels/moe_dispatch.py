@@ -24,17 +24,28 @@ had been 10-40% slower: buffers that large are freshly mapped by the allocator o
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from moh_compile.kernels.workspace import WORKSPACE
 from moh_compile.ops.activations import apply_activation, apply_activation_
 
 
+def stable_order(flat: torch.Tensor, total: int) -> torch.Tensor:
+    """torch.argsort(flat, stable=True) for ids in [0, total): numpy's radix sort on 8/16-bit keys
+    when the ids fit and the tensor is on the CPU, 5-6x faster than torch's stable sort (~50 vs ~330
+    us for 10k pairs on 2 threads; that was 2-3% of a d_model 384 MoE++ call at 2048 tokens)."""
+    if flat.device.type != "cpu" or total > 32767 or flat.numel() < 64:
+        return torch.argsort(flat, stable=True)
+    key = flat.numpy().astype(np.int8 if total <= 127 else np.int16)
+    return torch.from_numpy(np.argsort(key, kind="stable")).to(torch.int64)
+
+
 def _route(expert_idx: torch.Tensor, total: int):
     """Sort the (token, slot) pairs by expert id: the order, pairs per expert, token of each pair."""
     k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = stable_order(flat, total)
     counts = torch.bincount(flat, minlength=total)
     return order, counts, torch.div(order, k, rounding_mode="floor")
 
