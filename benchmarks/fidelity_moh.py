@@ -42,6 +42,9 @@ def main() -> None:
                     help="gates of the learned router (the baselines stay binary)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="least-squares refit of W_O under the routing (the compile default)")
+    ap.add_argument("--head-allocation", choices=["calibrated", "uniform"], default="calibrated",
+                    help="k per block of the learned router: spread by measured sensitivity (the compile default) "
+                         "or the same in every block")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate, router-only fine-tune")
     ap.add_argument("--lr-all", type=float, default=2e-5, help="learning rate, fine-tune of every weight")
     ap.add_argument("--pooled-weight", type=float, default=None,
@@ -77,9 +80,9 @@ def main() -> None:
             for router in ("query_norm", "random"):
                 compile_row(f"{router} router, 0 shared", active, {"router": router})
         base = compile_row(f"learned, training-free, {args.gate_style} gates, {args.shared:g} shared, "
-                           f"comp rank {args.comp_rank}{'' if args.refit else ', no refit'}", active,
-                           {"shared_heads": args.shared, "comp_rank": args.comp_rank, "refit": args.refit,
-                            "gate_style": args.gate_style})
+                           f"comp rank {args.comp_rank}{'' if args.refit else ', no refit'}, {args.head_allocation} heads per block",
+                           active, {"shared_heads": args.shared, "comp_rank": args.comp_rank, "refit": args.refit,
+                                    "gate_style": args.gate_style, "head_allocation": args.head_allocation})
         for train in args.train if args.minutes else []:
             student = copy.deepcopy(base)
             lr = args.lr if train == "router" else args.lr_all

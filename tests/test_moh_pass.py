@@ -88,7 +88,8 @@ def test_topk_routing_exact_counts_and_masked_dense_reference(name, router):
 
 def test_report_usage_load_balance_flops_and_reexport():
     model, inputs, _, _ = build("bert")
-    compiled = moh_compile.compile(model, inputs, _moh(active_heads=0.75), calibration=_calibration("bert", inputs))
+    compiled = moh_compile.compile(model, inputs, _moh(active_heads=0.75, head_allocation="uniform"),
+                                   calibration=_calibration("bert", inputs))
     section = compiled.report.sections["attention:moh"]
     assert section["files"]["moh_head_usage.png"][:4] == b"\x89PNG"
     for layer in section["layers"]:
@@ -253,22 +254,30 @@ def test_composes_with_other_attention_passes():
 
 @pytest.mark.slow
 def test_minilm_75_percent_heads_training_free_through_compile():
-    """The real model, fewer lines than the benchmark (96 calibration lines, 128 held-out) to stay short."""
+    """The real model, fewer lines than the benchmark (96 calibration lines, 128 held-out) to stay short.
+    Measured: 0.9924 with the calibrated head allocation (k per block 7,7,8,11,9,12), 0.9861 uniform."""
     loaded, cal = minilm_with_calibration()
-    compiled = moh_compile.compile(loaded.model, loaded.example_inputs, _moh(active_heads=0.75), calibration=cal)
-    fid = compiled.report.sections["fidelity"]
-    assert fid["cosine"] > SLOW_FLOOR_75, fid
+    capture = moh_compile.capture(loaded.model, loaded.example_inputs)
+    cos = {}
+    for allocation in ("calibrated", "uniform"):
+        compiled = moh_compile.compile(loaded.model, loaded.example_inputs,
+                                       _moh(active_heads=0.75, head_allocation=allocation), calibration=cal,
+                                       captured=capture)
+        cos[allocation] = compiled.report.sections["fidelity"]["cosine"]
+    assert cos["uniform"] > SLOW_FLOOR_75 and cos["calibrated"] > SLOW_FLOOR_75_ALLOCATED, cos
+    assert cos["calibrated"] > cos["uniform"] + 0.003, cos
 
 
-SLOW_FLOOR_75 = 0.975   # measured 0.9860 (96 calibration lines, 128 held-out, 9 of 12 heads), minus a margin
+SLOW_FLOOR_75 = 0.975   # measured 0.9861 (96 calibration lines, 128 held-out, 9 of 12 heads), minus a margin
+SLOW_FLOOR_75_ALLOCATED = 0.985  # measured 0.9924, same data
 
 
 @pytest.mark.slow
 def test_minilm_half_heads_refit_beats_no_refit_on_held_out_text():
     """Measured (96 calibration lines, 128 held-out, 6 of 12 heads): 0.9574 with the W_O refit, 0.9491 without."""
     loaded, cal = minilm_with_calibration()
-    cos = {refit: moh_compile.compile(loaded.model, loaded.example_inputs, _moh(active_heads=0.5, refit=refit),
-                                      calibration=cal).report.sections["fidelity"]["cosine"] for refit in (True, False)}
+    cos = {refit: moh_compile.compile(loaded.model, loaded.example_inputs,
+                                      _moh(active_heads=0.5, refit=refit, head_allocation="uniform"), calibration=cal).report.sections["fidelity"]["cosine"] for refit in (True, False)}
     assert cos[True] > 0.945 and cos[True] > cos[False] + 0.004, cos
 
 

@@ -42,17 +42,34 @@ def mean_pooled_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor | 
     return F.normalize(hidden.reshape(hidden.shape[0], -1).float(), dim=-1)
 
 
-@torch.no_grad()
 def embeddings(model, batches) -> torch.Tensor:
     """(N, D) normalised embeddings of the model's main output over batches (mean-pooled over real tokens)."""
+    masks = [b.get("attention_mask") if isinstance(b, dict) else None for b in batches]
+    return torch.cat([mean_pooled_embeddings(h, m) for h, m in zip(main_outputs(model, batches), masks)])
+
+
+@torch.no_grad()
+def main_outputs(model, batches) -> list[torch.Tensor]:
+    """The model's main output tensor (`last_hidden`) for each batch."""
     out = []
     for batch in batches:
         if isinstance(batch, dict):
-            result, mask = model(**batch), batch.get("attention_mask")
+            out.append(last_hidden(model(**batch)))
         else:
-            result, mask = model(*(batch if isinstance(batch, (tuple, list)) else (batch,))), None
-        out.append(mean_pooled_embeddings(last_hidden(result), mask))
-    return torch.cat(out)
+            out.append(last_hidden(model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))))
+    return out
+
+
+def token_distortion(outputs: list[torch.Tensor], references: list[torch.Tensor], masks: list) -> float:
+    """Mean over real tokens of 1 - cosine(output, reference) along the feature dim: how far a
+    change moves the model's per-token output (masks[i]: (B, S) real tokens of batch i, or None)."""
+    total, count = 0.0, 0
+    for out, ref, mask in zip(outputs, references, masks):
+        cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1)
+        if mask is not None and cos.shape == mask.shape:
+            cos = cos[mask]
+        total, count = total + float((1.0 - cos).sum()), count + cos.numel()
+    return total / max(count, 1)
 
 
 def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,4 +111,4 @@ def fidelity(reference: torch.Tensor, converted: torch.Tensor, k: int = 10) -> d
     return out
 
 
-__all__ = ["last_hidden", "mean_pooled_embeddings", "embeddings", "cosines", "mean_cosine", "topk_neighbour_overlap", "fidelity"]
+__all__ = ["last_hidden", "mean_pooled_embeddings", "embeddings", "main_outputs", "token_distortion", "cosines", "mean_cosine", "topk_neighbour_overlap", "fidelity"]

@@ -13,11 +13,15 @@ from __future__ import annotations
 import io
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from moh_compile.calibrate import moh_fit
+from moh_compile.calibrate.head_allocation import (ALLOCATIONS, PROBE_BATCHES, PROBE_TOKENS, BlockChoices, allocate,
+                                                   candidate_ks)
+from moh_compile.calibrate.metrics import main_outputs, token_distortion
 from moh_compile.errors import MohCompileError
 from moh_compile.flops import block_attention_flops
 from moh_compile.match import graph as g
@@ -29,7 +33,7 @@ from moh_compile.rewrite import constant_value, drop_unread_attrs, free_name, re
 aten = torch.ops.aten
 ATTENTION_OP = torch.ops.moh_compile.attention.default
 DEFAULTS = {"active_heads": 0.75, "shared_heads": 0.0, "gate_style": "binary", "router": "learned", "comp_rank": 0,
-            "refit": True}
+            "head_allocation": "calibrated", "refit": True}
 
 
 def head_counts(options: dict, heads: int) -> tuple[int, int]:
@@ -57,6 +61,9 @@ def validate_options(options: dict) -> dict:
         raise MohCompileError(f"MoH gate style must be one of {', '.join(GATE_STYLES)}, not {o['gate_style']!r}")
     if o["router"] not in KINDS:
         raise MohCompileError(f"MoH router must be one of {', '.join(KINDS)}, not {o['router']!r}")
+    if o["head_allocation"] not in ALLOCATIONS:
+        raise MohCompileError(f"MoH head allocation must be one of {', '.join(ALLOCATIONS)}, "
+                              f"not {o['head_allocation']!r}")
     if not isinstance(o["comp_rank"], int) or o["comp_rank"] < 0:
         raise MohCompileError(f"MoH compensation rank must be an integer >= 0, got {o['comp_rank']!r}")
     if o["comp_rank"] and o["router"] != "learned":
@@ -73,8 +80,9 @@ def check_settings(s: dict, heads: int) -> dict:
             raise MohCompileError(f"MoH plan is for {s['heads']} heads, the block has {heads}")
     except (KeyError, TypeError, ValueError) as err:
         raise MohCompileError(f"MoH plan settings are incomplete or malformed ({err}): {s}") from None
-    if s.get("gate_style") not in GATE_STYLES or s.get("router") not in KINDS:
-        raise MohCompileError(f"MoH plan settings have an unknown gate style or router: {s}")
+    if s.get("gate_style") not in GATE_STYLES or s.get("router") not in KINDS or \
+            s.get("head_allocation", "uniform") not in ALLOCATIONS:
+        raise MohCompileError(f"MoH plan settings have an unknown gate style, router or head allocation: {s}")
     if k < 1 or n_shared < 0 or n_shared + k > heads:
         raise MohCompileError(f"MoH plan: k = {k} routed + {n_shared} shared heads do not fit {heads} heads (k >= 1)")
     if shared is not None and (len(set(shared)) != n_shared or any(not 0 <= h < heads for h in shared)):
@@ -101,13 +109,18 @@ class MoHAttention(Pass):
         a.add_argument("--comp-rank", type=int, metavar="R",
                        help="rank of the linear compensation of dropped heads (learned router; default: 0, "
                             "the dropped heads' mean contribution)")
+        a.add_argument("--head-allocation", choices=ALLOCATIONS,
+                       help="calibrated: spread the model's heads over its blocks by measured sensitivity, at "
+                            "the attention FLOPs of --active-heads in every block (learned router); uniform: "
+                            "--active-heads in every block (default: calibrated)")
 
     def options_from_args(self, args) -> dict:
         opts = {k: getattr(args, k, None) for k in DEFAULTS if k != "refit"}
         opts = {k: v for k, v in opts.items() if v is not None}
         used = self.name in str(getattr(args, "attention", "")).split("+")
         if opts and not used:
-            raise MohCompileError("MoH options (--active-heads, --shared-heads, --gate-style, --router, --comp-rank) "
+            raise MohCompileError("MoH options (--active-heads, --shared-heads, --gate-style, --router, --comp-rank, "
+                                  "--head-allocation) "
                                   "need --attention moh")
         if used and getattr(args, "refit", None) is not None:  # --refit is shared with the moepp pass
             opts["refit"] = args.refit
@@ -123,7 +136,7 @@ class MoHAttention(Pass):
         n_shared, k = head_counts(o, b.num_heads)
         settings = {"heads": b.num_heads, "kv_heads": b.num_kv_heads, "num_shared": n_shared, "k": k,
                     "shared": None, "gate_style": o["gate_style"], "router": o["router"], "comp_rank": o["comp_rank"],
-                    "refit": bool(o["refit"])}
+                    "head_allocation": o["head_allocation"], "refit": bool(o["refit"])}
         return BlockPlan(b.name, self.kind, self.name, settings)
 
     def attention_parts(self, gm: fx.GraphModule, match, block_plan: BlockPlan) -> dict:
@@ -146,12 +159,13 @@ class MoHAttention(Pass):
         if calibration is None and any(_fitted(s) for s in settings):
             raise MohCompileError("the learned MoH router is fitted on calibration data: pass --calib DATA "
                                   "(Python: calibration=...), or use --router query_norm, which needs none")
+        allocation = _allocate_heads(gm, rewrites, settings, calibration)
         layers, replaced = [], []
         for (m, bp, rw), s in zip(rewrites, settings):
             node = _router_node(gm, rw)
             op = _op_of(node)
             if _fitted(s):
-                router, fit_error, new_o = _fit_router(gm, m, s, op, rw, calibration)
+                router, fit_error, new_o = _fit_recorded(m, s, _record_block(gm, m, op, rw, calibration))
                 if new_o is not None:
                     _replace_output_projection(gm, op, new_o)
                     replaced.append(m.block.o.weight)
@@ -179,7 +193,7 @@ class MoHAttention(Pass):
             for layer, usage in zip(layers, _head_usage(gm, [_gates_node(_router_node(gm, rw)) for _, _, rw in rewrites],
                                                          calibration)):
                 layer.update(usage)
-        return _report(layers)
+        return _report(layers, allocation)
 
 
 def _fitted(settings: dict) -> bool:
@@ -187,6 +201,76 @@ def _fitted(settings: dict) -> bool:
     With every head active a learned router stays at its zero initialisation, which gives
     gates of exactly 1 (the identity), so it needs no data."""
     return settings["router"] == "learned" and int(settings["k"]) + int(settings["num_shared"]) < int(settings["heads"])
+
+
+# ---------------------------------------------------------------- head allocation
+def _allocate_heads(gm, rewrites: list, settings: list[dict], calibration) -> dict | None:
+    """Set k per block by measured sensitivity (calibrate/head_allocation.py) where the settings
+    ask for it and it was not done before (a saved plan keeps its k); returns the allocation."""
+    todo = [i for i, s in enumerate(settings) if s.get("head_allocation") == "calibrated" and not s.get("allocated")
+            and _fitted(s)]
+    for s in settings:
+        if s.get("head_allocation") == "calibrated":
+            s["allocated"] = True
+    if len(todo) < 2:  # nothing to move
+        return None
+    if calibration.loop is not None:
+        return {"k": [settings[i]["k"] for i in todo],
+                "markdown": "Head allocation: uniform k (a forward loop gives no batches to score blocks on; "
+                            "pass calibration batches for the calibrated allocation)."}
+    batches = calibration.batches[:PROBE_BATCHES]
+    masks = [calibration.token_mask(b) for b in batches]
+    reference = main_outputs(gm, batches)
+
+    def block_losses(j: int, ks: list[int]) -> list[float]:
+        m, _, rw = rewrites[todo[j]]
+        op = _op_of(_router_node(gm, rw))
+        rec = _record_block(gm, m, op, rw, calibration).subset(PROBE_TOKENS)
+        out = []
+        for k in ks:
+            router, _, new_o = _fit_recorded(m, {**settings[todo[j]], "k": k}, rec)
+            with _installed(gm, rw, router, new_o):
+                out.append(token_distortion(main_outputs(gm, batches), reference, masks))
+        return out
+
+    blocks = []
+    for i in todo:
+        m, s = rewrites[i][0], settings[i]
+        ks = candidate_ks(s["k"], m.block.num_heads - s["num_shared"])
+        flops = [_flops_at(m, (s["num_shared"] + k) / m.block.num_heads) for k in ks]
+        blocks.append(BlockChoices(m.block.name, ks, flops, s["k"]))
+    result = allocate(blocks, block_losses)
+    for i, k in zip(todo, result["k"]):
+        settings[i]["k"] = k
+    return result
+
+
+class _installed:
+    """A fitted router (and refitted W_O) in a block for the duration of a with-block; the
+    identity router and the original W_O come back afterwards."""
+
+    def __init__(self, gm, rw, router: HeadRouter, new_o: torch.Tensor | None):
+        self.gm, self.node, self.router, self.new_o = gm, _router_node(gm, rw), router, new_o
+
+    def __enter__(self):
+        self.old_router = self.gm.get_submodule(self.node.target)
+        self.gm.add_submodule(self.node.target, self.router.train(False))
+        self.op = _op_of(self.node)
+        self.old_o = self.op.args[8]
+        if self.new_o is not None:
+            _replace_output_projection(self.gm, self.op, self.new_o)
+        self.gm.recompile()
+        return self
+
+    def __exit__(self, *exc):
+        self.gm.add_submodule(self.node.target, self.old_router)
+        new_o = self.op.args[8]
+        if new_o is not self.old_o:
+            self.op.update_arg(8, self.old_o)
+            self.gm.graph.erase_node(new_o)
+            delattr(self.gm, new_o.target)
+        self.gm.recompile()
+        return False
 
 
 # ---------------------------------------------------------------- graph helpers
@@ -233,8 +317,27 @@ def _batch_masks(calibration, n_calls: int) -> list:
     return [None] * n_calls
 
 
-def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRouter, float]:
-    """Record this block's op inputs on the model as converted so far, then fit (moh_fit.fit_block)."""
+@dataclass
+class RecordedBlock:
+    """One block's calibration activations at real tokens, as the fit reads them."""
+    x: torch.Tensor                       # (T, E) block input
+    ctx: torch.Tensor                     # (T, H, D) every head's context
+    o_weight: torch.Tensor                # the op's W_O (float32)
+    o_dtype: torch.dtype
+    out_weight: torch.Tensor | None       # gamma of the LayerNorm after the block (post-LN), else None
+    token_weight: torch.Tensor | None     # 1 / std of each token's residual stream (post-LN), else None
+
+    def subset(self, n: int, seed: int = 0) -> "RecordedBlock":
+        """At most n tokens, drawn at random (fixed seed)."""
+        if self.x.shape[0] <= n:
+            return self
+        idx = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        return RecordedBlock(self.x[idx], self.ctx[idx], self.o_weight, self.o_dtype, self.out_weight,
+                             None if self.token_weight is None else self.token_weight[idx])
+
+
+def _record_block(gm, m, op: fx.Node, rw, calibration) -> RecordedBlock:
+    """This block's op inputs over the calibration data, on the model as it is now."""
     nodes = {f"a{i}": a for i, a in enumerate(op.args) if isinstance(a, fx.Node) and i != 10}
     post = _norm_after(rw.new)
     if post is not None:
@@ -255,27 +358,31 @@ def _fit_router(gm, m, s: dict, op: fx.Node, rw, calibration) -> tuple[HeadRoute
             res = values["residual"][j]
             res = res if m.block.layout == "batch_first" else res.transpose(0, 1)
             token_w.append(1.0 / res[mask].float().std(-1, unbiased=False).clamp_min(1e-6))
-    x, ctx = torch.cat(xs), torch.cat(ctxs)
     o_orig = _const_value(gm, op.args[8], m, "output projection (the fit reads it)")
-    o_weight = o_orig.float()
-    contrib = moh_fit.contributions(ctx, o_weight)
     out_weight = None if post is None else _const_value(gm, post[1].args[2], m, "LayerNorm after the block").float()
-    token_weight = torch.cat(token_w) if token_w else None
+    return RecordedBlock(torch.cat(xs), torch.cat(ctxs), o_orig.float(), o_orig.dtype, out_weight,
+                         torch.cat(token_w) if token_w else None)
+
+
+def _fit_recorded(m, s: dict, rec: RecordedBlock) -> tuple[HeadRouter, float, torch.Tensor | None]:
+    """Router (moh_fit.fit_block), gate temperature and W_O refit for the settings `s` (updated with
+    what was fitted); returns (router, relative block error, new W_O or None)."""
+    contrib = moh_fit.contributions(rec.ctx, rec.o_weight)
     try:
-        fit = moh_fit.fit_block(x, contrib, s["num_shared"] + s["k"], s["num_shared"], shared=s["shared"],
-                                comp_rank=s["comp_rank"], out_weight=out_weight, token_weight=token_weight)
+        fit = moh_fit.fit_block(rec.x, contrib, s["num_shared"] + s["k"], s["num_shared"], shared=s["shared"],
+                                comp_rank=s["comp_rank"], out_weight=rec.out_weight, token_weight=rec.token_weight)
     except ValueError as err:
         raise MohCompileError(f"MoH fit of {m.block.name}: {err}") from err
     router = fit.router(s["gate_style"])
-    gate_scale = moh_fit.fit_gate_scale(router, x, contrib, out_weight, token_weight)
+    gate_scale = moh_fit.fit_gate_scale(router, rec.x, contrib, rec.out_weight, rec.token_weight)
     if gate_scale:
         s["gate_scale"] = gate_scale
     if not s.get("refit", False) or router.num_active == router.num_heads:
-        return router, moh_fit.block_error(x, contrib, router), None
-    new_o, info = moh_fit.refit_output_projection(router, x, ctx, o_weight, token_weight)
+        return router, moh_fit.block_error(rec.x, contrib, router), None
+    new_o, info = moh_fit.refit_output_projection(router, rec.x, rec.ctx, rec.o_weight, rec.token_weight)
     s["refit_result"] = info
-    return (router, moh_fit.block_error(x, moh_fit.contributions(ctx, new_o), router, contrib.sum(1)),
-            new_o.to(o_orig.dtype))
+    return (router, moh_fit.block_error(rec.x, moh_fit.contributions(rec.ctx, new_o), router, contrib.sum(1)),
+            new_o.to(rec.o_dtype))
 
 
 def _replace_output_projection(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor) -> None:
@@ -313,14 +420,19 @@ def _router_flops_per_token(r: HeadRouter) -> float:
     return float(flops)
 
 
+def _flops_at(m, active_heads: float) -> float:
+    """Attention FLOPs of the rewritten block at the report's sequence length (router excluded)."""
+    from moh_compile.report import _block_seq
+
+    return block_attention_flops(m.block, _block_seq(m), rewritten=True, active_heads=active_heads)["total"]
+
+
 def _flops(m, router: HeadRouter) -> dict:
     from moh_compile.report import _block_seq
 
-    b, seq = m.block, _block_seq(m)
-    before = block_attention_flops(b, seq)["total"]
-    after = block_attention_flops(b, seq, rewritten=True, active_heads=router.num_active / b.num_heads)["total"]
-    return {"seq_for_flops": seq, "flops_before": before,
-            "flops_after": after + seq * _router_flops_per_token(router)}
+    seq = _block_seq(m)
+    return {"seq_for_flops": seq, "flops_before": block_attention_flops(m.block, seq)["total"],
+            "flops_after": _flops_at(m, router.num_active / m.block.num_heads) + seq * _router_flops_per_token(router)}
 
 
 def _load_balance(usage: list[float], routed: list[int], k: int) -> dict:
@@ -332,7 +444,7 @@ def _load_balance(usage: list[float], routed: list[int], k: int) -> dict:
             "cv": float(u.std(unbiased=False) / u.mean().clamp_min(1e-12))}
 
 
-def _report(layers: list[dict]) -> dict:
+def _report(layers: list[dict], allocation: dict | None = None) -> dict:
     for layer in layers:
         layer["load_balance"] = _load_balance(layer.get("usage", []), layer["routed"], layer["k"])
     rows = ["| block | shared heads | k of routed | router | fit rel. error | routed usage min / ideal / max | CV "
@@ -355,6 +467,9 @@ def _report(layers: list[dict]) -> dict:
         text += [f"| {x['block']} | " + " | ".join(f"{u:.2f}" for u in x["usage"]) + " |" for x in layers]
         text += ["", "![head usage](moh_head_usage.png)"]
         out["files"] = {"moh_head_usage.png": _heat_map(layers)}
+    if allocation is not None:
+        text += ["", allocation["markdown"]]
+        out["allocation"] = {k: v for k, v in allocation.items() if k != "markdown"}
     out["markdown"] = "\n".join(text)
     return out
 
