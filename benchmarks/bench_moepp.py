@@ -1,7 +1,8 @@
 """Dense FFN vs the MoE++ op at the same total size, CPU float32, measured side by side.
 
-16 FFN experts (the dense hidden layer split evenly) + 4 zero-computation experts (1 zero,
-1 copy, 2 constant). Each token picks `keep * 16` distinct FFN experts uniformly at random
+16 FFN experts (the dense hidden layer split evenly; `--experts N` for other counts) + 4
+zero-computation experts (1 zero, 1 copy, 2 constant). Each token picks `keep * N` distinct FFN
+experts uniformly at random
 plus one zero-computation expert, so the fraction of FFN neurons computed per token is
 exactly `keep`. Ideal speedup = dense FFN FLOPs / routed FFN FLOPs (moh_compile.flops).
 
@@ -20,7 +21,7 @@ from moh_compile.kernels.moe_dispatch import moepp_dispatch
 from moh_compile.ops.ffn import ffn_reference
 from moh_compile.ops.moepp import moepp_ffn, split_ffn_into_experts
 
-N_FFN, N_ZERO, N_COPY, N_CONST = 16, 1, 1, 2
+N_ZERO, N_COPY, N_CONST = 1, 1, 2
 
 
 CLOCK = time.perf_counter
@@ -44,28 +45,28 @@ def time_interleaved(fns: dict, min_time: float = 1.0, min_reps: int = 5, max_re
             return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def make_routing(tokens: int, keep: float, gen: torch.Generator):
-    k_ffn = round(keep * N_FFN)
-    ffn_choice = torch.rand(tokens, N_FFN, generator=gen).argsort(dim=1)[:, :k_ffn]
-    zc = N_FFN + torch.randint(0, N_ZERO + N_COPY + N_CONST, (tokens, 1), generator=gen)
+def make_routing(tokens: int, keep: float, n_ffn: int, gen: torch.Generator):
+    k_ffn = round(keep * n_ffn)
+    ffn_choice = torch.rand(tokens, n_ffn, generator=gen).argsort(dim=1)[:, :k_ffn]
+    zc = n_ffn + torch.randint(0, N_ZERO + N_COPY + N_CONST, (tokens, 1), generator=gen)
     idx = torch.cat([ffn_choice, zc], dim=1)
     weight = torch.softmax(torch.randn(tokens, k_ffn + 1, generator=gen), dim=1)
     return idx, weight
 
 
 def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator,
-        seconds: float = 1.0) -> dict:
+        seconds: float = 1.0, n_ffn: int = 16) -> dict:
     hidden = 4 * d_model
     x = torch.randn(tokens, d_model, generator=gen)
     w_in = torch.randn(hidden, d_model, generator=gen) / d_model**0.5
     b_in = torch.randn(hidden, generator=gen) * 0.1
     w_out = torch.randn(d_model, hidden, generator=gen) / hidden**0.5
     b_out = torch.randn(d_model, generator=gen) * 0.1
-    groups = torch.arange(hidden).view(N_FFN, -1)
+    groups = torch.arange(hidden).view(n_ffn, -1)
     ex = split_ffn_into_experts(w_in, b_in, w_out, groups=groups)
     cv = torch.randn(N_CONST, d_model, generator=gen)
     cg = torch.randn(N_CONST, 2, d_model, generator=gen) / d_model**0.5
-    idx, weight = make_routing(tokens, keep, gen)
+    idx, weight = make_routing(tokens, keep, n_ffn, gen)
     args = (x, ex["w_in"], ex["b_in"], None, None, ex["w_out"], b_out, idx, weight, cv, cg, N_ZERO, N_COPY, "gelu")
     fns = {"dense": lambda: ffn_reference(x, w_in, b_in, w_out, b_out, None, None, "gelu")}
     for layout in layouts:
@@ -88,6 +89,9 @@ def main() -> None:
     p.add_argument("--d-models", default="384,1024")
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")
+    p.add_argument("--experts", type=int, default=16,
+                   help="FFN experts per block (4 * d_model must be divisible by it; more: finer routing, "
+                        "narrower GEMMs)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timing time per point (more: less noise)")
     a = p.parse_args()
@@ -97,7 +101,7 @@ def main() -> None:
     layouts = a.layouts.split(",")
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
-          f"{N_FFN} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
+          f"{a.experts} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
     head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
     head += f" {'ideal':>6}"
     for layout in layouts:
@@ -106,7 +110,7 @@ def main() -> None:
     for d_model in map(int, a.d_models.split(",")):
         for tokens in map(int, a.tokens.split(",")):
             for keep in map(float, a.keeps.split(",")):
-                r = run(d_model, tokens, keep, layouts, gen, a.seconds)
+                r = run(d_model, tokens, keep, layouts, gen, a.seconds, a.experts)
                 line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f} {r['ideal']:>6.2f}"
                 for layout in layouts:
                     speedup = r["dense"] / r[layout]

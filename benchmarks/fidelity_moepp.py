@@ -21,6 +21,7 @@ import torch
 import moh_compile
 from moh_compile.calibrate.data import as_calibration
 from moh_compile.config import CompileConfig
+from moh_compile.finetune import DEFAULT_LR
 from moh_compile.loading import load_model
 from moh_compile.passes.moepp import expert_usage
 
@@ -66,7 +67,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--finetune-minutes", type=float, default=0.0)
-    ap.add_argument("--lr", type=float, default=2e-5, help="fine-tune lr (finetune's default for train='all')")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR["all"], help="fine-tune lr (finetune's default for train='all')")
     ap.add_argument("--gating-residual", action="store_true")
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)

@@ -20,6 +20,7 @@ import torch
 
 import moh_compile
 from moh_compile.calibrate.data import as_calibration
+from moh_compile.finetune import DEFAULT_LR
 from moh_compile.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +47,7 @@ def main() -> None:
                     help="k per block of the learned router: spread by measured sensitivity (the compile default) "
                          "or the same in every block")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate, router-only fine-tune")
-    ap.add_argument("--lr-all", type=float, default=2e-5, help="learning rate, fine-tune of every weight")
+    ap.add_argument("--lr-all", type=float, default=DEFAULT_LR["all"], help="learning rate, fine-tune of every weight")
     ap.add_argument("--pooled-weight", type=float, default=None,
                     help="weight of the pooled-output term of the distillation loss (default: finetune's)")
     add_tuning_args(ap)

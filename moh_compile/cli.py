@@ -80,7 +80,7 @@ def build_compile_parser() -> argparse.ArgumentParser:
     f.add_argument("--finetune-train", choices=["router", "all"], default="router",
                    help="train the routers only, or every parameter (default: router)")
     f.add_argument("--finetune-lr", type=float, default=None,
-                   help="Adam learning rate (default: 1e-3 for routers, 2e-5 for all)")
+                   help="Adam learning rate (default: 1e-3 for routers, 1e-5 for all)")
     f.add_argument("--finetune-pooled-weight", type=float, default=None, metavar="W",
                    help="weight of the mean-pooled output cosine in the distillation loss, next to the "
                         "per-token loss (default: 10; 0 for language models)")
