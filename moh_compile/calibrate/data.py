@@ -53,6 +53,12 @@ def split_batch(batch) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
+def call_on(module, batch):
+    """module applied to one batch in any accepted form (keywords, positionals or one tensor)."""
+    args, kwargs = split_batch(batch)
+    return module(*args, **kwargs)
+
+
 @dataclass
 class Calibration:
     """Batches to run the model on (or a forward loop), plus an optional held-out set for fidelity.
@@ -86,8 +92,7 @@ class Calibration:
         batches = self.batches if batches is None else batches
         with torch.no_grad(), progress_bar(len(batches), desc, progress) as advance:
             for batch in batches:
-                args, kwargs = split_batch(batch)
-                module(*args, **kwargs)
+                call_on(module, batch)
                 advance()
 
     def match_inputs(self, example_inputs) -> "Calibration":
@@ -260,4 +265,4 @@ def real_tokens(values: list, masks: list) -> torch.Tensor:
 
 
 __all__ = ["Calibration", "as_calibration", "load_lines", "tokenize_lines", "tokenizer_for", "progress_bar",
-           "DATA_DIR", "real_tokens", "split_batch"]
+           "DATA_DIR", "real_tokens", "split_batch", "call_on"]

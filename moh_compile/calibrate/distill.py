@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from moh_compile.calibrate.data import call_on
 from moh_compile.calibrate.metrics import last_hidden
 from moh_compile.progress import progress_bar
 from moh_compile.passes.routing import find_routers
@@ -44,14 +45,6 @@ def default_loss(student_out, teacher_out, batch, pooled_weight: float = DEFAULT
         pooled = torch.nn.functional.cosine_similarity((s * m).sum(1) / denom, (t * m).sum(1) / denom, dim=-1)
         loss = loss + pooled_weight * (1.0 - pooled).mean()
     return loss
-
-
-def _call(model: nn.Module, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _cycle(batches: Iterable):
@@ -178,8 +171,8 @@ def distill(
             if step >= steps or (time_budget_s is not None and time.time() - start >= time_budget_s):
                 break
             with torch.no_grad():
-                t_out = _call(teacher, batch)
-            loss = loss_fn(_call(student, batch), t_out, batch)
+                t_out = call_on(teacher, batch)
+            loss = loss_fn(call_on(student, batch), t_out, batch)
             lb = sum((r.last_load_balance_loss for r in routers if r.last_load_balance_loss is not None),
                      torch.zeros(()))
             total = loss + load_balance_beta * lb
@@ -214,13 +207,13 @@ class _BestWeights:
     def __init__(self, student, teacher, params, batches, loss_fn):
         self.student, self.params, self.batches, self.loss_fn = student, params, list(batches), loss_fn
         with torch.no_grad():
-            self.targets = [_call(teacher, b) for b in self.batches]
+            self.targets = [call_on(teacher, b) for b in self.batches]
         self.history: list = []
         self.best_step, self.best_loss, self.saved = None, math.inf, None
 
     def check(self, step: int) -> None:
         with torch.no_grad():
-            loss = sum(float(self.loss_fn(_call(self.student, b), t, b)) for b, t in zip(self.batches, self.targets))
+            loss = sum(float(self.loss_fn(call_on(self.student, b), t, b)) for b, t in zip(self.batches, self.targets))
         loss /= len(self.batches)
         self.history.append((step, loss))
         if loss < self.best_loss:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moh_compile.calibrate.data import call_on
+
 
 def last_hidden(output) -> torch.Tensor:
     """The main tensor of a model output: a plain tensor, `.last_hidden_state`, `logits`, or the first."""
@@ -51,13 +53,7 @@ def embeddings(model, batches) -> torch.Tensor:
 @torch.no_grad()
 def main_outputs(model, batches) -> list[torch.Tensor]:
     """The model's main output tensor (`last_hidden`) for each batch."""
-    out = []
-    for batch in batches:
-        if isinstance(batch, dict):
-            out.append(last_hidden(model(**batch)))
-        else:
-            out.append(last_hidden(model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))))
-    return out
+    return [last_hidden(call_on(model, batch)) for batch in batches]
 
 
 def token_distortion(outputs: list[torch.Tensor], references: list[torch.Tensor], masks: list) -> float:
@@ -65,7 +61,7 @@ def token_distortion(outputs: list[torch.Tensor], references: list[torch.Tensor]
     change moves the model's per-token output (masks[i]: (B, S) real tokens of batch i, or None)."""
     total, count = 0.0, 0
     for out, ref, mask in zip(outputs, references, masks):
-        cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1)
+        cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
         if mask is not None and cos.shape == mask.shape:
             cos = cos[mask]
         total, count = total + float((1.0 - cos).sum()), count + cos.numel()

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from moh_compile.calibrate.data import real_tokens
+from moh_compile.calibrate.data import call_on, real_tokens
 from moh_compile.errors import MohCompileError
 from moh_compile.match.graph import shape_keys
 from moh_compile.flops import ffn_flops
@@ -358,10 +358,7 @@ def expert_usage(module: nn.Module, batches: list, token_mask=None) -> dict:
         for batch in batches:
             for n in routers:
                 seen[n].clear()
-            if isinstance(batch, dict):
-                module(**batch)
-            else:
-                module(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            call_on(module, batch)
             mask = token_mask(batch) if token_mask else None
             for n, r in routers.items():
                 for idx, _w in seen[n]:
