@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moh_compile.kernels import moe_fine
 from moh_compile.kernels.moe_dispatch import moepp_dispatch, stable_order
 from moh_compile.ops.activations import ACTIVATIONS, apply_activation, apply_activation_
 from moh_compile.ops.ffn import ffn_reference
@@ -70,7 +71,9 @@ def test_inplace_activations_equal_the_definitions(act):
         x = torch.randn(17, 12, generator=gen)
         idx = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(17)])
         args = op_args(x, ex, w["b_out"], idx, torch.rand(17, 3, generator=gen), act=act)
-        torch.testing.assert_close(moepp_dispatch(*args), moepp_ffn_reference(*args), atol=ATOL, rtol=0)
+        for layout in ("sorted", "rows") if moe_fine.available() else ("sorted",):
+            torch.testing.assert_close(moepp_dispatch(*args, layout=layout), moepp_ffn_reference(*args), atol=ATOL,
+                                       rtol=0)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -133,7 +136,9 @@ def test_random_routing_matches_reference_and_formula(seed):
     got = moepp_ffn(*args)
     ref = moepp_ffn_reference(*args)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(moepp_dispatch(*args, layout="capacity"), ref, atol=ATOL, rtol=0)
+    for layout in ("sorted", "capacity", "rows"):
+        if layout != "rows" or moe_fine.available():
+            torch.testing.assert_close(moepp_dispatch(*args, layout=layout), ref, atol=ATOL, rtol=0)
     # every token's k choices honored: token-by-token sum of the chosen experts
     x, b_out, wt = args[0], args[6], args[8]
     for b in range(x.shape[0]):
@@ -143,31 +148,34 @@ def test_random_routing_matches_reference_and_formula(seed):
 
 
 def test_expert_chosen_by_every_token_and_a_lookalike_with_a_repeat():
-    """An expert every token chose runs on x as is (no gather, no scatter); one with as many
-    pairs as tokens but a repeated token (and a token missing) must take the gathered path."""
+    """In the sorted layout an expert every token chose runs on x as is (no gather, no scatter); one
+    with as many pairs as tokens but a repeated token (and a token missing) must take the gathered path."""
     gen = torch.Generator().manual_seed(7)
     args = routed_case(gen)
     idx = args[7].clone()
     idx[idx == 0] = 1
     idx[..., 0] = 0                      # expert 0: every token, once
     whole = args[:7] + (idx,) + args[8:]
-    torch.testing.assert_close(moepp_dispatch(*whole), moepp_ffn_reference(*whole), atol=ATOL, rtol=0)
+    torch.testing.assert_close(moepp_dispatch(*whole, layout="sorted"), moepp_ffn_reference(*whole), atol=ATOL,
+                               rtol=0)
     lookalike = idx.clone()
     lookalike[0, 1, 0] = 1               # token 1 drops expert 0 ...
     lookalike[0, 0, 1] = 0               # ... token 0 takes it twice: still one pair per token
     assert int((lookalike == 0).sum()) == idx.shape[0] * idx.shape[1]
     other = args[:7] + (lookalike,) + args[8:]
-    torch.testing.assert_close(moepp_dispatch(*other), moepp_ffn_reference(*other), atol=ATOL, rtol=0)
+    torch.testing.assert_close(moepp_dispatch(*other, layout="sorted"), moepp_ffn_reference(*other), atol=ATOL,
+                               rtol=0)
 
 
 def test_output_does_not_alias_the_shared_workspace():
-    """The sorted kernel gathers into a reused per-thread buffer; a result must survive later
-    calls of any kernel that takes the buffer (here the MoE++ op again, larger)."""
-    gen = torch.Generator().manual_seed(5)
-    first = moepp_dispatch(*routed_case(gen))
-    kept = first.clone()
-    moepp_dispatch(*routed_case(gen, shape=(4, 33)))
-    assert torch.equal(first, kept)
+    """The sorted and row kernels keep scratch in a reused per-thread buffer; a result must survive
+    later calls of any kernel that takes the buffer (here the MoE++ op again, larger)."""
+    for layout in ("sorted", "rows") if moe_fine.available() else ("sorted",):
+        gen = torch.Generator().manual_seed(5)
+        first = moepp_dispatch(*routed_case(gen), layout=layout)
+        kept = first.clone()
+        moepp_dispatch(*routed_case(gen, shape=(4, 33)), layout=layout)
+        assert torch.equal(first, kept)
 
 
 def test_zero_copy_const_experts_exact():

@@ -6,8 +6,11 @@ fraction of neurons. Zero experts cost nothing; copy and constant experts are O(
 and are folded into the combine as two vectorised terms (a per-token multiple of x and a
 (T, n_const) @ (n_const, d) product).
 
-Two layouts for the FFN part (`moepp_dispatch(..., layout=...)`):
-  "sorted"   (default) sort the (token, slot) pairs by expert; per expert gather its token rows
+Layouts for the FFN part (`moepp_dispatch(..., layout=...)`; "auto", the default, takes "rows" for
+experts of at most ROWS_MAX_WIDTH neurons when its C kernels build here, else "sorted"):
+  "rows"     C row kernels for fine-grained experts (moe_fine.py): pairs grouped by (token tile,
+             expert), each expert's few weight rows kept in L1, no gather or scatter buffers.
+  "sorted"   sort the (token, slot) pairs by expert; per expert gather its token rows
              into a small cache-resident buffer and run the input GEMM into its contiguous slice
              of one hidden buffer; one activation call and one routing-weight scaling over that
              buffer; per expert the output GEMM into a small buffer, scatter-added into the
@@ -24,21 +27,12 @@ had been 10-40% slower: buffers that large are freshly mapped by the allocator o
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from moh_compile.kernels import moe_fine
+from moh_compile.kernels.sort_ids import stable_order
 from moh_compile.kernels.workspace import WORKSPACE
 from moh_compile.ops.activations import apply_activation, apply_activation_
-
-
-def stable_order(flat: torch.Tensor, total: int) -> torch.Tensor:
-    """torch.argsort(flat, stable=True) for ids in [0, total): numpy's radix sort on 8/16-bit keys
-    when the ids fit and the tensor is on the CPU, 5-6x faster than torch's stable sort (~50 vs ~330
-    us for 10k pairs on 2 threads; the op at d_model 384 with 2048 tokens ran 1.09x faster)."""
-    if flat.device.type != "cpu" or total > 32767 or flat.numel() < 64:
-        return torch.argsort(flat, stable=True)
-    key = flat.numpy().astype(np.int8 if total <= 127 else np.int16)
-    return torch.from_numpy(np.argsort(key, kind="stable")).to(torch.int64)
 
 
 def _route(expert_idx: torch.Tensor, total: int):
@@ -174,10 +168,25 @@ def _zero_compute(xf, out, expert_idx, expert_weight, n_ffn, n_zero, n_copy, con
         out.addcmul_(xf, coef_x.unsqueeze(1))
 
 
+LAYOUTS = ("auto", "sorted", "capacity", "rows")
+ROWS_MAX_WIDTH = 48  # widest expert (neurons) for which "auto" picks the C row kernels; see choose_layout
+
+
+def choose_layout(w_in: torch.Tensor, xf: torch.Tensor) -> str:
+    """"rows" for experts of at most ROWS_MAX_WIDTH neurons (float32, CPU, C kernels built), else
+    "sorted": library GEMMs win on wide experts, the row kernels on narrow ones
+    (benchmarks/bench_moepp.py --layouts sorted,rows --experts N)."""
+    if (w_in.shape[1] <= ROWS_MAX_WIDTH and xf.dtype == torch.float32 and xf.device.type == "cpu"
+            and w_in.dtype == torch.float32 and moe_fine.available()):
+        return "rows"
+    return "sorted"
+
+
 def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expert_weight,
                    const_vectors, const_gate_weight, n_zero: int, n_copy: int, activation: str,
-                   layout: str = "sorted") -> torch.Tensor:
-    """Forward of the MoE++ op; arguments as validated by ops.moepp.validate_moepp_args."""
+                   layout: str = "auto") -> torch.Tensor:
+    """Forward of the MoE++ op; arguments as validated by ops.moepp.validate_moepp_args.
+    layout "auto" picks "rows" (moe_fine.py) for narrow experts when its C kernels load, else "sorted"."""
     d = x.shape[-1]
     d_out = w_out.shape[1]
     k = expert_idx.shape[-1]
@@ -188,14 +197,18 @@ def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
     t = xf.shape[0]
     idx = expert_idx.reshape(t, k)
     wts = expert_weight.reshape(t, k).to(x.dtype)
-    if layout not in ("sorted", "capacity"):
-        raise ValueError(f"unknown layout {layout!r}; use 'sorted' or 'capacity'")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = choose_layout(w_in, xf)
     # experts add into out, which starts as the output bias (one pass instead of zeros + add)
     out = xf.new_zeros((t, d_out)) if b_out is None else b_out.to(xf.dtype).expand(t, d_out).clone()
     if t and k:
         order, counts, tokens = _route(idx, total)
         counts_list = counts.tolist()
-        if layout == "sorted":
+        if layout == "rows":
+            moe_fine.ffn_rows(xf, out, idx, wts, n, w_in, b_in, w_gate, b_gate, w_out, activation)
+        elif layout == "sorted":
             _ffn_sorted(xf, out, counts_list, order, tokens, wts.reshape(-1), n, w_in, b_in, w_gate, b_gate, w_out,
                         activation)
         else:
