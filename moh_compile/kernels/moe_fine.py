@@ -27,6 +27,7 @@ from moh_compile.ops.activations import apply_activation_
 
 L2_TILE_BYTES = 1 << 20  # x rows + output rows of one tile: half of this machine's 2 MiB L2 per core
 
+
 def _library():
     lib = native.load("moe_rows")
     if lib is not None and not getattr(lib, "_typed", False):

@@ -1,4 +1,4 @@
-"""Stable ordering of small integer ids (expert or (tile, expert) keys) for the CPU dispatch kernels."""
+"""Stable ordering of small integer ids (expert ids) for the sorted CPU dispatch (moe_dispatch.py)."""
 from __future__ import annotations
 
 import numpy as np
