@@ -23,7 +23,6 @@ budget is a clear error, since a router fitted on nothing would be a guess.
 from __future__ import annotations
 
 import io
-import math
 import operator
 import re
 
@@ -38,7 +37,7 @@ from moh_compile.flops import ffn_flops
 from moh_compile.ops.activations import apply_activation
 from moh_compile.ops.moepp import split_ffn_into_experts
 from moh_compile.passes.base import Pass
-from moh_compile.passes.moepp_router import ExpertRouter, MoEPPConfig
+from moh_compile.passes.moepp_router import KMAX_FACTOR, ExpertRouter, MoEPPConfig, top_k_for_keep
 from moh_compile.plan import BlockPlan
 from moh_compile.rewrite import constant_value, drop_unread_attrs, insert_ffn, record_values
 
@@ -63,10 +62,8 @@ def resolve_settings(opts: dict) -> dict:
         if s[key] < 0:
             raise MohCompileError(f"--{key.replace('_', '-')} must be >= 0, got {s[key]}")
     total = n + s["zero_experts"] + s["copy_experts"] + s["const_experts"]
-    if s["top_k"] is None:
-        # with a zero expert, k leaves room above the mean (a token may use up to 1.5x the budget)
-        s["top_k"] = min(n, math.ceil((1.5 if s["zero_experts"] else 1.0) * keep * n - 1e-9))
-        s["top_k"] = max(1, s["top_k"])
+    if s["top_k"] is None:  # with a zero expert, k leaves room above the mean
+        s["top_k"] = top_k_for_keep(keep, n, KMAX_FACTOR if s["zero_experts"] else 1.0)
     k = s["top_k"]
     if not 1 <= k <= total:
         raise MohCompileError(f"--top-k must be in [1, {total}] (number of experts incl. zero/copy/const), got {k}")

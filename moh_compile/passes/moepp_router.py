@@ -63,15 +63,22 @@ class MoEPPConfig:
         return range(self.n_ffn, self.n_ffn + self.n_zero)
 
 
-def config_for_keep(ffn_keep: float, n_ffn: int = 16, kmax_factor: float = 1.5, **kw) -> MoEPPConfig:
-    """MoE++ config for an average FFN budget: k slots with room above the mean (variable k)."""
+KMAX_FACTOR = 1.5  # with a zero expert, a token may use up to 1.5x the mean budget
+
+
+def top_k_for_keep(ffn_keep: float, n_ffn: int, kmax_factor: float = KMAX_FACTOR) -> int:
+    """Routing slots for an average budget: min(n_ffn, ceil(kmax_factor * ffn_keep * n_ffn)), >= 1."""
     if not 0.0 < ffn_keep <= 1.0:
         raise ValueError(f"ffn_keep must be in (0, 1], got {ffn_keep}")
     if kmax_factor < 1.0:
         raise ValueError(f"kmax_factor must be >= 1, got {kmax_factor}")
-    top_k = min(n_ffn, math.ceil(kmax_factor * ffn_keep * n_ffn - 1e-9))
+    return max(1, min(n_ffn, math.ceil(kmax_factor * ffn_keep * n_ffn - 1e-9)))
+
+
+def config_for_keep(ffn_keep: float, n_ffn: int = 16, kmax_factor: float = KMAX_FACTOR, **kw) -> MoEPPConfig:
+    """MoE++ config for an average FFN budget: k slots with room above the mean (variable k)."""
     kw.setdefault("n_zero", 1)
-    return MoEPPConfig(n_ffn=n_ffn, top_k=top_k, **kw)
+    return MoEPPConfig(n_ffn=n_ffn, top_k=top_k_for_keep(ffn_keep, n_ffn, kmax_factor), **kw)
 
 
 class ExpertRouter(Router):
@@ -157,4 +164,4 @@ def mean_ffn_count(idx: torch.Tensor, n_ffn: int, mask: torch.Tensor | None = No
     return float(count.mean())
 
 
-__all__ = ["MoEPPConfig", "config_for_keep", "ExpertRouter", "mean_ffn_count"]
+__all__ = ["KMAX_FACTOR", "MoEPPConfig", "config_for_keep", "top_k_for_keep", "ExpertRouter", "mean_ffn_count"]
