@@ -1,6 +1,8 @@
 """Per-head sink + window attention core vs dense causal SDPA on CPU (float32, batch 1, 8x64 heads).
 
-Timing: both run side by side in this process, interleaved, median of --repeats.
+Timing: all methods run side by side in this process, interleaved, median of --repeats: dense
+causal SDPA, the op's CPU path ("sparse": the C kernel, kernels/window_native.py), the PyTorch block
+kernel it replaced for these inputs ("block": sparse_attention_core(..., native=False)), and flex.
 Peak memory: one subprocess per (case, method); it builds the inputs, resets the kernel's peak-RSS
 counter (echo 5 > /proc/self/clear_refs), runs the method once and reports VmHWM - VmRSS before:
 the extra resident peak of the method (tracemalloc does not see torch's allocator, RSS does).
@@ -77,7 +79,7 @@ def run(method: str, q, k, v, spans):
         bm, _ = flex_setup(q.shape[2], spans)
         return _FLEX["fn"](q, k, v, block_mask=bm, scale=DIM ** -0.5)
     return sparse_attention_core(q, k, v, None, [SINK] * HEADS, spans, [0.0] * HEADS, False, DIM ** -0.5,
-                                 causal=True)
+                                 causal=True, native=method == "sparse")
 
 
 def child(method: str, n: int, density: float) -> None:
@@ -125,42 +127,40 @@ def main() -> None:
     sizes = [2048] if args.quick else [int(x) for x in args.sizes.split(",")]
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, batch 1, "
-          f"{HEADS} heads x {DIM}, {SINK} sinks, causal")
-    head = (f"{'N':>6} {'density':>8} {'spans':>11} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8} "
-            f"{'ideal':>6} {'of ideal':>9} {'dense MB':>9} {'sparse MB':>10} {'max err':>8} {'flex ms':>8} "
-            f"{'flex x':>7} {'flex/ideal':>10} {'mask s':>7}")
-    print(head)
+          f"{HEADS} heads x {DIM}, {SINK} sinks, causal; sparse = the op's CPU path (the C kernel, "
+          f"window_native.py), block = the PyTorch block kernel (native=False)")
+    methods = ["sparse", "block"] + ([] if args.no_flex else ["flex"])
+    head = f"{'N':>6} {'density':>8} {'spans':>11} {'ideal':>6} {'dense ms':>9}"
+    for m in methods:
+        head += f" {m + ' ms':>9} {m + ' x':>8} {'of ideal':>8}"
+    head += f" {'dense MB':>9}" + "".join(f" {m + ' MB':>9}" for m in methods[:2]) + f" {'max err':>8}"
+    print(head + (f" {'mask s':>7}" if "flex" in methods else ""))
     for n in sizes:
         q, k, v = inputs(n)
         for density in (0.25, 0.10):
             spans = spans_for(n, density)
             real = sum(pattern_density(n, SINK, s, 0.0, False, True) for s in spans) / HEADS
-            flex = not args.no_flex
-            dense_out, sparse_out = run("dense", q, k, v, spans), run("sparse", q, k, v, spans)  # warm-up
-            err = check_error(q, k, v, spans, sparse_out) if n <= 2048 else float("nan")
-            if flex:
-                flex_out = run("flex", q, k, v, spans)  # compiles on the first call
-                err = max(err, (flex_out - sparse_out).abs().max().item()) if n <= 2048 else err
-                del flex_out
-            del dense_out, sparse_out
-            td, ts, tf = [], [], []
+            outs = {m: run(m, q, k, v, spans) for m in methods}  # warm-up (flex compiles here)
+            err = max(check_error(q, k, v, spans, o) for o in outs.values()) if n <= 2048 else float("nan")
+            del outs
+            times: dict = {m: [] for m in ["dense"] + methods}
             for _ in range(repeats):
-                for name, acc in (("dense", td), ("sparse", ts)) + ((("flex", tf),) if flex else ()):
+                for name, acc in times.items():
                     t0 = time.perf_counter()
                     run(name, q, k, v, spans)
                     acc.append(time.perf_counter() - t0)
-            d_ms, s_ms = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
-            speed, ideal = d_ms / s_ms, 1 / real
-            mem = ("     n/a", "      n/a") if args.no_memory else (f"{peak_mb('dense', n, density):>9.1f}",
-                                                                  f"{peak_mb('sparse', n, density):>10.1f}")
-            fx = ""
-            if flex:
-                f_ms = statistics.median(tf) * 1e3
-                fx = (f" {f_ms:>8.1f} {d_ms / f_ms:>6.2f}x {d_ms / f_ms / ideal:>9.0%} "
-                      f"{flex_setup(n, spans)[1]:>7.2f}")
-            print(f"{n:>6} {real:>8.3f} {f'{spans[0]}/{spans[-1]}':>11} {d_ms:>9.1f} {s_ms:>10.1f} "
-                  f"{speed:>7.2f}x {ideal:>5.1f}x {speed / ideal:>8.0%} {mem[0]} {mem[1]} {err:>8.1e}{fx}",
-                  flush=True)
+            ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+            ideal = 1 / real
+            row = f"{n:>6} {real:>8.3f} {f'{spans[0]}/{spans[-1]}':>11} {ideal:>5.1f}x {ms['dense']:>9.1f}"
+            for m in methods:
+                speed = ms["dense"] / ms[m]
+                row += f" {ms[m]:>9.1f} {speed:>7.2f}x {speed / ideal:>8.0%}"
+            mems = ["dense"] + methods[:2]
+            row += "".join(f" {'n/a':>9}" if args.no_memory else f" {peak_mb(m, n, density):>9.1f}" for m in mems)
+            row += f" {err:>8.1e}"
+            if "flex" in methods:
+                row += f" {flex_setup(n, spans)[1]:>7.2f}"
+            print(row, flush=True)
 
 
 def check_error(q, k, v, spans, out) -> float:

@@ -1,0 +1,73 @@
+"""Per-head sink + local-window attention through the C kernel (csrc/window_attention.c).
+
+Why a second CPU path next to the PyTorch block kernel (block_sparse.py): that one runs ATen's
+flash kernel on small blocks of rows plus a separate sink pass and a merge, at 1.9-2.4x the cost
+per (query, key) pair of dense SDPA (docs/sparse.md). The C kernel scores a tile of 8 rows
+against the union of their visible keys only (sinks + one band), takes an exact softmax per row
+over that row's own keys, and accumulates P V, all in a per-thread scratch buffer.
+
+It covers the case the block kernel spends most of its time on: float32 on the CPU, self-attention
+(S_q == S_k), no mask tensor beyond the pattern and causality (`simplify_mask` drops padding-free
+masks; `is_causal_mask` turns an exact causal mask into causal=True), head size a multiple of 16.
+Everything else stays on the block kernel. Dense heads (span < 0) are left to the caller.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from moh_compile.kernels import native
+
+_PAD = 32  # zero keys after K^T's rows: a 32-key step that starts at a valid key never leaves its row
+
+
+def _library():
+    lib = native.load("window_attention")
+    if lib is not None and not getattr(lib, "_typed", False):
+        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.window_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int,
+                                         ctypes.c_float, ptr, c_int]
+        lib.window_attention.restype = None
+        lib._typed = True
+    return lib
+
+
+def available() -> bool:
+    """Whether the C window kernel could be built and loaded here."""
+    return _library() is not None
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> bool:
+    """Whether `window_attention` can run these inputs (else the caller uses the block kernel)."""
+    return (mask is None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and q.shape[2] == k.shape[2] and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[-1] % 16 == 0 and scale > 0 and q.shape[1] % k.shape[1] == 0
+            and not (q.requires_grad or k.requires_grad or v.requires_grad) and available())
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spans: list[int],
+                     sinks: list[int], two_sided: bool, causal: bool, scale: float) -> list[int]:
+    """Writes every sparse head (span >= 0) of `out` (B, H, S, D), contiguous; returns the (query,
+    key) scores computed per head. q (B, H, S, D), k / v (B, Hkv, S, D)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C window kernel unavailable: {native.why_unavailable('window_attention')}")
+    b, h, s, d = q.shape
+    h_kv = k.shape[1]
+    if not out.is_contiguous() or out.shape != q.shape:
+        raise ValueError("out must be a contiguous tensor shaped like q")
+    # contiguous copies are bound to names: a temporary's memory would be freed before the C call
+    qc, vc = q.contiguous(), v.contiguous()
+    kt = q.new_zeros(b, h_kv, d, s + _PAD)
+    kt[..., :s] = k.transpose(-1, -2)
+    span_t = torch.tensor(spans, dtype=torch.int64)
+    sink_t = torch.tensor(sinks, dtype=torch.int64)
+    pairs = torch.zeros(h, dtype=torch.int64)
+    lib.window_attention(qc.data_ptr(), kt.data_ptr(), vc.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, s + _PAD,
+                         span_t.data_ptr(), sink_t.data_ptr(), int(two_sided), int(causal), float(scale),
+                         pairs.data_ptr(), torch.get_num_threads())
+    return pairs.tolist()
+
+
+__all__ = ["available", "applies", "window_attention"]

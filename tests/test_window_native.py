@@ -1,0 +1,108 @@
+"""The C sink + window attention kernel (kernels/window_native.py) against the masked dense
+reference (the definition), the choice between it and the PyTorch block kernel, and its work."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moh_compile  # noqa: F401  (registers the op and its kernels)
+from moh_compile.kernels import block_sparse as bs
+from moh_compile.kernels import window_native
+from moh_compile.ops.attention import merge_masks, window_mask, window_spans
+
+pytestmark = pytest.mark.skipif(not window_native.available(), reason="no C compiler here: the block kernel runs")
+
+
+def _qkv(b, h, h_kv, s, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, s, d, generator=g), torch.randn(b, h_kv, s, d, generator=g),
+            torch.randn(b, h_kv, s, d, generator=g))
+
+
+def _ref(q, k, v, sink, alpha, beta, two_sided, causal, scale=0.25):
+    s = q.shape[2]
+    pat = window_mask(s, s, sink, alpha, beta, two_sided)
+    mask = torch.ones(s, s, dtype=torch.bool).tril() if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=merge_masks(mask, pat), scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [16, 48, 64])
+def test_matches_the_masked_reference(two_sided, causal, d):
+    b, h, h_kv, s = 2, 6, 3, 123  # S not a multiple of the 8-row tile; GQA; batch 2
+    q, k, v = _qkv(b, h, h_kv, s, d)
+    sink, alpha, beta = [0, 1, 13, 2, 0, 200], [1, 9, 20, 7, 64, 3], [0.0, 0.0, 0.1, 0.0, 0.25, 0.5]
+    spans = window_spans(alpha, beta, s)
+    out = torch.full_like(q, float("nan"))
+    window_native.window_attention(q, k, v, out, spans, sink, two_sided, causal, 0.25)
+    assert (out - _ref(q, k, v, sink, alpha, beta, two_sided, causal)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_every_span_and_sink_count(two_sided):
+    s = 40
+    q, k, v = _qkv(1, s, 1, s, 16, seed=3)  # one head per span 1..S, sinks 0..39, one shared KV head
+    alpha, sink = list(range(1, s + 1)), [(7 * i) % s for i in range(s)]
+    out = torch.empty_like(q)
+    window_native.window_attention(q, k, v, out, alpha, sink, two_sided, True, 0.25)
+    assert (out - _ref(q, k, v, sink, alpha, [0.0] * s, two_sided, True)).abs().max().item() < 1e-5
+
+
+def test_dense_heads_are_left_to_the_caller_and_the_core_fills_them():
+    q, k, v = _qkv(1, 4, 2, 70, 32)
+    sink, alpha, beta = [2, 0, 0, 5], [-1, 10, -1, 3], [0.0] * 4
+    out = torch.zeros_like(q)
+    pairs = window_native.window_attention(q, k, v, out, window_spans(alpha, beta, 70), sink, False, True, 0.25)
+    assert pairs[0] == pairs[2] == 0 and out[:, [0, 2]].abs().max() == 0
+    core = bs.sparse_attention_core(q, k, v, None, sink, alpha, beta, False, 0.25, causal=True)
+    assert (core - _ref(q, k, v, sink, alpha, beta, False, True)).abs().max().item() < 1e-5
+
+
+def test_core_takes_the_c_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = window_native.window_attention
+    monkeypatch.setattr(window_native, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(2, 4, 2, 90, 16)
+    sink, alpha, beta = [3, 0, 1, 0], [5, 30, 12, 2], [0.0] * 4
+    causal = torch.ones(90, 90, dtype=torch.bool).tril()
+    ref = _ref(q, k, v, sink, alpha, beta, False, True)
+    # an exact causal mask tensor (what captured decoders carry) is turned into the causal flag
+    assert (bs.sparse_attention_core(q, k, v, causal, sink, alpha, beta, False, 0.25) - ref).abs().max() < 1e-5
+    assert len(calls) == 1
+    # a padding mask, float64 or an 8-wide head: the block kernel, same result
+    pad = torch.ones(2, 1, 1, 90, dtype=torch.bool)
+    pad[1, ..., :5] = False
+    out = bs.sparse_attention_core(q, k, v, pad & causal, sink, alpha, beta, False, 0.25)
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=merge_masks(
+        pad & causal, window_mask(90, 90, sink, alpha, beta, False)), scale=0.25, enable_gqa=True)).abs().max() < 1e-5
+    bs.sparse_attention_core(q.double(), k.double(), v.double(), None, sink, alpha, beta, False, 0.25, causal=True)
+    bs.sparse_attention_core(q[..., :8], k[..., :8], v[..., :8], None, sink, alpha, beta, False, 0.25, causal=True)
+    assert len(calls) == 1
+
+
+def test_without_the_library_the_block_kernel_gives_the_same_result(monkeypatch):
+    q, k, v = _qkv(1, 4, 4, 150, 64)
+    sink, alpha, beta = [4, 0, 2, 0], [20, 7, 64, -1], [0.0, 0.1, 0.0, 0.0]
+    native = bs.sparse_attention_core(q, k, v, None, sink, alpha, beta, True, 0.25)
+    monkeypatch.setattr(window_native, "_library", lambda: None)
+    assert not window_native.available()
+    block = bs.sparse_attention_core(q, k, v, None, sink, alpha, beta, True, 0.25)
+    assert (native - block).abs().max().item() < 1e-5
+
+
+def test_work_follows_the_pattern():
+    """Scores computed per head = the pattern plus at most 7 keys per row (the tile's union of
+    windows), never S x S."""
+    s = 1000
+    q, k, v = _qkv(1, 3, 3, s, 16)
+    sink, alpha, beta = [4, 0, 0], [100, 10, -1], [0.0] * 3
+    stats: dict = {}
+    bs.sparse_attention_core(q, k, v, None, sink, alpha, beta, False, 0.25, stats=stats, causal=True)
+    pat = window_mask(s, s, sink, alpha, beta, False) & torch.ones(s, s, dtype=torch.bool).tril()
+    for hd in range(2):
+        visible = int(pat[hd].sum())
+        assert visible <= stats["pairs"][hd] <= visible + 7 * s + 8 * sink[hd]
+    assert stats["pairs"][2] == s * s  # the dense head (SDPA, counted as the full square)
