@@ -106,3 +106,32 @@ def test_work_follows_the_pattern():
         visible = int(pat[hd].sum())
         assert visible <= stats["pairs"][hd] <= visible + 7 * s + 8 * sink[hd]
     assert stats["pairs"][2] == s * s  # the dense head (SDPA, counted as the full square)
+
+
+def test_cost_model_sends_short_inputs_to_the_c_kernel_where_it_wins():
+    """32 x 128 tokens, 32-dim heads, two-sided spans of 32 (MiniLM-like): the block kernel's cost
+    predicts it slower than the dense masked path (measured 1.38x slower), the C kernel's predicts
+    it faster (measured 0.65x of dense; docs/sparse.md), so the op now takes the sparse path."""
+    from moh_compile.ops.attention import attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    b, s, dm, h, d = 4, 128, 64, 4, 32
+    x = torch.randn(b, s, dm, generator=g)
+    qw, ow = torch.randn(h * d, dm, generator=g) * 0.2, torch.randn(dm, h * d, generator=g) * 0.2
+    k, v = torch.randn(b, h, s, d, generator=g), torch.randn(b, h, s, d, generator=g)
+    window = ([1] * h, [32] * h, [0.0] * h, True)
+    assert bs.sparse_row_cost(dm, dm, d, s, *window) > bs.dense_windowed_row_cost(dm, dm, s)
+    assert bs.sparse_row_cost(dm, dm, d, s, *window, native=True) < bs.dense_windowed_row_cost(dm, dm, s)
+    args = (x, qw, None, k, v, None, None, None, ow, None, None, d ** -0.5, *window)
+    bs.STATS.update(calls=0, dense_calls=0)
+    out = torch.ops.moh_compile.attention(*args)
+    assert bs.STATS == {"calls": 1, "dense_calls": 0}
+    assert (out - attention_reference(*args)).abs().max().item() < 1e-4
+    # with padding the block kernel would run: the old cost applies and the dense path is kept
+    pad = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    pad[0, ..., -9:] = False
+    assert not bs.native_runs(x, k, v, pad, d ** -0.5)
+    assert bs.native_runs(x, k, v, torch.ones(s, s, dtype=torch.bool).tril(), d ** -0.5)
+    bs.STATS.update(calls=0, dense_calls=0)
+    torch.ops.moh_compile.attention(x, qw, None, k, v, pad, None, None, ow, None, None, d ** -0.5, *window)
+    assert bs.STATS == {"calls": 0, "dense_calls": 1}

@@ -318,8 +318,8 @@ def sparse_attention_kernel(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope
         return None
     d_in, d_out, head_dim, s_k = x.shape[-1], o_weight.shape[0], k.shape[-1], k.shape[2]
     if window_masks_fit(x.shape[0], len(window_alpha), x.shape[1], s_k) and sparse_row_cost(
-            d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
-            window_two_sided) > dense_windowed_row_cost(d_in, d_out, s_k):
+            d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta, window_two_sided,
+            native=native_runs(x, k, v, attn_mask, scale)) > dense_windowed_row_cost(d_in, d_out, s_k):
         STATS["dense_calls"] += 1
         return None
     STATS["calls"] += 1
@@ -337,6 +337,12 @@ PAIR_COST_D = 80.0
 # (H, S, S_k) mask), in the same units; fitted side by side with the block-sparse and routed paths
 # (`python benchmarks/bench_moh_sparse_dispatch.py --fit`).
 DENSE_CORE_WINDOWED = 2.1
+# The C window kernel (window_native.py) per (token, head) row of a sparse head: a fixed cost plus
+# each key it scores (sinks, span and 7 keys of tile padding) at 1 + NATIVE_PAIR_COST_D / head_dim.
+# Fitted by hand to ten side-by-side timings against the dense masked path (2026-11-24, 2 threads,
+# 32/64-dim heads, 128-2048 tokens, spans 10-25% of them): within +-25% (docs/sparse.md).
+NATIVE_PAIR_COST_D = 24.0
+NATIVE_ROW_FIXED = 300.0
 STATS = {"calls": 0, "dense_calls": 0}  # op calls run by the block kernel / left to the reference
 
 
@@ -353,20 +359,32 @@ def dense_windowed_row_cost(d_in: int, d_out: int, s_k: int) -> float:
 
 def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],
                     window_alpha: list[int], window_beta: list[float], two_sided: bool,
-                    block: int = DEFAULT_BLOCK) -> float:
+                    block: int = DEFAULT_BLOCK, native: bool = False) -> float:
     """Predicted cost of one (token, head) row of `sparse_attention_block`, in the units of
     `kernels.routed_attention.routing_speedup` (a dense row costs d_in + d_out + 2 S_k): full
     projections, and per key 2 x the pair cost for a sparse head's sink + band (span plus a
-    block of padding), 2 for each of a dense head's S_k keys; averaged over heads."""
-    pair_cost = 1.0 + PAIR_COST_D / head_dim
+    block of padding), 2 for each of a dense head's S_k keys; averaged over heads. native: the
+    sparse heads run the C window kernel (`native_runs`), with its pair cost, tile and fixed cost."""
+    pair_cost = 1.0 + (NATIVE_PAIR_COST_D if native else PAIR_COST_D) / head_dim
+    tile, fixed = (window_native.TILE_ROWS, NATIVE_ROW_FIXED) if native else (block, 0.0)
     keys = []
     for span, sink in zip(window_spans(window_alpha, window_beta, s_k), window_sink):
         if span < 0:
             keys.append(float(s_k))
         else:
-            band = (span // 2) * 2 + block if two_sided else span + block - 1
-            keys.append(min(float(s_k), sink + band) * pair_cost)
+            band = (span // 2) * 2 + tile if two_sided else span + tile - 1
+            keys.append(min(float(s_k), sink + band) * pair_cost + fixed / 2)
     return d_in + d_out + 2.0 * sum(keys) / max(1, len(keys))
+
+
+def native_runs(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, scale: float) -> bool:
+    """Whether `sparse_attention_core` will run these operands' sparse heads through the C window
+    kernel: its sizes and dtypes, and a model mask that masks nothing or is exactly causal (reads
+    the mask: the callers ask only where it is small, `window_masks_fit`)."""
+    if not window_native.supports(x.shape[1], k.shape[2], k.shape[-1], v.shape[-1], scale, x, k, v):
+        return False
+    mask = simplify_mask(attn_mask)
+    return mask is None or is_causal_mask(mask, x.shape[1], k.shape[2])
 
 
 register_fast_kernel(sparse_attention_kernel)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.kernels.block_sparse import (dense_windowed_row_cost, flash_with_lse, merge_partial_attention,
-                                             sparse_attention_block, sparse_row_cost, window_masks_fit)
+                                             native_runs, sparse_attention_block, sparse_row_cost, window_masks_fit)
 from moh_compile.kernels.workspace import WORKSPACE, release_workspace  # noqa: F401 (re-exported)
 from moh_compile.ops.attention import (as_4d, attention_core, finish_queries, is_causal_mask, merge_masks,
                                       num_query_heads, register_fast_kernel, simplify_mask, window_mask)
@@ -200,12 +200,13 @@ def routed_row_cost(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: 
 
 
 def windowed_path_costs(fraction: float, d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],
-                        window_alpha: list[int], window_beta: list[float], two_sided: bool) -> dict[str, float]:
+                        window_alpha: list[int], window_beta: list[float], two_sided: bool,
+                        native: bool = False) -> dict[str, float]:
     """Predicted cost per (token, head) row of the op's three paths when it has window patterns:
     "routed" (this kernel, window masks gathered per head), "sparse" (the block-sparse kernel over
-    every row, gates applied after) and "dense" (the masked reference)."""
+    every row, gates applied after; native: its C window kernel) and "dense" (the masked reference)."""
     return {"sparse": sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
-                                      two_sided),
+                                      two_sided, native=native),
             "routed": routed_row_cost(fraction, d_in, d_out, head_dim, s_k, ROW_COST_CORE_WINDOWED),
             "dense": dense_windowed_row_cost(d_in, d_out, s_k)}
 
@@ -267,9 +268,9 @@ def routed_attention_when_faster(
     plan = routing_plan(head_gates, tile)
     fraction = plan.n_slots / max(1, head_gates.numel())
     if window_sink is not None:
-        costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
-                                    window_two_sided)
         fits = window_masks_fit(x.shape[0], head_gates.shape[-1], x.shape[1], s_k)
+        costs = windowed_path_costs(fraction, d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
+                                    window_two_sided, native=fits and native_runs(x, k, v, attn_mask, scale))
         exact_only = bool(softcap) or sinks is not None  # the block-sparse kernel's flash calls cannot do these
         if exact_only:
             costs.pop("sparse")

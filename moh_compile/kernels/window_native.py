@@ -19,6 +19,7 @@ import torch
 
 from moh_compile.kernels import native
 
+TILE_ROWS = 8  # query rows per tile in the C kernel (R there): a tile scores its rows' union of keys
 _PAD = 32  # zero keys after K^T's rows: a 32-key step that starts at a valid key never leaves its row
 
 
@@ -38,12 +39,18 @@ def available() -> bool:
     return _library() is not None
 
 
+def supports(s_q: int, s_k: int, head_dim: int, v_dim: int, scale: float, *tensors: torch.Tensor) -> bool:
+    """Whether the C kernel takes a call of these sizes on these tensors (float32, CPU, no
+    gradients), apart from the mask: see `applies`."""
+    return (s_q == s_k and head_dim == v_dim and head_dim % 16 == 0 and scale > 0
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+            and available())
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> bool:
     """Whether `window_attention` can run these inputs (else the caller uses the block kernel)."""
-    return (mask is None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and q.shape[2] == k.shape[2] and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and q.shape[-1] % 16 == 0 and scale > 0 and q.shape[1] % k.shape[1] == 0
-            and not (q.requires_grad or k.requires_grad or v.requires_grad) and available())
+    return (mask is None and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1]
+            and supports(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], scale, q, k, v))
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spans: list[int],
@@ -70,4 +77,4 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return pairs.tolist()
 
 
-__all__ = ["available", "applies", "window_attention"]
+__all__ = ["TILE_ROWS", "available", "applies", "supports", "window_attention"]
