@@ -3,7 +3,8 @@
 With head gates AND window patterns `moh_compile::attention` can run (same output):
   routed  the routed-head kernel: only the chosen (token, head) rows, every key, the window
           patterns as a gathered per-head mask;
-  sparse  the block-sparse kernel: every row, only the key blocks in each head's pattern, gates
+  sparse  the block-sparse path: only the key blocks in each head's pattern; where the C window
+          kernel runs (float32, no padding) only the rows the gates keep, else every row, gates
           applied after;
   dense   the masked reference.
 `kernels.routed_attention.windowed_path_costs` predicts each; the op runs the cheapest. This
@@ -74,7 +75,8 @@ def main(argv=None) -> list[list]:
                     "dense": lambda: attention_reference(*op_args, *window)}, args.reps, warmup=1)
                 ms = {name: t[name].median_ms for name in t}
                 fraction = plan.n_slots / gates.numel()
-                costs = ra.windowed_path_costs(fraction, x.shape[-1], wo.shape[0], d, s, *window)
+                costs = ra.windowed_path_costs(fraction, x.shape[-1], wo.shape[0], d, s, *window,
+                                               native=bs.native_runs(x, k, v, None, scale))
                 pick, best = min(costs, key=costs.get), min(ms, key=ms.get)
                 raw.append({"d": d, "s": s, "fraction": fraction, "e": x.shape[-1], "ms": ms,
                             "sparse_cost": costs["sparse"]})

@@ -135,3 +135,46 @@ def test_cost_model_sends_short_inputs_to_the_c_kernel_where_it_wins():
     bs.STATS.update(calls=0, dense_calls=0)
     torch.ops.moh_compile.attention(x, qw, None, k, v, pad, None, None, ow, None, None, d ** -0.5, *window)
     assert bs.STATS == {"calls": 0, "dense_calls": 1}
+
+
+def test_routed_rows_only_the_chosen_rows_are_computed():
+    """MoH + windows: with a (B, H, S) row selection the kernel computes those rows exactly, leaves
+    the others untouched, and scores about the chosen fraction of the pairs."""
+    b, h, h_kv, s, d = 2, 4, 2, 301, 32
+    q, k, v = _qkv(b, h, h_kv, s, d, seed=5)
+    sink, alpha, beta = [3, 0, 1, 9], [40, 7, 100, 12], [0.0] * 4
+    spans = window_spans(alpha, beta, s)
+    rows = torch.rand(b, h, s, generator=torch.Generator().manual_seed(1)) < 0.5
+    rows[1, 2] = False  # a (b, h) with no row chosen
+    out = torch.full_like(q, 7.0)
+    pairs = window_native.window_attention(q, k, v, out, spans, sink, False, True, 0.25, rows)
+    ref = _ref(q, k, v, sink, alpha, beta, False, True)
+    m = rows.unsqueeze(-1)
+    assert (torch.where(m, out - ref, 0.0)).abs().max().item() < 1e-5
+    assert bool((out[~rows] == 7.0).all())
+    full = window_native.window_attention(q, k, v, torch.empty_like(q), spans, sink, False, True, 0.25)
+    for x in range(h):
+        assert pairs[x] < 0.75 * full[x]
+    assert window_native.window_attention(q, k, v, out, spans, sink, False, True, 0.25,
+                                          torch.zeros_like(rows)) == [0] * h
+
+
+def test_gated_block_skips_gate0_rows_and_matches_the_reference():
+    from moh_compile.kernels.block_sparse import sparse_attention_block
+    from moh_compile.ops.attention import attention_reference
+
+    g = torch.Generator().manual_seed(2)
+    b, s, dm, h, d = 2, 200, 64, 4, 16
+    x = torch.randn(b, s, dm, generator=g)
+    qw, ow = torch.randn(h * d, dm, generator=g) * 0.2, torch.randn(dm, h * d, generator=g) * 0.2
+    k, v = torch.randn(b, 2, s, d, generator=g), torch.randn(b, 2, s, d, generator=g)
+    gates = (torch.rand(b, s, h, generator=g) < 0.5).float() * torch.rand(b, s, h, generator=g)
+    window = ([2, 0, 1, 0], [30, 8, 50, -1], [0.0] * 4, False)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    args = (x, qw, None, k, v, causal, None, None, ow, None, gates, d ** -0.5, *window)
+    assert (sparse_attention_block(*args) - attention_reference(*args)).abs().max().item() < 1e-5
+    # the cost model counts only the kept rows where the C kernel runs
+    full = bs.sparse_row_cost(dm, dm, d, s, *window, native=True)
+    half = bs.sparse_row_cost(dm, dm, d, s, *window, native=True, row_fraction=0.5)
+    assert half < full and bs.sparse_row_cost(dm, dm, d, s, *window, row_fraction=0.5) == bs.sparse_row_cost(
+        dm, dm, d, s, *window)

@@ -195,13 +195,16 @@ def sparse_attention_core(
     stats: dict | None = None,
     causal: bool = False,
     native: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale q k^T + mask) v over each head's visible keys only; q (B,H,S,D), k/v (B,Hkv,S_k,D).
 
     causal=True ANDs j <= i into the pattern without a mask tensor (same as passing a tril mask).
     `stats`, if given, gets `stats["pairs"][h]` += (query, key) pairs scored for head h, so tests
     can check that work follows the pattern. native=False keeps the sparse heads off the C kernel
-    (window_native.py), e.g. to time the two side by side.
+    (window_native.py), e.g. to time the two side by side. rows (B, H, S) bool: the rows the caller
+    will read (routed heads); where the C kernel runs, the sparse heads' other rows are skipped and
+    left 0, elsewhere every row is computed.
     """
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
@@ -216,21 +219,24 @@ def sparse_attention_core(
         width = max(d, v.shape[-1])
         padded = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         return sparse_attention_core(*padded, attn_mask, window_sink, window_alpha, window_beta, two_sided, scale,
-                                     block, stats, causal, native)[..., :v.shape[-1]]
+                                     block, stats, causal, native, rows)[..., :v.shape[-1]]
     rep = h // h_kv
     spans = window_spans(window_alpha, window_beta, s_k)
     mask = simplify_mask(attn_mask)  # 4-D, broadcast dims kept at size 1, so it can be sliced per block
     if not causal and is_causal_mask(mask, s_q, s_k):  # a decoder's captured graph carries the causal mask
         mask, causal = None, True
-    out = q.new_empty(b, h, s_q, d)
     pairs = stats.setdefault("pairs", [0] * h) if stats is not None else None
     groups = _group_heads(spans, list(window_sink))
     if native and any(span >= 0 for span in spans) and window_native.applies(q, k, v, mask, scale):
-        computed = window_native.window_attention(q, k, v, out, spans, list(window_sink), two_sided, causal, scale)
+        out = q.new_zeros(b, h, s_q, d) if rows is not None else q.new_empty(b, h, s_q, d)
+        computed = window_native.window_attention(q, k, v, out, spans, list(window_sink), two_sided, causal, scale,
+                                                  rows)
         if pairs is not None:
             for x, n in enumerate(computed):
                 pairs[x] += n
         groups = {key: heads for key, heads in groups.items() if key[0] < 0}  # dense heads: below
+    else:
+        out = q.new_empty(b, h, s_q, d)
 
     for (span, sink), heads in groups.items():
         def count(n, heads=heads):
@@ -291,14 +297,16 @@ def sparse_attention_core(
 def sparse_attention_block(x, q_weight, q_bias, k, v, attn_mask, rope_cos, rope_sin, o_weight, o_bias,
                            head_gates, scale, window_sink, window_alpha, window_beta, window_two_sided,
                            q_norm_weight=None, q_norm_eps=0.0, query=None, out_gate=None):
-    """The op with window attributes: every head's windowed attention for every token, then the
-    head gates if any (so key blocks outside the patterns are skipped, gate-0 rows are not; the
+    """The op with window attributes: every head's windowed attention, then the head gates if any.
+    Key blocks outside the patterns are skipped; gate-0 (token, head) rows are skipped too where
+    the C window kernel runs (the core's `rows`), else computed and zeroed by the gates (the
     routed-head kernel skips rows instead, and `kernels.routed_attention` picks between them)."""
     b, s, _ = x.shape
     d = k.shape[-1]
     q = project_queries(x, q_weight, q_bias, rope_cos, rope_sin, d, q_norm_weight, q_norm_eps, query)
+    rows = None if head_gates is None else head_gates.transpose(1, 2) != 0  # (B, H, S): rows gates keep
     ctx = sparse_attention_core(q, k, v, attn_mask, window_sink, window_alpha, window_beta,
-                                window_two_sided, scale)
+                                window_two_sided, scale, rows=rows)
     if out_gate is not None:
         ctx = ctx * out_gate
     if head_gates is not None:
@@ -359,12 +367,13 @@ def dense_windowed_row_cost(d_in: int, d_out: int, s_k: int) -> float:
 
 def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink: list[int],
                     window_alpha: list[int], window_beta: list[float], two_sided: bool,
-                    block: int = DEFAULT_BLOCK, native: bool = False) -> float:
+                    block: int = DEFAULT_BLOCK, native: bool = False, row_fraction: float = 1.0) -> float:
     """Predicted cost of one (token, head) row of `sparse_attention_block`, in the units of
     `kernels.routed_attention.routing_speedup` (a dense row costs d_in + d_out + 2 S_k): full
     projections, and per key 2 x the pair cost for a sparse head's sink + band (span plus a
     block of padding), 2 for each of a dense head's S_k keys; averaged over heads. native: the
-    sparse heads run the C window kernel (`native_runs`), with its pair cost, tile and fixed cost."""
+    sparse heads run the C window kernel (`native_runs`), with its pair cost, tile and fixed cost,
+    on `row_fraction` of the rows (the rows routed heads keep; the block kernel computes them all)."""
     pair_cost = 1.0 + (NATIVE_PAIR_COST_D if native else PAIR_COST_D) / head_dim
     tile, fixed = (window_native.TILE_ROWS, NATIVE_ROW_FIXED) if native else (block, 0.0)
     keys = []
@@ -373,7 +382,7 @@ def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink:
             keys.append(float(s_k))
         else:
             band = (span // 2) * 2 + tile if two_sided else span + tile - 1
-            keys.append(min(float(s_k), sink + band) * pair_cost + fixed / 2)
+            keys.append((min(float(s_k), sink + band) * pair_cost + fixed / 2) * (row_fraction if native else 1.0))
     return d_in + d_out + 2.0 * sum(keys) / max(1, len(keys))
 
 

@@ -204,9 +204,10 @@ def windowed_path_costs(fraction: float, d_in: int, d_out: int, head_dim: int, s
                         native: bool = False) -> dict[str, float]:
     """Predicted cost per (token, head) row of the op's three paths when it has window patterns:
     "routed" (this kernel, window masks gathered per head), "sparse" (the block-sparse kernel over
-    every row, gates applied after; native: its C window kernel) and "dense" (the masked reference)."""
+    every row, gates applied after; native: its C window kernel, which skips gate-0 rows) and "dense"
+    (the masked reference)."""
     return {"sparse": sparse_row_cost(d_in, d_out, head_dim, s_k, window_sink, window_alpha, window_beta,
-                                      two_sided, native=native),
+                                      two_sided, native=native, row_fraction=fraction),
             "routed": routed_row_cost(fraction, d_in, d_out, head_dim, s_k, ROW_COST_CORE_WINDOWED),
             "dense": dense_windowed_row_cost(d_in, d_out, s_k)}
 

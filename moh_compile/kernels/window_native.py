@@ -28,7 +28,7 @@ def _library():
     if lib is not None and not getattr(lib, "_typed", False):
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.window_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int,
-                                         ctypes.c_float, ptr, c_int]
+                                         ctypes.c_float, ptr, c_int, ptr, ptr, ptr, ptr, i64]
         lib.window_attention.restype = None
         lib._typed = True
     return lib
@@ -53,10 +53,29 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: floa
             and supports(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], scale, q, k, v))
 
 
+def row_tiles(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The C kernel's task list for computing only some rows: rows (B, H, S) bool -> (row_idx,
+    tile_bh, tile_start, tile_rows): the chosen query positions of each (b, h) in order, cut into
+    tiles of up to TILE_ROWS of one (b, h)."""
+    b, h, s = rows.shape
+    hit = rows.reshape(b * h, s).nonzero()  # row-major: (b, h) ascending, then position ascending
+    row_idx = hit[:, 1].contiguous()
+    counts = torch.bincount(hit[:, 0], minlength=b * h)
+    first = torch.cumsum(counts, 0) - counts
+    n_tiles = (counts + TILE_ROWS - 1) // TILE_ROWS
+    tile_bh = torch.repeat_interleave(torch.arange(b * h), n_tiles)
+    within = torch.arange(int(n_tiles.sum())) - torch.repeat_interleave(torch.cumsum(n_tiles, 0) - n_tiles, n_tiles)
+    tile_start = first[tile_bh] + within * TILE_ROWS
+    tile_rows = torch.clamp(counts[tile_bh] - within * TILE_ROWS, max=TILE_ROWS)
+    return row_idx, tile_bh, tile_start, tile_rows
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spans: list[int],
-                     sinks: list[int], two_sided: bool, causal: bool, scale: float) -> list[int]:
+                     sinks: list[int], two_sided: bool, causal: bool, scale: float,
+                     rows: torch.Tensor | None = None) -> list[int]:
     """Writes every sparse head (span >= 0) of `out` (B, H, S, D), contiguous; returns the (query,
-    key) scores computed per head. q (B, H, S, D), k / v (B, Hkv, S, D)."""
+    key) scores computed per head. q (B, H, S, D), k / v (B, Hkv, S, D). rows: (B, H, S) bool, the
+    only rows to compute (routed heads); the others are not written."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C window kernel unavailable: {native.why_unavailable('window_attention')}")
@@ -64,6 +83,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     h_kv = k.shape[1]
     if not out.is_contiguous() or out.shape != q.shape:
         raise ValueError("out must be a contiguous tensor shaped like q")
+    if rows is not None and rows.shape != (b, h, s):
+        raise ValueError(f"rows must have shape (B, H, S) = {(b, h, s)}, got {tuple(rows.shape)}")
+    if rows is not None and not bool(rows.any()):
+        return [0] * h  # nothing chosen (an empty row list would read as "every row" in C)
     # contiguous copies are bound to names: a temporary's memory would be freed before the C call
     qc, vc = q.contiguous(), v.contiguous()
     kt = q.new_zeros(b, h_kv, d, s + _PAD)
@@ -71,10 +94,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     span_t = torch.tensor(spans, dtype=torch.int64)
     sink_t = torch.tensor(sinks, dtype=torch.int64)
     pairs = torch.zeros(h, dtype=torch.int64)
+    tiles = row_tiles(rows) if rows is not None else None
     lib.window_attention(qc.data_ptr(), kt.data_ptr(), vc.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, s + _PAD,
                          span_t.data_ptr(), sink_t.data_ptr(), int(two_sided), int(causal), float(scale),
-                         pairs.data_ptr(), torch.get_num_threads())
+                         pairs.data_ptr(), torch.get_num_threads(),
+                         *(t.data_ptr() for t in tiles) if tiles else (None,) * 4,
+                         tiles[1].numel() if tiles else 0)
     return pairs.tolist()
 
 
-__all__ = ["TILE_ROWS", "available", "applies", "supports", "window_attention"]
+__all__ = ["TILE_ROWS", "available", "applies", "row_tiles", "supports", "window_attention"]

@@ -18,6 +18,11 @@ Pattern of head h (the definition: moh_compile.ops.attention.window_mask), query
 Heads with span < 0 (dense) are skipped: the caller computes them. pairs[h] gets the number of
 (query, key) scores computed for head h (the tile unions, so tests can check the work).
 
+Routed heads (MoH + windows): given row_idx, only the listed (b, h, query) rows are computed, in
+tiles of up to R listed rows of one (b, h) (task t: tile_bh[t], its rows row_idx[tile_start[t] ...
++ tile_rows[t]], ascending); other rows of `out` are not written. A tile of rows that are not
+consecutive scores the union of their windows, so its cost grows with how far apart they are.
+
 Written with GCC vector extensions (also clang): 16-float vectors, the ISA from -march=native.
 exp is a degree-6 polynomial of 2^f after range reduction (relative error ~2e-7 on the
 arguments softmax gives it, all <= 0).
@@ -176,25 +181,35 @@ static void row_keys(int64_t i, int64_t s, int64_t span, int64_t sink, int two_s
 
 int64_t window_attention_scratch(int64_t s) { return (int64_t)R * (s + 4 * VW); }
 
+/* Rows of a tile: n_rows query positions (ascending), rows[r] for r < n_rows. */
 void window_attention(const float *q, const float *kt, const float *v, float *out, int64_t b, int64_t h,
                       int64_t hkv, int64_t s, int64_t d, int64_t ldk, const int64_t *span, const int64_t *sink,
-                      int two_sided, int causal, float scale, int64_t *pairs, int nthreads) {
+                      int two_sided, int causal, float scale, int64_t *pairs, int nthreads,
+                      const int64_t *row_idx, const int64_t *tile_bh, const int64_t *tile_start,
+                      const int64_t *tile_rows, int64_t n_tasks) {
     const int64_t tiles = (s + R - 1) / R, rep = h / hkv, lds = s + 4 * VW;
+    if (!row_idx) n_tasks = b * h * tiles;
     memset(pairs, 0, sizeof(int64_t) * h);
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = aligned_alloc(64, sizeof(float) * ((R * lds + VW - 1) / VW * VW));
         int64_t *mine = calloc(h, sizeof(int64_t));
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t task = 0; task < b * h * tiles; task++) {
-            int64_t bh = task / tiles, hd = bh % h, i0 = (task % tiles) * R;
+        for (int64_t task = 0; task < n_tasks; task++) {
+            /* every row of the head, 8 at a time; or (routed heads) the listed rows of one (b, h) */
+            int64_t bh = row_idx ? tile_bh[task] : task / tiles, hd = bh % h;
+            int64_t rows[R], n_rows = row_idx ? tile_rows[task] : (s - (task % tiles) * R < R ? s - (task % tiles) * R : R);
+            for (int r = 0; r < R; r++) {
+                int64_t rr = r < n_rows ? r : n_rows - 1;
+                rows[r] = row_idx ? row_idx[tile_start[task] + rr] : (task % tiles) * R + rr;
+            }
             if (span[hd] < 0 || !buf || !mine) continue;
             int64_t kvh = (bh / h) * hkv + hd / rep;
             const float *qh = q + bh * s * d, *kth = kt + kvh * d * ldk, *vh = v + kvh * s * d;
             int64_t a[R], b0[R], b1[R], na = 0, jb0 = s, jb1 = 0;
             int global = 0;
             for (int r = 0; r < R; r++) {
-                int64_t i = i0 + r < s ? i0 + r : s - 1;
+                int64_t i = rows[r];
                 row_keys(i, s, span[hd], sink[hd], two_sided, causal, &a[r], &b0[r], &b1[r]);
                 global |= i < sink[hd];
                 if (a[r] > na) na = a[r];
@@ -212,9 +227,8 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
             const float *qr[R];
             float *orow[R], inv[R];
             for (int r = 0; r < R; r++) {
-                int64_t i = i0 + r < s ? i0 + r : s - 1;
-                qr[r] = qh + i * d;
-                orow[r] = i0 + r < s ? out + (bh * s + i) * d : 0;
+                qr[r] = qh + rows[r] * d;
+                orow[r] = r < n_rows ? out + (bh * s + rows[r]) * d : 0;
             }
             /* sink columns [0, na), then band columns [na, na + nb); the band scores are written after
                the sink ones are complete, so the sink step's spill past na is overwritten */
@@ -227,7 +241,7 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
                 inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
             }
             pv(buf, lds, vh, d, na, jb0, jb1, orow, inv);
-            mine[hd] += (int64_t)(i0 + R < s ? R : s - i0) * ncols;
+            mine[hd] += n_rows * ncols;
         }
 #pragma omp critical
         for (int64_t x = 0; x < h; x++) pairs[x] += mine ? mine[x] : 0;
