@@ -72,7 +72,7 @@ def test_core_takes_the_c_kernel_only_where_it_applies(monkeypatch):
     # an exact causal mask tensor (what captured decoders carry) is turned into the causal flag
     assert (bs.sparse_attention_core(q, k, v, causal, sink, alpha, beta, False, 0.25) - ref).abs().max() < 1e-5
     assert len(calls) == 1
-    # a padding mask, float64 or an 8-wide head: the block kernel, same result
+    # padding AND causal (one (S, S) mask per batch row), float64 or an 8-wide head: the block kernel
     pad = torch.ones(2, 1, 1, 90, dtype=torch.bool)
     pad[1, ..., :5] = False
     out = bs.sparse_attention_core(q, k, v, pad & causal, sink, alpha, beta, False, 0.25)
@@ -127,13 +127,20 @@ def test_cost_model_sends_short_inputs_to_the_c_kernel_where_it_wins():
     out = torch.ops.moh_compile.attention(*args)
     assert bs.STATS == {"calls": 1, "dense_calls": 0}
     assert (out - attention_reference(*args)).abs().max().item() < 1e-4
-    # with padding the block kernel would run: the old cost applies and the dense path is kept
+    # padding keys: the C kernel takes them too; an additive mask goes to the block kernel, whose
+    # cost keeps the dense path here
     pad = torch.ones(b, 1, 1, s, dtype=torch.bool)
     pad[0, ..., -9:] = False
-    assert not bs.native_runs(x, k, v, pad, d ** -0.5)
+    assert bs.native_runs(x, k, v, pad, d ** -0.5)
     assert bs.native_runs(x, k, v, torch.ones(s, s, dtype=torch.bool).tril(), d ** -0.5)
+    padded = (x, qw, None, k, v, pad, None, None, ow, None, None, d ** -0.5, *window)
     bs.STATS.update(calls=0, dense_calls=0)
-    torch.ops.moh_compile.attention(x, qw, None, k, v, pad, None, None, ow, None, None, d ** -0.5, *window)
+    assert (torch.ops.moh_compile.attention(*padded) - attention_reference(*padded)).abs().max().item() < 1e-4
+    assert bs.STATS == {"calls": 1, "dense_calls": 0}
+    additive = torch.zeros(b, 1, s, s).masked_fill(torch.rand(b, 1, s, s, generator=g) < 0.1, float("-inf"))
+    assert not bs.native_runs(x, k, v, additive, d ** -0.5)
+    bs.STATS.update(calls=0, dense_calls=0)
+    torch.ops.moh_compile.attention(x, qw, None, k, v, additive, None, None, ow, None, None, d ** -0.5, *window)
     assert bs.STATS == {"calls": 0, "dense_calls": 1}
 
 
@@ -178,3 +185,39 @@ def test_gated_block_skips_gate0_rows_and_matches_the_reference():
     half = bs.sparse_row_cost(dm, dm, d, s, *window, native=True, row_fraction=0.5)
     assert half < full and bs.sparse_row_cost(dm, dm, d, s, *window, row_fraction=0.5) == bs.sparse_row_cost(
         dm, dm, d, s, *window)
+
+
+@pytest.mark.parametrize("heads_in_mask", [1, 4])
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_padding_keys(heads_in_mask, two_sided):
+    """A key-padding mask (B or 1, H or 1, 1, S), as simplify_mask leaves HF's padding masks: no row
+    attends a padding key; a row whose visible keys are all padding gets 0, as in the core's
+    block path; the routed-row selection composes with it."""
+    b, h, s, d = 3, 4, 70, 32
+    q, k, v = _qkv(b, h, 2, s, d, seed=9)
+    sink, alpha, beta = [2, 0, 1, 0], [9, 4, 30, 1], [0.0] * 4
+    pad = torch.ones(b, heads_in_mask, 1, s, dtype=torch.bool)
+    pad[1, ..., 50:] = False          # right padding
+    pad[2, ..., :11] = False          # left padding: the sinks and the first windows see only padding
+    if heads_in_mask > 1:
+        pad[0, 2, :, 30:40] = False   # one head's own key mask
+    out = torch.empty_like(q)
+    window_native.window_attention(q, k, v, out, window_spans(alpha, beta, s), sink, two_sided, False, 0.25,
+                                   key_mask=pad)
+    block = bs.sparse_attention_core(q, k, v, pad, sink, alpha, beta, two_sided, 0.25, native=False)
+    assert (out - block).abs().max().item() < 1e-5
+    assert (bs.sparse_attention_core(q, k, v, pad, sink, alpha, beta, two_sided, 0.25) - block).abs().max() < 1e-5
+    visible = window_mask(s, s, sink, alpha, beta, two_sided) & pad
+    keyless = ~visible.any(-1)  # (B, H, S) rows with no key left
+    assert bool(keyless.any()) and out[keyless.expand(b, h, s)].abs().max() == 0
+    seen = ~keyless.expand(b, h, s)
+    ref = _ref(q, k, v, sink, alpha, beta, two_sided, False)  # unpadded: must differ where padding bites
+    assert (out - ref)[seen].abs().max() > 1e-3
+    rows = torch.rand(b, h, s, generator=torch.Generator().manual_seed(3)) < 0.5
+    routed = torch.zeros_like(q)
+    window_native.window_attention(q, k, v, routed, window_spans(alpha, beta, s), sink, two_sided, False, 0.25,
+                                   rows, pad)
+    assert (torch.where(rows.unsqueeze(-1), routed - out, 0.0)).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        window_native.window_attention(q, k, v, out, window_spans(alpha, beta, s), sink, False, False, 0.25,
+                                       key_mask=pad.float())

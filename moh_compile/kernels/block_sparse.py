@@ -7,9 +7,9 @@ rows x (sink + span + block), not rows x S_k. Heads sharing a (sink, span) patte
 batched into one call per block; dense heads (alpha < 0) go to one SDPA call. The exact
 pattern at the band edges is a small (block x band) bool mask, ANDed with the model's mask.
 
-Float32 inputs without a mask tensor (after `simplify_mask`; an exact causal mask becomes causal=True)
-run the sparse heads through the C kernel instead (window_native.py: 1.4-1.7x faster at 2k-8k
-tokens); this file stays the path for everything else.
+Float32 inputs whose mask is at most padding keys or causality (after `simplify_mask`; an exact
+causal mask becomes causal=True) run the sparse heads through the C kernel instead
+(window_native.py: 1.1-1.7x faster at 2k-16k tokens); this file stays the path for everything else.
 
 Semantics are those of `moh_compile.ops.attention.window_mask` (the definition).
 """
@@ -230,7 +230,7 @@ def sparse_attention_core(
     if native and any(span >= 0 for span in spans) and window_native.applies(q, k, v, mask, scale):
         out = q.new_zeros(b, h, s_q, d) if rows is not None else q.new_empty(b, h, s_q, d)
         computed = window_native.window_attention(q, k, v, out, spans, list(window_sink), two_sided, causal, scale,
-                                                  rows)
+                                                  rows, mask)
         if pairs is not None:
             for x, n in enumerate(computed):
                 pairs[x] += n
@@ -388,12 +388,14 @@ def sparse_row_cost(d_in: int, d_out: int, head_dim: int, s_k: int, window_sink:
 
 def native_runs(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, scale: float) -> bool:
     """Whether `sparse_attention_core` will run these operands' sparse heads through the C window
-    kernel: its sizes and dtypes, and a model mask that masks nothing or is exactly causal (reads
-    the mask: the callers ask only where it is small, `window_masks_fit`)."""
+    kernel: its sizes and dtypes, and a model mask that masks nothing, only padding keys, or is
+    exactly causal (reads the mask: the callers ask only where it is small, `window_masks_fit`)."""
     if not window_native.supports(x.shape[1], k.shape[2], k.shape[-1], v.shape[-1], scale, x, k, v):
         return False
     mask = simplify_mask(attn_mask)
-    return mask is None or is_causal_mask(mask, x.shape[1], k.shape[2])
+    heads = 1 if mask is None else mask.shape[1]  # the op's mask broadcasts over heads or has one per head
+    return window_native.is_key_mask(mask, x.shape[0], heads, k.shape[2]) or is_causal_mask(mask, x.shape[1],
+                                                                                            k.shape[2])
 
 
 register_fast_kernel(sparse_attention_kernel)

@@ -7,8 +7,9 @@ against the union of their visible keys only (sinks + one band), takes an exact 
 over that row's own keys, and accumulates P V, all in a per-thread scratch buffer.
 
 It covers the case the block kernel spends most of its time on: float32 on the CPU, self-attention
-(S_q == S_k), no mask tensor beyond the pattern and causality (`simplify_mask` drops padding-free
-masks; `is_causal_mask` turns an exact causal mask into causal=True), head size a multiple of 16.
+(S_q == S_k), no mask tensor beyond the pattern, causality and padding keys (`simplify_mask` drops
+padding-free masks and makes padding masks one row; `is_causal_mask` turns an exact causal mask
+into causal=True), head size a multiple of 16.
 Everything else stays on the block kernel. Dense heads (span < 0) are left to the caller.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _library():
     if lib is not None and not getattr(lib, "_typed", False):
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.window_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int,
-                                         ctypes.c_float, ptr, c_int, ptr, ptr, ptr, ptr, i64]
+                                         ctypes.c_float, ptr, c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
         lib.window_attention.restype = None
         lib._typed = True
     return lib
@@ -47,9 +48,17 @@ def supports(s_q: int, s_k: int, head_dim: int, v_dim: int, scale: float, *tenso
             and available())
 
 
+def is_key_mask(mask, b: int, h: int, s_k: int) -> bool:
+    """Whether a (simplified) mask is None or a bool key-padding mask the kernel takes: one query
+    row, shape (B or 1, H or 1, 1, S_k)."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2] == 1
+                            and mask.shape[0] in (1, b) and mask.shape[1] in (1, h) and mask.shape[3] == s_k)
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> bool:
-    """Whether `window_attention` can run these inputs (else the caller uses the block kernel)."""
-    return (mask is None and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1]
+    """Whether `window_attention` can run these inputs (else the caller uses the block kernel);
+    mask: None or a key-padding mask (`is_key_mask`) as `simplify_mask` leaves it."""
+    return (is_key_mask(mask, q.shape[0], q.shape[1], k.shape[2]) and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1]
             and supports(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], scale, q, k, v))
 
 
@@ -72,10 +81,11 @@ def row_tiles(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spans: list[int],
                      sinks: list[int], two_sided: bool, causal: bool, scale: float,
-                     rows: torch.Tensor | None = None) -> list[int]:
+                     rows: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> list[int]:
     """Writes every sparse head (span >= 0) of `out` (B, H, S, D), contiguous; returns the (query,
     key) scores computed per head. q (B, H, S, D), k / v (B, Hkv, S, D). rows: (B, H, S) bool, the
-    only rows to compute (routed heads); the others are not written."""
+    only rows to compute (routed heads); the others are not written. key_mask: bool (B or 1,
+    H or 1, 1, S), False = a padding key no row may attend (a row left with none gets 0)."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C window kernel unavailable: {native.why_unavailable('window_attention')}")
@@ -95,12 +105,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     sink_t = torch.tensor(sinks, dtype=torch.int64)
     pairs = torch.zeros(h, dtype=torch.int64)
     tiles = row_tiles(rows) if rows is not None else None
+    ok, ok_sb, ok_sh = None, 0, 0
+    if key_mask is not None:
+        if not is_key_mask(key_mask, b, h, s):
+            raise ValueError(f"key_mask must be bool (B or 1, H or 1, 1, S), got {tuple(key_mask.shape)}")
+        ok = key_mask.to(torch.uint8).contiguous()
+        ok_sh = s if key_mask.shape[1] > 1 else 0
+        ok_sb = key_mask.shape[1] * s if key_mask.shape[0] > 1 else 0
     lib.window_attention(qc.data_ptr(), kt.data_ptr(), vc.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, s + _PAD,
                          span_t.data_ptr(), sink_t.data_ptr(), int(two_sided), int(causal), float(scale),
                          pairs.data_ptr(), torch.get_num_threads(),
                          *(t.data_ptr() for t in tiles) if tiles else (None,) * 4,
-                         tiles[1].numel() if tiles else 0)
+                         tiles[1].numel() if tiles else 0, None if ok is None else ok.data_ptr(), ok_sb, ok_sh)
     return pairs.tolist()
 
 
-__all__ = ["TILE_ROWS", "available", "applies", "row_tiles", "supports", "window_attention"]
+__all__ = ["TILE_ROWS", "available", "applies", "is_key_mask", "row_tiles", "supports", "window_attention"]

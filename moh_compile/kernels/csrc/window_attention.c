@@ -18,6 +18,10 @@ Pattern of head h (the definition: moh_compile.ops.attention.window_mask), query
 Heads with span < 0 (dense) are skipped: the caller computes them. pairs[h] gets the number of
 (query, key) scores computed for head h (the tile unions, so tests can check the work).
 
+Key padding: key_ok (NULL: every key) holds one byte per key, nonzero where it may be attended, at
+key_ok + b * ok_sb + h * ok_sh (strides 0 where the mask broadcasts); rows whose keys are all
+masked get 0.
+
 Routed heads (MoH + windows): given row_idx, only the listed (b, h, query) rows are computed, in
 tiles of up to R listed rows of one (b, h) (task t: tile_bh[t], its rows row_idx[tile_start[t] ...
 + tile_rows[t]], ascending); other rows of `out` are not written. A tile of rows that are not
@@ -90,12 +94,16 @@ static void scores(const float *const *qr, const float *kt, int64_t ldk, int64_t
 
 /* Row r's softmax over its visible columns [0, a) and [b0, b1) of S (scaled by `scale`), in
    place: visible columns get exp(scale (s - max)), the others 0. Returns the sum (0: no key). */
-static float softmax_row(float *s, int64_t ncols, int64_t a, int64_t b0, int64_t b1, float scale) {
+typedef int32_t viu __attribute__((vector_size(64), aligned(4)));
+
+/* ok: per column, -1 where its key may be attended (the model's key-padding mask), else 0. */
+static float softmax_row(float *s, int64_t ncols, int64_t a, int64_t b0, int64_t b1, float scale,
+                         const int32_t *ok) {
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vf m = splat(-__builtin_inff());
     for (int64_t c = 0; c < ncols; c += VW) {
         vi col = lane + (int32_t)c;
-        vi vis = (col < (int32_t)a) | ((col >= (int32_t)b0) & (col < (int32_t)b1));
+        vi vis = ((col < (int32_t)a) | ((col >= (int32_t)b0) & (col < (int32_t)b1))) & *(const viu *)(ok + c);
         vf x = select(vis, load(s + c), splat(-__builtin_inff()));
         m = select(x > m, x, m);
     }
@@ -107,7 +115,7 @@ static float softmax_row(float *s, int64_t ncols, int64_t a, int64_t b0, int64_t
     vf sum = splat(0.0f);
     for (int64_t c = 0; c < ncols; c += VW) {
         vi col = lane + (int32_t)c;
-        vi vis = (col < (int32_t)a) | ((col >= (int32_t)b0) & (col < (int32_t)b1));
+        vi vis = ((col < (int32_t)a) | ((col >= (int32_t)b0) & (col < (int32_t)b1))) & *(const viu *)(ok + c);
         vf p = select(vis, vexp_nonpos((load(s + c) - mx) * scale), splat(0.0f));
         store(s + c, p);
         sum += p;
@@ -186,13 +194,15 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
                       int64_t hkv, int64_t s, int64_t d, int64_t ldk, const int64_t *span, const int64_t *sink,
                       int two_sided, int causal, float scale, int64_t *pairs, int nthreads,
                       const int64_t *row_idx, const int64_t *tile_bh, const int64_t *tile_start,
-                      const int64_t *tile_rows, int64_t n_tasks) {
+                      const int64_t *tile_rows, int64_t n_tasks, const uint8_t *key_ok, int64_t ok_sb,
+                      int64_t ok_sh) {
     const int64_t tiles = (s + R - 1) / R, rep = h / hkv, lds = s + 4 * VW;
     if (!row_idx) n_tasks = b * h * tiles;
     memset(pairs, 0, sizeof(int64_t) * h);
 #pragma omp parallel num_threads(nthreads)
     {
         float *buf = aligned_alloc(64, sizeof(float) * ((R * lds + VW - 1) / VW * VW));
+        int32_t *ok = malloc(sizeof(int32_t) * lds);
         int64_t *mine = calloc(h, sizeof(int64_t));
 #pragma omp for schedule(dynamic, 4)
         for (int64_t task = 0; task < n_tasks; task++) {
@@ -203,7 +213,7 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
                 int64_t rr = r < n_rows ? r : n_rows - 1;
                 rows[r] = row_idx ? row_idx[tile_start[task] + rr] : (task % tiles) * R + rr;
             }
-            if (span[hd] < 0 || !buf || !mine) continue;
+            if (span[hd] < 0 || !buf || !mine || !ok) continue;
             int64_t kvh = (bh / h) * hkv + hd / rep;
             const float *qh = q + bh * s * d, *kth = kt + kvh * d * ldk, *vh = v + kvh * s * d;
             int64_t a[R], b0[R], b1[R], na = 0, jb0 = s, jb1 = 0;
@@ -224,6 +234,11 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
                 jb0 = jb1 = na;
             }
             const int64_t nb = jb1 - jb0, ncols = na + nb;
+            const uint8_t *kok = key_ok ? key_ok + (bh / h) * ok_sb + hd * ok_sh : 0;
+            for (int64_t c = 0; c < (ncols + VW - 1) / VW * VW; c++) {
+                int64_t j = c < na ? c : jb0 + (c - na);
+                ok[c] = c < ncols && (!kok || kok[j]) ? -1 : 0;
+            }
             const float *qr[R];
             float *orow[R], inv[R];
             for (int r = 0; r < R; r++) {
@@ -237,7 +252,7 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
             for (int r = 0; r < R; r++) {
                 int64_t c2 = global ? b0[r] : na + (b0[r] - jb0), c3 = global ? b1[r] : na + (b1[r] - jb0);
                 if (b1[r] <= b0[r]) c2 = c3 = 0;
-                float sum = softmax_row(buf + r * lds, ncols, a[r], c2, c3, scale);
+                float sum = softmax_row(buf + r * lds, ncols, a[r], c2, c3, scale, ok);
                 inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
             }
             pv(buf, lds, vh, d, na, jb0, jb1, orow, inv);
@@ -246,6 +261,7 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
 #pragma omp critical
         for (int64_t x = 0; x < h; x++) pairs[x] += mine ? mine[x] : 0;
         free(buf);
+        free(ok);
         free(mine);
     }
 }
