@@ -221,3 +221,17 @@ def test_padding_keys(heads_in_mask, two_sided):
     with pytest.raises(ValueError, match="key_mask must be bool"):
         window_native.window_attention(q, k, v, out, window_spans(alpha, beta, s), sink, False, False, 0.25,
                                        key_mask=pad.float())
+
+
+def test_scratch_allocation_failure_raises(monkeypatch):
+    """A thread that cannot allocate its scratch makes the call fail loudly, not return unwritten
+    rows. Mocked library (an allocation failure cannot be provoked safely here)."""
+    class NoMemory:
+        @staticmethod
+        def window_attention(*args):
+            return 1
+
+    monkeypatch.setattr(window_native, "_library", lambda: NoMemory)
+    q, k, v = _qkv(1, 2, 2, 20, 16)
+    with pytest.raises(MemoryError, match="scratch"):
+        window_native.window_attention(q, k, v, torch.empty_like(q), [4, 4], [0, 0], False, True, 0.25)

@@ -30,7 +30,7 @@ def _library():
         ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.window_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int, c_int,
                                          ctypes.c_float, ptr, c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
-        lib.window_attention.restype = None
+        lib.window_attention.restype = c_int
         lib._typed = True
     return lib
 
@@ -112,11 +112,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         ok = key_mask.to(torch.uint8).contiguous()
         ok_sh = s if key_mask.shape[1] > 1 else 0
         ok_sb = key_mask.shape[1] * s if key_mask.shape[0] > 1 else 0
-    lib.window_attention(qc.data_ptr(), kt.data_ptr(), vc.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, s + _PAD,
+    failed = lib.window_attention(qc.data_ptr(), kt.data_ptr(), vc.data_ptr(), out.data_ptr(), b, h, h_kv, s, d, s + _PAD,
                          span_t.data_ptr(), sink_t.data_ptr(), int(two_sided), int(causal), float(scale),
                          pairs.data_ptr(), torch.get_num_threads(),
                          *(t.data_ptr() for t in tiles) if tiles else (None,) * 4,
                          tiles[1].numel() if tiles else 0, None if ok is None else ok.data_ptr(), ok_sb, ok_sh)
+    if failed:
+        raise MemoryError(f"C window kernel: no memory for its per-thread scratch ({TILE_ROWS} x {s} floats)")
     return pairs.tolist()
 
 

@@ -187,16 +187,16 @@ static void row_keys(int64_t i, int64_t s, int64_t span, int64_t sink, int two_s
     *b1 = hi;
 }
 
-int64_t window_attention_scratch(int64_t s) { return (int64_t)R * (s + 4 * VW); }
-
-/* Rows of a tile: n_rows query positions (ascending), rows[r] for r < n_rows. */
-void window_attention(const float *q, const float *kt, const float *v, float *out, int64_t b, int64_t h,
+/* Returns 0, or 1 when a thread could not allocate its scratch buffers (nothing it owned was
+   written; the caller raises). */
+int window_attention(const float *q, const float *kt, const float *v, float *out, int64_t b, int64_t h,
                       int64_t hkv, int64_t s, int64_t d, int64_t ldk, const int64_t *span, const int64_t *sink,
                       int two_sided, int causal, float scale, int64_t *pairs, int nthreads,
                       const int64_t *row_idx, const int64_t *tile_bh, const int64_t *tile_start,
                       const int64_t *tile_rows, int64_t n_tasks, const uint8_t *key_ok, int64_t ok_sb,
                       int64_t ok_sh) {
     const int64_t tiles = (s + R - 1) / R, rep = h / hkv, lds = s + 4 * VW;
+    int failed = 0;
     if (!row_idx) n_tasks = b * h * tiles;
     memset(pairs, 0, sizeof(int64_t) * h);
 #pragma omp parallel num_threads(nthreads)
@@ -213,7 +213,12 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
                 int64_t rr = r < n_rows ? r : n_rows - 1;
                 rows[r] = row_idx ? row_idx[tile_start[task] + rr] : (task % tiles) * R + rr;
             }
-            if (span[hd] < 0 || !buf || !mine || !ok) continue;
+            if (!buf || !mine || !ok) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            if (span[hd] < 0) continue;
             int64_t kvh = (bh / h) * hkv + hd / rep;
             const float *qh = q + bh * s * d, *kth = kt + kvh * d * ldk, *vh = v + kvh * s * d;
             int64_t a[R], b0[R], b1[R], na = 0, jb0 = s, jb1 = 0;
@@ -264,4 +269,5 @@ void window_attention(const float *q, const float *kt, const float *v, float *ou
         free(ok);
         free(mine);
     }
+    return failed;
 }
