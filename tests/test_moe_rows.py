@@ -115,3 +115,22 @@ def test_native_build_is_cached_and_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setenv("MOH_COMPILE_NATIVE", "0")
     assert native.load("moe_rows") is None
     assert native.why_unavailable("moe_rows") == "disabled by MOH_COMPILE_NATIVE=0"
+
+
+def test_native_build_key_covers_the_shared_header(tmp_path, monkeypatch):
+    """The kernels include csrc/vec.h: editing it must give a new build, not a stale cached one."""
+    import shutil
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    src = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, src)
+    monkeypatch.setattr(native, "CSRC", src)
+    monkeypatch.setenv("MOH_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load("moe_rows") is not None
+    with open(src / "vec.h", "a") as f:
+        f.write("\n/* edited */\n")
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load("moe_rows") is not None
+    assert len(list((tmp_path / "cache" / "kernels").glob("moe_rows-*.so"))) == 2

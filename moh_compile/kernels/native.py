@@ -3,7 +3,7 @@
 Why plain C through ctypes, not a torch C++ extension: the kernels take raw float / int64
 pointers, so they need no torch headers; `cc -O3 -march=native -fopenmp` builds one in about a
 second, where a torch extension takes about a minute on first use (measured here, 2 cores). The
-library is built once per source, compiler and flags and cached (MOH_COMPILE_CACHE, else
+library is built once per source (with the csrc/*.h it includes), compiler and flags and cached (MOH_COMPILE_CACHE, else
 $XDG_CACHE_HOME/moh_compile, else ~/.cache/moh_compile), written to a temporary name and renamed,
 so concurrent processes never load a half-written file. `-march=native` is safe because the cache
 key includes the machine (a shared home across different CPUs gets one build per CPU model).
@@ -59,7 +59,9 @@ def _cpu_model() -> str:
 def _build(name: str, cc: str) -> Path:
     src = CSRC / f"{name}.c"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([src.read_text(), cc, version, " ".join(FLAGS), _cpu_model()]).encode())
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, cc, version, " ".join(FLAGS),
+                                     _cpu_model()]).encode())
     lib = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib

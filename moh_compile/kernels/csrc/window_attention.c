@@ -35,14 +35,11 @@ arguments softmax gives it, all <= 0).
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
+#include "vec.h"
+
 typedef int32_t vi __attribute__((vector_size(64)));
-#define VW 16
 #define R 8 /* query rows per tile: each key load feeds R FMAs */
 
-static inline vf load(const float *p) { return *(const vfu *)p; }
-static inline void store(float *p, vf v) { *(vfu *)p = v; }
 static inline vf splat(float x) { return (vf){} + x; }
 static inline vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
@@ -50,12 +47,6 @@ static inline float hmax(vf v) {
     float m = v[0];
     for (int i = 1; i < VW; i++) m = v[i] > m ? v[i] : m;
     return m;
-}
-
-static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
 }
 
 /* exp(x) for x <= 0: x log2(e) = n + f, n integer, |f| <= 1/2; 2^f by its Taylor polynomial in
