@@ -5,8 +5,13 @@ zero-computation experts (1 zero, 1 copy, 2 constant). Each token picks `keep * 
 experts uniformly at random
 plus one zero-computation expert, so the fraction of FFN neurons computed per token is
 exactly `keep`. Ideal speedup = dense FFN FLOPs / routed FFN FLOPs (moh_compile.flops).
+The `block` layout times what a compiled block runs, router included (logits, top-k over
+ceil(1.5 keep N) slots, compensation; its variable per-token counts average `keep`): with many
+small experts the router is no longer negligible (2 d N FLOPs per token, 17% of the FFN at
+N = 512 and d = 384; `--router-rank R` for the factored one).
 
     PYTHONPATH=. python benchmarks/bench_moepp.py [--threads 2] [--layouts sorted,capacity]
+    PYTHONPATH=. python benchmarks/bench_moepp.py --layouts op,block --experts 512 --router-rank 64
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import time
 import torch
 
 from moh_compile.flops import ffn_flops
+from moh_compile.calibrate.moepp_fit import calibrate_zero_bias
 from moh_compile.kernels.moe_dispatch import moepp_dispatch
 from moh_compile.ops.ffn import ffn_reference
 from moh_compile.ops.moepp import moepp_ffn, split_ffn_into_experts
+from moh_compile.passes.moepp_router import ExpertRouter, config_for_keep
 
 N_ZERO, N_COPY, N_CONST = 1, 1, 2
 
@@ -54,8 +61,25 @@ def make_routing(tokens: int, keep: float, n_ffn: int, gen: torch.Generator):
     return idx, weight
 
 
+def fitted_router(x: torch.Tensor, keep: float, n_ffn: int, rank: int | None, gen: torch.Generator) -> ExpertRouter:
+    """A router as the pass builds it (1 zero expert, k = ceil(1.5 keep n) slots, optionally
+    factored) with random weights and its zero-expert threshold set so that x spends `keep`."""
+    d = x.shape[-1]
+    router = ExpertRouter(d, d, config_for_keep(keep, n_ffn, rank=rank)).eval()
+    with torch.no_grad():
+        if router.down is not None:
+            router.down.weight.copy_(torch.randn(rank, d, generator=gen) / d ** 0.5)
+        router.proj.weight[:n_ffn] = torch.randn(n_ffn, router.proj.in_features, generator=gen)
+        router.proj.weight[n_ffn:] = 0.0
+        router.proj.bias.zero_()
+        router.comp_table.copy_(torch.randn(n_ffn, d, generator=gen) * 0.01)
+        scores = router.logits(x)[:, :n_ffn]
+        router.proj.bias[n_ffn] = calibrate_zero_bias(scores, router.config.top_k, keep * n_ffn)
+    return router
+
+
 def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator,
-        seconds: float = 1.0, n_ffn: int = 16) -> dict:
+        seconds: float = 1.0, n_ffn: int = 16, router_rank: int | None = None) -> dict:
     hidden = 4 * d_model
     x = torch.randn(tokens, d_model, generator=gen)
     w_in = torch.randn(hidden, d_model, generator=gen) / d_model**0.5
@@ -72,6 +96,15 @@ def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.G
     for layout in layouts:
         if layout == "op":
             fns[layout] = lambda: moepp_ffn(*args)
+        elif layout == "block":  # what a compiled block runs: its router, then the op on the router's choice
+            router = fitted_router(x, keep, n_ffn, router_rank, gen)
+
+            def block(router=router):
+                idx, w, _, comp = router(x)
+                return moepp_ffn(x, ex["w_in"], ex["b_in"], None, None, ex["w_out"], b_out, idx, w, None, None,
+                                 1, 0, "gelu") + comp
+
+            fns[layout] = block
         else:
             fns[layout] = lambda layout=layout: moepp_dispatch(*args, layout=layout)
     with torch.inference_mode():
@@ -85,7 +118,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layouts", default="op,capacity",
-                   help="comma list of: op (the custom op = sorted kernel), sorted, capacity")
+                   help="comma list of: op (the custom op = sorted kernel), sorted, capacity, block (router + op, "
+                        "the router's own choices: a random linear router whose zero-expert threshold spends keep)")
+    p.add_argument("--router-rank", type=int, default=None, help="block layout: factored router of this rank")
     p.add_argument("--d-models", default="384,1024")
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")
@@ -101,7 +136,8 @@ def main() -> None:
     layouts = a.layouts.split(",")
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
-          f"{a.experts} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU")
+          f"{a.experts} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU"
+          + (f"; block: router rank {a.router_rank or 'full'}, 1 zero expert" if "block" in layouts else ""))
     head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
     head += f" {'ideal':>6}"
     for layout in layouts:
@@ -110,7 +146,7 @@ def main() -> None:
     for d_model in map(int, a.d_models.split(",")):
         for tokens in map(int, a.tokens.split(",")):
             for keep in map(float, a.keeps.split(",")):
-                r = run(d_model, tokens, keep, layouts, gen, a.seconds, a.experts)
+                r = run(d_model, tokens, keep, layouts, gen, a.seconds, a.experts, a.router_rank)
                 line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f} {r['ideal']:>6.2f}"
                 for layout in layouts:
                     speedup = r["dense"] / r[layout]

@@ -36,6 +36,12 @@ def usage_summary(compiled, batches, calib) -> dict:
                                                                      "const_per_token")}
 
 
+def router_share(compiled) -> float:
+    """The routers' FLOPs per token (logits and compensation) as a fraction of the dense FFNs'."""
+    blocks = compiled.report.sections["ffn:moepp"]["blocks"]
+    return sum(b["router_flops_per_token"] for b in blocks) / sum(b["flops_per_token_dense"] for b in blocks)
+
+
 def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: float, tune=None,
         log=print) -> list[dict]:
     t0 = time.perf_counter()
@@ -46,7 +52,7 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
     t_fit = time.perf_counter() - t0
     fid = compiled.report.sections["fidelity"]
     rows = [dict(keep=keep, variant="training-free", cosine=fid["cosine"], knn10=fid["knn10"],
-                 **usage_summary(compiled, calib.eval_batches, calib), seconds=t_fit)]
+                 **usage_summary(compiled, calib.eval_batches, calib), router=router_share(compiled), seconds=t_fit)]
     log(rows[-1])
     if finetune_minutes > 0:
         tune = tune or calib
@@ -56,7 +62,8 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
         rows.append(dict(keep=keep, variant=f"+ finetune all {finetune_minutes:g} min ({res['steps']} steps, "
                                             f"{tune.num_examples} lines{kept})",
                          cosine=res["fidelity"]["cosine"], knn10=res["fidelity"]["knn10"],
-                         **usage_summary(compiled, calib.eval_batches, calib), seconds=res["wall_s"]))
+                         **usage_summary(compiled, calib.eval_batches, calib), router=router_share(compiled),
+                         seconds=res["wall_s"]))
         log(rows[-1])
     return rows
 
@@ -71,6 +78,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--gating-residual", action="store_true")
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)
+    ap.add_argument("--router-rank", type=int, default=None, help="factored routers (default: full rank)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="least-squares refit of the experts' down projections under the routing (the default)")
     add_tuning_args(ap)
@@ -80,21 +88,23 @@ def main(argv=None) -> list[dict]:
     loaded = load_model("example:minilm")
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
     options = {"experts": args.experts, "gating_residual": args.gating_residual,
-               "copy_experts": args.copy_experts, "const_experts": args.const_experts, "refit": args.refit}
+               "copy_experts": args.copy_experts, "const_experts": args.const_experts, "refit": args.refit,
+               "router_rank": args.router_rank}
     tune = tuning_data(args, loaded, calib)
     rows = []
     for keep in args.keep:
         rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)
     print(f"\nall-MiniLM-L6-v2, {calib.num_examples} calibration sentences, {len(calib.eval_batches)} held-out "
           f"batches, {args.experts} FFN + 1 zero + {args.copy_experts} copy + {args.const_experts} constant experts, "
+          f"router rank {args.router_rank or 'full'}, "
           f"refit {'on' if args.refit else 'off'}, "
           f"threads={args.threads}, load {os.getloadavg()[0]:.2f}")
-    print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | copy / const experts "
-          "per token (held-out) | time s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | "
+          "router FLOPs (logits + compensation) / dense FFN | copy / const experts per token (held-out) | time s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['keep']} | {r['variant']} | {r['cosine']:.4f} | {r['knn10']:.3f} | {r['ffn_fraction']:.3f} | "
-              f"{r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | {r['seconds']:.0f} |")
+              f"{r['router']:.3f} | {r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | {r['seconds']:.0f} |")
     return rows
 
 

@@ -41,6 +41,9 @@ CONFIGS = {
     "moh-weighted": dict(attention="moh", ffn="keep",
                          options={"moh": {"active_heads": 0.5, "shared_heads": 0.25, "gate_style": "weighted"}}),
     "moepp": dict(attention="keep", ffn="moepp", options={"moepp": {"experts": 4, "ffn_keep": 0.5}}),
+    # the factored router (--router-rank): two matmuls in the router subgraph
+    "moepp-factored": dict(attention="keep", ffn="moepp",
+                           options={"moepp": {"experts": 8, "ffn_keep": 0.5, "router_rank": 3}}),
     "sparse+moh+moepp": dict(attention="sparse+moh", ffn="moepp",
                              options={"sparse": {"profile_lengths": [16, 32], "validate_length": 24,
                                                  "density": 0.6},
@@ -54,11 +57,12 @@ def _cases():
     each pass alone on the decoder (slow-marked: the combined case already covers every op)."""
     yield pytest.param("bert", "sparse+moh+moepp", id="bert-sparse+moh+moepp")
     yield pytest.param("bert", "moh-weighted", id="bert-moh-weighted")
+    yield pytest.param("bert", "moepp-factored", id="bert-moepp-factored")
     # RoPE applied seq-major, (B, S, H, D): cos/sin reach the ops transposed
     yield pytest.param("rope_bshd", "sparse+moh+moepp", marks=pytest.mark.slow, id="rope_bshd-sparse+moh+moepp")
     # QK-norm: the query norm travels as the node's q_norm_weight input (custom) or standard ops
     yield pytest.param("qwen3", "sparse+moh+moepp", id="qwen3-sparse+moh+moepp")
-    for name in (n for n in CONFIGS if n != "moh-weighted"):
+    for name in (n for n in CONFIGS if n not in ("moh-weighted", "moepp-factored")):
         yield pytest.param("llama", name, marks=() if "+" in name else pytest.mark.slow, id=f"llama-{name}")
 
 

@@ -127,10 +127,12 @@ def test_zero_copy_const_experts_behave_as_defined_in_the_graph(bert_fitted):
     torch.testing.assert_close(comp, comp_all.expand_as(comp))
     copy, const = cfg.n_ffn + cfg.n_zero, cfg.n_ffn + cfg.n_zero + cfg.n_copy
     idx, w, out, _ = block(copy)  # copy expert: E(x) = x at the slot's weight (binary 1)
-    assert torch.all(idx[..., 0] == copy) and torch.all(w[..., 0] == 1) and torch.all(w[..., 1:] == 0)
+    chosen = idx == copy  # slots come unsorted: the forced expert is in one slot per token, any one
+    assert torch.all(chosen.sum(-1) == 1) and torch.all(w[chosen] == 1) and torch.all(w[~chosen] == 0)
+    assert torch.all(idx[~chosen] == cfg.n_ffn)  # every other slot is the zero expert
     torch.testing.assert_close(out, x)
     idx, w, out, _ = block(const)  # constant expert: a1 x + a2 v, [a1, a2] = softmax(W_c x)
-    assert torch.all(idx[..., 0] == const)
+    assert torch.all((idx == const).sum(-1) == 1)
     a = torch.softmax(torch.einsum("btd,jd->btj", x, experts.const_gate_weight[0].detach()), -1)
     torch.testing.assert_close(out, a[..., :1] * x + a[..., 1:] * v[0])
 
@@ -144,6 +146,25 @@ def test_reexport_and_saved_program_match(bert_fitted, tmp_path):
     compiled.save(tmp_path / "out")
     assert (tmp_path / "out" / "moepp_experts.png").exists()
     assert "MoE++ FFN experts" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_factored_router_meets_the_budget_and_reexports():
+    """--router-rank: each router is down (rank x d) then proj; the fit keeps the budget, the
+    report counts its cheaper FLOPs, and the program re-exports."""
+    model, inputs, _, _ = build("bert")
+    calib = _bert_calibration()
+    compiled = moh_compile.compile(model, inputs, _moepp(experts=8, ffn_keep=0.5, router_rank=3), calibration=calib)
+    routers = [m for m in compiled.graph_module.modules() if isinstance(m, ExpertRouter)]
+    d = routers[0].down.weight.shape[1]
+    assert all(r.down.weight.shape == (3, d) and r.proj.weight.shape == (9, 3) for r in routers)
+    section = compiled.report.sections["ffn:moepp"]
+    assert abs(section["mean_ffn_fraction"] - 0.5) < 0.03
+    # factored logits 2 r (d + n_total), plus the compensation's (n_ffn,) x (n_ffn, d) product
+    assert all(b["router_rank"] == 3 and b["router_flops_per_token"] == 2 * 3 * (d + 9) + 2 * 8 * d
+               for b in section["blocks"])
+    batch = calib.eval_batches[0]
+    got = compiled.export().module()(**batch)["last_hidden_state"]
+    torch.testing.assert_close(got, _run(compiled, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_plan_round_trip_reapplies_grouping_and_fit():
@@ -199,6 +220,9 @@ def _one_line_error(capsys, code, needle):
     (["--copy-experts", "-1"], "--copy-experts"),
     (["--experts", "512"], "only 256 hidden neurons"),
     (["--experts", "3"], "not divisible"),
+    (["--router-rank", "0"], "--router-rank"),
+    (["--router-rank", "17"], "--router-rank must be an integer in [1, 17)"),
+    (["--experts", "128", "--router-rank", "64"], "not below d_model 64"),
     (["--ffn-keep", "0.5"], "calibration data"),
     (["--finetune-pooled-weight", "-1"], "--finetune-pooled-weight"),
     (["--finetune-validation", "1"], "--finetune-validation"),

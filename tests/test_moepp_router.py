@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from moh_compile.calibrate.ridge import ridge
-from moh_compile.calibrate.moepp_fit import (calibrate_zero_bias, fit_router, group_neurons, group_outputs,
-                                              select_mask, skip_means)
+from moh_compile.calibrate.moepp_fit import (GroupOutputs, calibrate_zero_bias, contribution_targets, fit_router,
+                                              group_neurons, group_outputs, reduced_rank, select_mask, skip_means)
 from moh_compile.ops.moepp import moepp_ffn, moepp_ffn_reference, split_ffn_into_experts
 from moh_compile.calibrate.metrics import mean_cosine, mean_pooled_embeddings, topk_neighbour_overlap
 from moh_compile.ops.ffn import ffn_reference
@@ -197,3 +197,47 @@ def test_text_metrics():
     assert topk_neighbour_overlap(a, torch.randn(40, 8, generator=g), k=10) < 0.6
     with pytest.raises(ValueError, match="k must be"):
         topk_neighbour_overlap(a, a, k=40)
+
+
+def test_group_outputs_in_chunks_equal_the_whole_tensor():
+    """The fit recomputes group outputs chunk by chunk (memory: n x the FFN output); every
+    statistic it takes from them must equal the one taken from the whole (T, n, d) tensor."""
+    g = torch.Generator().manual_seed(0)
+    d, n, per, t = 8, 4, 3, 50
+    ex = split_ffn_into_experts(torch.randn(n * per, d, generator=g), torch.randn(n * per, generator=g),
+                                torch.randn(d, n * per, generator=g), groups=torch.arange(n * per).reshape(n, per))
+    x = torch.randn(t, d, generator=g)
+    whole = group_outputs(x, ex, "gelu")
+    chunked = GroupOutputs(x, ex, "gelu", max_elements=7 * n * d)  # 7 tokens per chunk: 8 chunks, last short
+    assert chunked.chunk == 7 and len(list(chunked.chunks())) == 8
+    sel = torch.rand(t, n, generator=g) < 0.5
+    sel[:, 0] = True  # no token skips group 0: its mean falls back to the global one
+    comp, scale = torch.randn(n, d, generator=g), torch.rand(t, generator=g) + 0.5
+    torch.testing.assert_close(chunked.dense(), whole.sum(1))
+    torch.testing.assert_close(chunked.mean(), whole.mean(0))
+    torch.testing.assert_close(skip_means(chunked, sel), skip_means(whole, sel))
+    torch.testing.assert_close(skip_means(chunked, sel)[0], whole[:, 0].mean(0))
+    torch.testing.assert_close(contribution_targets(chunked, comp, scale), contribution_targets(whole, comp, scale))
+    torch.testing.assert_close(contribution_targets(whole, comp, scale),
+                               (whole - comp).norm(dim=-1) / scale.unsqueeze(-1))
+
+
+def test_reduced_rank_keeps_the_best_predictions_of_that_rank():
+    """Reduced-rank regression: exact when the map already has that rank; below it, the error
+    in what it predicts on x is the tail of the predictions' singular values, no more than
+    truncating the map's own SVD (which ignores where x lies)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 10, generator=g) * torch.linspace(3.0, 0.1, 10)  # anisotropic inputs
+    low = torch.randn(6, 3, generator=g) @ torch.randn(3, 10, generator=g)
+    same, basis = reduced_rank(low, x, 3)
+    torch.testing.assert_close(same @ x.T, low @ x.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=1e-5)
+    full = torch.randn(6, 10, generator=g)
+    xc = x - x.mean(0)
+    r2, _ = reduced_rank(full, x, 2)
+    err = (xc @ (full - r2).T).pow(2).sum()
+    s = torch.linalg.svdvals(xc.double() @ full.double().T)
+    assert float(err) == pytest.approx(float(s[2:].pow(2).sum()), rel=1e-3)
+    u, sv, vh = torch.linalg.svd(full)
+    plain = u[:, :2] @ torch.diag(sv[:2]) @ vh[:2]
+    assert float(err) < float((xc @ (full - plain).T).pow(2).sum())

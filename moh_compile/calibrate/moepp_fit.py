@@ -52,16 +52,59 @@ def group_outputs(x: torch.Tensor, experts: dict, activation: str) -> torch.Tens
     return torch.einsum("tnf,nof->tno", group_hidden(x, experts, activation), experts["w_out"])
 
 
+class GroupOutputs:
+    """Each group's output y_g(x) for T tokens, made one token chunk at a time.
+
+    Why: the whole (T, n, d_out) tensor is n times the FFN's output; at 512 experts and 8192
+    tokens it is 6.4 GB. The fit only needs per-token norms, per-group sums and the dense output,
+    so it recomputes the groups chunk by chunk (a few FFN passes, cheap next to the fit) and keeps
+    at most `max_elements` floats of them at once. A (T, n, d_out) tensor is accepted as is.
+    """
+
+    def __init__(self, x: torch.Tensor | None = None, experts: dict | None = None, activation: str = "",
+                 tensor: torch.Tensor | None = None, max_elements: int = 1 << 26):
+        if tensor is not None:
+            self.tokens, self.n_groups, self.d_out = tensor.shape
+        else:
+            self.tokens, self.n_groups, self.d_out = x.shape[0], experts["w_out"].shape[0], experts["w_out"].shape[1]
+        self.x, self.experts, self.activation, self.tensor = x, experts, activation, tensor
+        self.dtype = tensor.dtype if tensor is not None else x.dtype
+        self.chunk = max(1, max_elements // max(1, self.n_groups * self.d_out))
+
+    @classmethod
+    def of(cls, gout) -> "GroupOutputs":
+        return gout if isinstance(gout, GroupOutputs) else cls(tensor=gout)
+
+    def chunks(self):
+        """(token slice, its group outputs (t, n, d_out)) over all tokens, in order."""
+        for start in range(0, self.tokens, self.chunk):
+            rows = slice(start, min(self.tokens, start + self.chunk))
+            yield rows, (self.tensor[rows] if self.tensor is not None else
+                         group_outputs(self.x[rows], self.experts, self.activation))
+
+    def dense(self) -> torch.Tensor:
+        """sum_g y_g(x): the dense FFN output without b_out, (T, d_out)."""
+        return torch.cat([g.sum(1) for _, g in self.chunks()])
+
+    def mean(self) -> torch.Tensor:
+        """Each group's mean output over the tokens, (n, d_out)."""
+        total = torch.zeros(self.n_groups, self.d_out, dtype=self.dtype)
+        for _, g in self.chunks():
+            total += g.sum(0)
+        return total / max(1, self.tokens)
+
+
 # --------------------------------------------------------------------------- router fitting
-def contribution_targets(gout: torch.Tensor, comp: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per token and group: ||y_g - m_g|| (/ scale): the error skipping g would make."""
-    t = (gout - comp).norm(dim=-1)
+def contribution_targets(gout, comp: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token and group: ||y_g - m_g|| (/ scale): the error skipping g would make.
+    gout: (T, n, d_out) tensor or GroupOutputs."""
+    t = torch.cat([(g - comp).norm(dim=-1) for _, g in GroupOutputs.of(gout).chunks()])
     return t if scale is None else t / scale.unsqueeze(-1)
 
 
 def select_mask(scores: torch.Tensor, threshold: float, top_k: int) -> torch.Tensor:
     """Groups a token computes: its top_k scores that are above the threshold."""
-    val, idx = scores.topk(top_k, dim=-1)
+    val, idx = scores.topk(top_k, dim=-1, sorted=False)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     return mask.scatter(1, idx, val > threshold)
 
@@ -70,7 +113,7 @@ def calibrate_zero_bias(scores: torch.Tensor, top_k: int, target_count: float, i
     """Threshold so that the mean of min(#{scores > t}, top_k) over tokens equals target_count."""
     if not 0 < target_count <= top_k:
         raise ValueError(f"target_count must be in (0, top_k={top_k}], got {target_count}")
-    topv = scores.topk(top_k, dim=-1).values
+    topv = scores.topk(top_k, dim=-1, sorted=False).values
     lo, hi = float(topv.min()) - 1.0, float(topv.max()) + 1.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -81,12 +124,19 @@ def calibrate_zero_bias(scores: torch.Tensor, top_k: int, target_count: float, i
     return hi
 
 
-def skip_means(gout: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Mean of y_g over tokens that skip g (global mean where no token skips g): (n, d_out)."""
-    skip = (~selected).float()
+def skip_means(gout, selected: torch.Tensor) -> torch.Tensor:
+    """Mean of y_g over tokens that skip g (global mean where no token skips g): (n, d_out).
+    gout: (T, n, d_out) tensor or GroupOutputs."""
+    source = GroupOutputs.of(gout)
+    skip = (~selected).to(source.dtype)
+    cond = torch.zeros(source.n_groups, source.d_out, dtype=source.dtype)
+    total = torch.zeros(source.n_groups, source.d_out, dtype=source.dtype)
+    for rows, g in source.chunks():
+        cond += torch.einsum("tn,tnd->nd", skip[rows], g)
+        total += g.sum(0)
     cnt = skip.sum(0)
-    cond = torch.einsum("tn,tnd->nd", skip, gout) / cnt.clamp_min(1).unsqueeze(-1)
-    return torch.where((cnt > 0).unsqueeze(-1), cond, gout.mean(0))
+    cond = cond / cnt.clamp_min(1).unsqueeze(-1)
+    return torch.where((cnt > 0).unsqueeze(-1), cond, total / source.tokens)
 
 
 def chosen_groups(router: ExpertRouter, x: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +148,16 @@ def chosen_groups(router: ExpertRouter, x: torch.Tensor, prev_logits: torch.Tens
     return torch.zeros(x.shape[0], n + 1, dtype=torch.bool).scatter(1, idx, True)[:, :n]
 
 
-def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_keep: float,
+def reduced_rank(weight: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced-rank regression: the rank-`rank` map closest to `weight` (n, d) in what it predicts
+    on x (T, d), i.e. weight projected on the top right singular vectors of its centred
+    predictions. Returns (basis @ basis.T @ weight, basis (n, rank), orthonormal columns)."""
+    pred = (x - x.mean(0)).double() @ weight.double().T
+    basis = torch.linalg.svd(pred, full_matrices=False).Vh[:rank].T
+    return (basis @ (basis.T @ weight.double())).to(weight.dtype), basis.to(weight.dtype)
+
+
+def fit_router(router: ExpertRouter, x: torch.Tensor, gout, ffn_keep: float,
                scale: torch.Tensor | None = None, prev_logits: torch.Tensor | None = None,
                lam: float = 1e-3, rounds: int = 2, relative: float = 0.0) -> dict:
     """Fit a converted router in place on recorded FFN inputs x (T, d) and group outputs (T, n, d_out).
@@ -107,18 +166,24 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     computed when its score beats the token's own mean score by the threshold; relative > 0 makes
     the spent budget less sensitive to a shift of the whole score scale between calibration and
     deployment text (still a linear router: the zero expert's row is the mean of the FFN rows).
+    gout: the group outputs, (T, n, d_out) tensor or GroupOutputs.
     Returns fit statistics (ridge R^2 and the mean group count on the calibration tokens).
     """
     cfg = router.config
     if cfg.n_zero < 1 and ffn_keep < cfg.top_k / cfg.n_ffn:
         raise ValueError("a budget below top_k/n_ffn needs at least one zero expert")
     feats = x if prev_logits is None or router.residual is None else torch.cat([x, prev_logits], -1)
-    comp = gout.mean(0)
+    gout = GroupOutputs.of(gout)
+    comp = gout.mean()
     target_count = ffn_keep * cfg.n_ffn
     for _ in range(rounds):
         tgt = contribution_targets(gout, comp if cfg.compensation else torch.zeros_like(comp), scale)
         W, b = ridge(feats, tgt, lam)
         W = W.T
+        if cfg.rank:  # keep the mean prediction: the intercept absorbs what the dropped directions gave it
+            full = W[:, :x.shape[-1]].clone()
+            W[:, :x.shape[-1]], basis = reduced_rank(full, x, cfg.rank)
+            b = b + x.mean(0) @ (full - W[:, :x.shape[-1]]).T
         scores = feats @ W.T + b
         rel_scores = scores - relative * scores.mean(-1, keepdim=True)
         if cfg.n_zero:
@@ -132,12 +197,16 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     r2 = 1 - float(resid.pow(2).sum() / (tgt - tgt.mean(0)).pow(2).sum())
     d = x.shape[-1]
     with torch.no_grad():
-        router.proj.weight[:cfg.n_ffn] = W[:, :d]
+        # logits = proj(down(x)): full rank, down is absent and proj holds W; factored, W = basis @ A
+        if cfg.rank:
+            router.down.weight.copy_(basis.T @ W[:, :d])
+        rows = basis if cfg.rank else W[:, :d]
+        router.proj.weight[:cfg.n_ffn] = rows
         router.proj.bias[:cfg.n_ffn] = b
         if router.residual is not None and W.shape[1] > d:
             router.residual.weight[:cfg.n_ffn] = W[:, d:]
         if cfg.n_zero:
-            router.proj.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, :d].mean(0)
+            router.proj.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * rows.mean(0)
             router.proj.bias[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = thr + relative * float(b.mean())
             if router.residual is not None and W.shape[1] > d:
                 router.residual.weight[cfg.n_ffn:cfg.n_ffn + cfg.n_zero] = relative * W[:, d:].mean(0)
@@ -146,6 +215,6 @@ def fit_router(router: ExpertRouter, x: torch.Tensor, gout: torch.Tensor, ffn_ke
     return {"r2": r2, "mean_groups": float(sel.sum(-1).float().mean()), "threshold": thr}
 
 
-__all__ = ["group_neurons", "group_hidden", "group_outputs", "chosen_groups",
+__all__ = ["group_neurons", "group_hidden", "group_outputs", "GroupOutputs", "chosen_groups",
            "contribution_targets", "select_mask", "calibrate_zero_bias", "skip_means",
-           "fit_router"]
+           "reduced_rank", "fit_router"]

@@ -37,14 +37,14 @@ from moh_compile.flops import ffn_flops
 from moh_compile.ops.activations import apply_activation
 from moh_compile.ops.moepp import split_ffn_into_experts
 from moh_compile.passes.base import Pass
-from moh_compile.passes.moepp_router import KMAX_FACTOR, ExpertRouter, MoEPPConfig, top_k_for_keep
+from moh_compile.passes.moepp_router import KMAX_FACTOR, ExpertRouter, MoEPPConfig, router_flops, top_k_for_keep
 from moh_compile.plan import BlockPlan
 from moh_compile.rewrite import constant_value, drop_unread_attrs, insert_ffn, record_values
 
 aten = torch.ops.aten
 
 DEFAULTS = dict(experts=16, ffn_keep=0.5, top_k=None, zero_experts=1, copy_experts=0, const_experts=0,
-                gating_residual=False, seed=0, max_tokens=8192, refit=True)
+                gating_residual=False, seed=0, max_tokens=8192, refit=True, router_rank=None)
 
 
 def resolve_settings(opts: dict) -> dict:
@@ -62,6 +62,10 @@ def resolve_settings(opts: dict) -> dict:
         if s[key] < 0:
             raise MohCompileError(f"--{key.replace('_', '-')} must be >= 0, got {s[key]}")
     total = n + s["zero_experts"] + s["copy_experts"] + s["const_experts"]
+    rank = s["router_rank"]
+    if rank is not None and (not isinstance(rank, int) or not 1 <= rank < total):
+        raise MohCompileError(f"--router-rank must be an integer in [1, {total}) (below the {total} experts incl. "
+                              f"zero/copy/const; omit it for a full-rank router), got {rank}")
     if s["top_k"] is None:  # with a zero expert, k leaves room above the mean
         s["top_k"] = top_k_for_keep(keep, n, KMAX_FACTOR if s["zero_experts"] else 1.0)
     k = s["top_k"]
@@ -124,6 +128,9 @@ class MoEPPPass(Pass):
         g.add_argument("--const-experts", type=int, default=DEFAULTS["const_experts"], metavar="N")
         g.add_argument("--gating-residual", action="store_true",
                        help="router logits get W_g x the previous block's logits (MoE++ gating residual)")
+        g.add_argument("--router-rank", type=int, default=None, metavar="R",
+                       help="factor each router through R dimensions (reduced-rank fit): cuts its cost from "
+                            "2*d*N to 2*R*(d+N) FLOPs per token, for many experts (default: full rank)")
 
     def options_from_args(self, args) -> dict:
         if getattr(args, "ffn", None) != self.name:
@@ -131,6 +138,8 @@ class MoEPPPass(Pass):
         opts = dict(experts=args.experts, ffn_keep=args.ffn_keep, top_k=args.top_k,
                     zero_experts=args.zero_experts, copy_experts=args.copy_experts,
                     const_experts=args.const_experts, gating_residual=args.gating_residual)
+        if getattr(args, "router_rank", None) is not None:
+            opts["router_rank"] = args.router_rank
         if getattr(args, "refit", None) is not None:
             opts["refit"] = args.refit
         resolve_settings(opts)  # invalid settings fail before the model is loaded
@@ -148,14 +157,18 @@ class MoEPPPass(Pass):
         if (s["copy_experts"] or s["const_experts"]) and blk.d_out != blk.d_model:
             raise MohCompileError(f"{blk.name}: copy/constant experts need d_out == d_model "
                                   f"({blk.d_out} != {blk.d_model})")
+        if s["router_rank"] is not None and s["router_rank"] >= blk.d_model:
+            raise MohCompileError(f"{blk.name}: --router-rank {s['router_rank']} is not below d_model "
+                                  f"{blk.d_model}: a factored router would cost more than a full one")
         settings = {k: s[k] for k in ("experts", "ffn_keep", "top_k", "zero_experts", "copy_experts",
-                                      "const_experts", "gating_residual", "seed", "max_tokens", "refit")}
+                                      "const_experts", "gating_residual", "seed", "max_tokens", "refit",
+                                      "router_rank")}
         return BlockPlan(blk.name, self.kind, self.name, settings)
 
     def _config(self, st: dict, top_k: int | None = None) -> MoEPPConfig:
         return MoEPPConfig(n_ffn=st["experts"], n_zero=st["zero_experts"], n_copy=st["copy_experts"],
                            n_const=st["const_experts"], top_k=st["experts"] if top_k is None else top_k,
-                           gating_residual=st["gating_residual"])
+                           gating_residual=st["gating_residual"], rank=st.get("router_rank"))
 
     def rewrite(self, gm, match, block_plan):
         st = block_plan.settings
@@ -210,7 +223,7 @@ class MoEPPPass(Pass):
         return self._report(gm, rewrites, usage)
 
     def _fit_block(self, gm, m, bp, rw, calibration) -> None:
-        from moh_compile.calibrate.moepp_fit import fit_router, group_neurons, group_outputs
+        from moh_compile.calibrate.moepp_fit import GroupOutputs, fit_router, group_neurons
 
         st = bp.settings
         name = _name(m.block.name)
@@ -249,14 +262,15 @@ class MoEPPPass(Pass):
             experts = split_ffn_into_experts(w["w_in"], w["b_in"], w["w_out"], w["w_gate"], w["b_gate"],
                                              st["groups"])
             experts_mod.load(experts)
-            gout = group_outputs(x, experts, m.activation)
-            y = gout.sum(1) + (w["b_out"] if w["b_out"] is not None else 0)
+            gout = GroupOutputs(x, experts, m.activation)
+            dense = gout.dense()
+            y = dense + (w["b_out"] if w["b_out"] is not None else 0)
             scale = None
             if y.shape[-1] == x.shape[-1]:  # post-LN residual heuristic: errors relative to the stream
                 z = y + x
                 scale = (z - z.mean(-1, keepdim=True)).norm(dim=-1).clamp_min(1e-6)
             if experts_mod.const_vectors is not None:
-                experts_mod.const_vectors.copy_(gout.sum(1).mean(0).expand_as(experts_mod.const_vectors))
+                experts_mod.const_vectors.copy_(dense.mean(0).expand_as(experts_mod.const_vectors))
         router.config = self._config(st, st["top_k"])
         if st["ffn_keep"] >= 1.0 and st["top_k"] >= st["experts"]:
             st["fit"] = {"tokens": int(x.shape[0])}
@@ -265,7 +279,7 @@ class MoEPPPass(Pass):
         st["fit"] = {"tokens": int(x.shape[0]), "ridge_r2": round(info["r2"], 4),
                      "calib_ffn_fraction": round(info["mean_groups"] / st["experts"], 4)}
         if st.get("refit", False) and router.config.compensation:
-            st["fit"]["refit"] = _refit_block(x, experts, experts_mod, router, prev, m.activation, gout.sum(1), scale)
+            st["fit"]["refit"] = _refit_block(x, experts, experts_mod, router, prev, m.activation, dense, scale)
 
     def _report(self, gm, rewrites, usage) -> dict:
         rows, files = [], {}
@@ -277,12 +291,12 @@ class MoEPPPass(Pass):
             u = usage.get(name + "_router") if usage else None
             frac = u["ffn_fraction"] if u else 1.0
             dense = ffn_flops(1, blk.d_model, blk.d_hidden, blk.d_out, blk.gated)["total"]
-            extra = 2 * blk.d_model * cfg.n_total + (2 * cfg.n_total ** 2 if cfg.gating_residual else 0) \
-                + 2 * blk.d_out * cfg.top_k + 4 * blk.d_model * cfg.n_const
+            extra = router_flops(cfg, blk.d_model, blk.d_out) + 2 * blk.d_out * cfg.top_k + 4 * blk.d_model * cfg.n_const
             after = dense * frac + extra
             dense_total, after_total = dense_total + dense, after_total + after
             rows.append({"block": blk.name, "experts": cfg.n_ffn, "zero": cfg.n_zero, "copy": cfg.n_copy,
-                         "const": cfg.n_const, "top_k": cfg.top_k, "ffn_fraction": frac,
+                         "const": cfg.n_const, "top_k": cfg.top_k, "router_rank": cfg.rank, "ffn_fraction": frac,
+                         "router_flops_per_token": router_flops(cfg, blk.d_model, blk.d_out),
                          "choice_rate": u["choice_rate"] if u else None, "flops_per_token_dense": dense,
                          "flops_per_token_moepp": after, **{k: v for k, v in st.get("fit", {}).items()}})
         md = ["MoE++ FFN experts. Work fraction and choice rates measured on the calibration tokens "
