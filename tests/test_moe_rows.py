@@ -35,13 +35,15 @@ def case(gen, tokens, d, hidden, n, k, gated, d_out=None, n_zero=1):
 @needs_native
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_match_reference_over_tiles_and_repeats(gated, threads, monkeypatch):
+@pytest.mark.parametrize("hidden, n", [(192, 64), (160, 32), (224, 32)])
+def test_rows_match_reference_over_tiles_and_repeats(gated, threads, hidden, n, monkeypatch):
     """577 tokens (not a multiple of the 4-token step) in tiles of 16 (L2 budget shrunk so there
-    are many tiles), 64 experts of 3 neurons, d not a multiple of the 16-float vector; a token may
-    choose an expert in two slots (the kernel must not let two accumulators overwrite a row)."""
+    are many tiles), experts of 3, 5 and 7 neurons (every neuron block size: 3; 4 + 1; 6 + 1),
+    d not a multiple of the 16-float vector; a token may choose an expert in two slots (the
+    kernel must not let two accumulators overwrite a row)."""
     monkeypatch.setattr(moe_fine, "L2_TILE_BYTES", 16 * 4 * (37 + 29))
-    gen = torch.Generator().manual_seed(threads + 2 * gated)
-    args, _ = case(gen, 577, 37, 192, 64, 12, gated, d_out=29)
+    gen = torch.Generator().manual_seed(threads + 2 * gated + hidden)
+    args, _ = case(gen, 577, 37, hidden, n, 12, gated, d_out=29)
     idx = args[7]
     idx[::5, 1] = idx[::5, 0]  # repeated choices in every fifth token
     assert moe_fine.tile_rows(37, 29, 577, threads) == 16
@@ -57,11 +59,12 @@ def test_rows_match_reference_over_tiles_and_repeats(gated, threads, monkeypatch
 
 @needs_native
 @pytest.mark.parametrize("gated", [False, True])
-def test_rows_at_identity_equal_the_dense_ffn(gated):
-    """Every token chooses every one of 256 experts (6 neurons each, MiniLM's split at 256): the
-    dense FFN within 1e-5, through the op's default layout, which picks the row kernels here."""
+@pytest.mark.parametrize("n", [256, 512])
+def test_rows_at_identity_equal_the_dense_ffn(gated, n):
+    """Every token chooses every one of n experts (6 or 3 neurons each, MiniLM's split at 256 and
+    512): the dense FFN within 1e-5, through the op's default layout, which picks the row kernels."""
     gen = torch.Generator().manual_seed(11)
-    n, hidden, d = 256, 1536, 384
+    hidden, d = 1536, 384
     args, (w_in, b_in, w_out, b_out, w_g, b_g) = case(gen, 40, d, hidden, n, n, gated)
     assert choose_layout(args[1], args[0]) == "rows"
     idx = torch.arange(n).expand(40, n).contiguous()
