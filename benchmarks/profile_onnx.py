@@ -5,6 +5,7 @@ and the dispatch ops a routed form adds (TopK, Gather, ScatterND, ...). Inputs a
 packed into documents of exactly --seq tokens, as in bench_onnx.py --model.
 
     python benchmarks/profile_onnx.py dense=out/dense.onnx both=out/both/model.portable.onnx --seq 512 --batch 8
+    python benchmarks/profile_onnx.py custom=out/both/model.custom.onnx     # the custom form too
 """
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ import os
 import sys
 import tempfile
 
-import onnxruntime as ort
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_onnx import text_feed  # noqa: E402
 
+from moh_compile.backends.ort_runtime import detect_form, make_session  # noqa: E402
+
 
 def op_times(path: str, feed_for, threads: int, runs: int) -> tuple[collections.Counter, float]:
-    """({op type: kernel ms per run}, total kernel ms per run) over `runs` profiled runs after one warm-up."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    """({op type: kernel ms per run}, total kernel ms per run) over `runs` profiled runs after one
+    warm-up; either form (a custom-form file gets the project's kernels, and its nodes show as
+    their registered variants, e.g. MohMoEppFFN_float32_bool)."""
+    session = make_session(path, detect_form(path), intra_op_threads=threads, spinning=False,
+                           profile_prefix=os.path.join(tempfile.mkdtemp(), "ort"))
     feed = feed_for(session)
     session.run(None, feed)
     for _ in range(runs):

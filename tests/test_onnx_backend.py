@@ -491,3 +491,27 @@ def test_export_prints_no_exporter_noise(tmp_path):
     assert not [m for m in records.messages if "torchvision" in m]
     assert records.messages == ["something the user should see"]
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
+
+
+@needs_ext
+def test_profile_splits_the_custom_form_by_op(exported):
+    """benchmarks/profile_onnx.py reads ORT's own profile of a custom-form file too: the project's
+    nodes show as their registered variants, next to the standard ops around them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from profile_onnx import op_times
+    finally:
+        sys.path.pop(0)
+    name = next(n for n, (_, kind, _) in CONFIGS.items() if kind == "bool")
+    block, path, _ = exported[name, "custom"]
+
+    def feed_for(session):
+        return dict(zip([i.name for i in session.get_inputs()], (t.numpy() for t in inputs_for(block, "bool", 2, 9))))
+
+    per_op, total = op_times(str(path), feed_for, threads=1, runs=1)
+    ours = [op for op in per_op if op.startswith("MohRoutedAttention_")]
+    assert ours and all(per_op[op] > 0 for op in ours)
+    assert abs(total - sum(per_op.values())) < 1e-9

@@ -191,12 +191,13 @@ def _plain(value):
 
 
 def make_session(path: str | os.PathLike, form: str = "custom", intra_op_threads: int | None = None,
-                 spinning: bool = True) -> ort.InferenceSession:
+                 spinning: bool = True, profile_prefix: str | None = None) -> ort.InferenceSession:
     """ORT CPU session; for the custom form, with the moh_compile kernels registered.
 
     spinning=False stops idle pool threads from busy-waiting after a run: needed when several
     sessions take turns on the same cores (benchmarks), where spinning pools of the others
-    slowed every session by up to 40% here."""
+    slowed every session by up to 40% here. profile_prefix turns on ORT's profiler (the trace
+    file's path prefix; `session.end_profiling()` writes it), e.g. for benchmarks/profile_onnx.py."""
     if form not in ("custom", "portable"):
         raise ValueError(f"form must be 'custom' or 'portable', got {form!r}")
     so = ort.SessionOptions()
@@ -204,6 +205,8 @@ def make_session(path: str | os.PathLike, form: str = "custom", intra_op_threads
         so.intra_op_num_threads = intra_op_threads
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     model = onnx.load(os.fspath(path))
     has_custom = bool(custom_nodes(model))
     if form == "portable":
