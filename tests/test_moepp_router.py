@@ -210,6 +210,9 @@ def test_group_outputs_in_chunks_equal_the_whole_tensor():
     whole = group_outputs(x, ex, "gelu")
     chunked = GroupOutputs(x, ex, "gelu", max_elements=7 * n * d)  # 7 tokens per chunk: 8 chunks, last short
     assert chunked.chunk == 7 and len(list(chunked.chunks())) == 8
+    at_once = GroupOutputs(x, ex, "gelu")  # fits in one chunk: computed once, kept
+    assert at_once.tensor is not None and len(list(at_once.chunks())) == 1
+    torch.testing.assert_close(at_once.dense(), whole.sum(1))
     sel = torch.rand(t, n, generator=g) < 0.5
     sel[:, 0] = True  # no token skips group 0: its mean falls back to the global one
     comp, scale = torch.randn(n, d, generator=g), torch.rand(t, generator=g) + 0.5

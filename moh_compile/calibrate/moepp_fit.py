@@ -58,7 +58,8 @@ class GroupOutputs:
     Why: the whole (T, n, d_out) tensor is n times the FFN's output; at 512 experts and 8192
     tokens it is 6.4 GB. The fit only needs per-token norms, per-group sums and the dense output,
     so it recomputes the groups chunk by chunk (a few FFN passes, cheap next to the fit) and keeps
-    at most `max_elements` floats of them at once. A (T, n, d_out) tensor is accepted as is.
+    at most `max_elements` floats of them at once; when they fit in one chunk they are computed
+    once and kept. A (T, n, d_out) tensor is accepted as is.
     """
 
     def __init__(self, x: torch.Tensor | None = None, experts: dict | None = None, activation: str = "",
@@ -67,9 +68,12 @@ class GroupOutputs:
             self.tokens, self.n_groups, self.d_out = tensor.shape
         else:
             self.tokens, self.n_groups, self.d_out = x.shape[0], experts["w_out"].shape[0], experts["w_out"].shape[1]
-        self.x, self.experts, self.activation, self.tensor = x, experts, activation, tensor
+        self.x, self.experts, self.activation = x, experts, activation
         self.dtype = tensor.dtype if tensor is not None else x.dtype
         self.chunk = max(1, max_elements // max(1, self.n_groups * self.d_out))
+        if tensor is None and self.chunk >= self.tokens:  # fits in one chunk: compute it once, not per pass
+            tensor = group_outputs(x, experts, activation)
+        self.tensor = tensor
 
     @classmethod
     def of(cls, gout) -> "GroupOutputs":

@@ -291,12 +291,13 @@ class MoEPPPass(Pass):
             u = usage.get(name + "_router") if usage else None
             frac = u["ffn_fraction"] if u else 1.0
             dense = ffn_flops(1, blk.d_model, blk.d_hidden, blk.d_out, blk.gated)["total"]
-            extra = router_flops(cfg, blk.d_model, blk.d_out) + 2 * blk.d_out * cfg.top_k + 4 * blk.d_model * cfg.n_const
+            routing = router_flops(cfg, blk.d_model, blk.d_out)
+            extra = routing + 2 * blk.d_out * cfg.top_k + 4 * blk.d_model * cfg.n_const
             after = dense * frac + extra
             dense_total, after_total = dense_total + dense, after_total + after
             rows.append({"block": blk.name, "experts": cfg.n_ffn, "zero": cfg.n_zero, "copy": cfg.n_copy,
                          "const": cfg.n_const, "top_k": cfg.top_k, "router_rank": cfg.rank, "ffn_fraction": frac,
-                         "router_flops_per_token": router_flops(cfg, blk.d_model, blk.d_out),
+                         "router_flops_per_token": routing,
                          "choice_rate": u["choice_rate"] if u else None, "flops_per_token_dense": dense,
                          "flops_per_token_moepp": after, **{k: v for k, v in st.get("fit", {}).items()}})
         md = ["MoE++ FFN experts. Work fraction and choice rates measured on the calibration tokens "
