@@ -42,6 +42,13 @@ def router_share(compiled) -> float:
     return sum(b["router_flops_per_token"] for b in blocks) / sum(b["flops_per_token_dense"] for b in blocks)
 
 
+def block_share(compiled) -> float:
+    """The MoE++ blocks' FLOPs per token (experts at the calibration work, router, compensation)
+    as a fraction of the dense FFNs' (the report's figure)."""
+    section = compiled.report.sections["ffn:moepp"]
+    return section["flops_moepp"] / section["flops_dense"]
+
+
 def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: float, tune=None,
         log=print) -> list[dict]:
     t0 = time.perf_counter()
@@ -52,7 +59,8 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
     t_fit = time.perf_counter() - t0
     fid = compiled.report.sections["fidelity"]
     rows = [dict(keep=keep, variant="training-free", cosine=fid["cosine"], knn10=fid["knn10"],
-                 **usage_summary(compiled, calib.eval_batches, calib), router=router_share(compiled), seconds=t_fit)]
+                 **usage_summary(compiled, calib.eval_batches, calib), router=router_share(compiled),
+                 block=block_share(compiled), seconds=t_fit)]
     log(rows[-1])
     if finetune_minutes > 0:
         tune = tune or calib
@@ -63,7 +71,7 @@ def run(keep: float, calib, loaded, options: dict, finetune_minutes: float, lr: 
                                             f"{tune.num_examples} lines{kept})",
                          cosine=res["fidelity"]["cosine"], knn10=res["fidelity"]["knn10"],
                          **usage_summary(compiled, calib.eval_batches, calib), router=router_share(compiled),
-                         seconds=res["wall_s"]))
+                         block=block_share(compiled), seconds=res["wall_s"]))
         log(rows[-1])
     return rows
 
@@ -79,6 +87,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)
     ap.add_argument("--router-rank", type=int, default=None, help="factored routers (default: full rank)")
+    ap.add_argument("--linear-comp", type=int, default=None,
+                    help="rank of the linear compensation added to the skipped experts' (default: none)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="least-squares refit of the experts' down projections under the routing (the default)")
     add_tuning_args(ap)
@@ -89,22 +99,24 @@ def main(argv=None) -> list[dict]:
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
     options = {"experts": args.experts, "gating_residual": args.gating_residual,
                "copy_experts": args.copy_experts, "const_experts": args.const_experts, "refit": args.refit,
-               "router_rank": args.router_rank}
+               "router_rank": args.router_rank, "linear_comp": args.linear_comp}
     tune = tuning_data(args, loaded, calib)
     rows = []
     for keep in args.keep:
         rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)
     print(f"\nall-MiniLM-L6-v2, {calib.num_examples} calibration sentences, {len(calib.eval_batches)} held-out "
           f"batches, {args.experts} FFN + 1 zero + {args.copy_experts} copy + {args.const_experts} constant experts, "
-          f"router rank {args.router_rank or 'full'}, "
+          f"router rank {args.router_rank or 'full'}, linear compensation rank {args.linear_comp or 'none'}, "
           f"refit {'on' if args.refit else 'off'}, "
           f"threads={args.threads}, load {os.getloadavg()[0]:.2f}")
     print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | "
-          "router FLOPs (logits + compensation) / dense FFN | copy / const experts per token (held-out) | time s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "router FLOPs (logits + compensation) / dense FFN | block FLOPs / dense FFN (report) | "
+          "copy / const experts per token (held-out) | time s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['keep']} | {r['variant']} | {r['cosine']:.4f} | {r['knn10']:.3f} | {r['ffn_fraction']:.3f} | "
-              f"{r['router']:.3f} | {r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | {r['seconds']:.0f} |")
+              f"{r['router']:.3f} | {r['block']:.3f} | {r['copy_per_token']:.3f} / {r['const_per_token']:.3f} | "
+              f"{r['seconds']:.0f} |")
     return rows
 
 
