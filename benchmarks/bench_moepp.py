@@ -61,17 +61,12 @@ def make_routing(tokens: int, keep: float, n_ffn: int, gen: torch.Generator):
     return idx, weight
 
 
-def fitted_router(x: torch.Tensor, keep: float, n_ffn: int, rank: int | None, gen: torch.Generator,
-                  linear_rank: int | None = None) -> ExpertRouter:
+def fitted_router(x: torch.Tensor, keep: float, n_ffn: int, rank: int | None, gen: torch.Generator) -> ExpertRouter:
     """A router as the pass builds it (1 zero expert, k = ceil(1.5 keep n) slots, optionally
-    factored, optionally with a linear compensation) with random weights and its zero-expert
-    threshold set so that x spends `keep`."""
+    factored) with random weights and its zero-expert threshold set so that x spends `keep`."""
     d = x.shape[-1]
-    router = ExpertRouter(d, d, config_for_keep(keep, n_ffn, rank=rank, linear_rank=linear_rank)).eval()
+    router = ExpertRouter(d, d, config_for_keep(keep, n_ffn, rank=rank)).eval()
     with torch.no_grad():
-        for lin in (router.comp_in, router.comp_out):
-            if lin is not None:
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / lin.in_features ** 0.5)
         if router.down is not None:
             router.down.weight.copy_(torch.randn(rank, d, generator=gen) / d ** 0.5)
         router.proj.weight[:n_ffn] = torch.randn(n_ffn, router.proj.in_features, generator=gen)
@@ -84,8 +79,7 @@ def fitted_router(x: torch.Tensor, keep: float, n_ffn: int, rank: int | None, ge
 
 
 def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.Generator,
-        seconds: float = 1.0, n_ffn: int = 16, router_rank: int | None = None,
-        linear_rank: int | None = None) -> dict:
+        seconds: float = 1.0, n_ffn: int = 16, router_rank: int | None = None) -> dict:
     hidden = 4 * d_model
     x = torch.randn(tokens, d_model, generator=gen)
     w_in = torch.randn(hidden, d_model, generator=gen) / d_model**0.5
@@ -103,7 +97,7 @@ def run(d_model: int, tokens: int, keep: float, layouts: list[str], gen: torch.G
         if layout == "op":
             fns[layout] = lambda: moepp_ffn(*args)
         elif layout == "block":  # what a compiled block runs: its router, then the op on the router's choice
-            router = fitted_router(x, keep, n_ffn, router_rank, gen, linear_rank)
+            router = fitted_router(x, keep, n_ffn, router_rank, gen)
 
             def block(router=router):
                 idx, w, _, comp = router(x)
@@ -127,8 +121,6 @@ def main() -> None:
                    help="comma list of: op (the custom op = sorted kernel), sorted, capacity, block (router + op, "
                         "the router's own choices: a random linear router whose zero-expert threshold spends keep)")
     p.add_argument("--router-rank", type=int, default=None, help="block layout: factored router of this rank")
-    p.add_argument("--linear-comp", type=int, default=None,
-                   help="block layout: the router's linear compensation of this rank (default: none)")
     p.add_argument("--d-models", default="384,1024")
     p.add_argument("--tokens", default="512,2048,8192")
     p.add_argument("--keeps", default="0.5,0.25")
@@ -145,8 +137,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {a.clock} clock, float32, "
           f"{a.experts} FFN experts + {N_ZERO} zero + {N_COPY} copy + {N_CONST} const, GELU"
-          + (f"; block: router rank {a.router_rank or 'full'}, linear compensation rank {a.linear_comp or 'none'}, "
-             f"1 zero expert" if "block" in layouts else ""))
+          + (f"; block: router rank {a.router_rank or 'full'}, 1 zero expert" if "block" in layouts else ""))
     head = f"{'d_model':>7} {'tokens':>6} {'keep':>5} {'dense ms':>9}"
     head += f" {'ideal':>6}"
     for layout in layouts:
@@ -155,7 +146,7 @@ def main() -> None:
     for d_model in map(int, a.d_models.split(",")):
         for tokens in map(int, a.tokens.split(",")):
             for keep in map(float, a.keeps.split(",")):
-                r = run(d_model, tokens, keep, layouts, gen, a.seconds, a.experts, a.router_rank, a.linear_comp)
+                r = run(d_model, tokens, keep, layouts, gen, a.seconds, a.experts, a.router_rank)
                 line = f"{d_model:>7} {tokens:>6} {keep:>5.2f} {r['dense']:>9.2f} {r['ideal']:>6.2f}"
                 for layout in layouts:
                     speedup = r["dense"] / r[layout]

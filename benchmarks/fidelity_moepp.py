@@ -87,8 +87,6 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--copy-experts", type=int, default=0)
     ap.add_argument("--const-experts", type=int, default=0)
     ap.add_argument("--router-rank", type=int, default=None, help="factored routers (default: full rank)")
-    ap.add_argument("--linear-comp", type=int, default=None,
-                    help="rank of the linear compensation added to the skipped experts' (default: none)")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                     help="least-squares refit of the experts' down projections under the routing (the default)")
     add_tuning_args(ap)
@@ -99,14 +97,14 @@ def main(argv=None) -> list[dict]:
     calib = as_calibration("example", loaded, eval_source="example-eval", limit=args.calib_samples)
     options = {"experts": args.experts, "gating_residual": args.gating_residual,
                "copy_experts": args.copy_experts, "const_experts": args.const_experts, "refit": args.refit,
-               "router_rank": args.router_rank, "linear_comp": args.linear_comp}
+               "router_rank": args.router_rank}
     tune = tuning_data(args, loaded, calib)
     rows = []
     for keep in args.keep:
         rows += run(keep, calib, loaded, options, args.finetune_minutes, args.lr, tune)
     print(f"\nall-MiniLM-L6-v2, {calib.num_examples} calibration sentences, {len(calib.eval_batches)} held-out "
           f"batches, {args.experts} FFN + 1 zero + {args.copy_experts} copy + {args.const_experts} constant experts, "
-          f"router rank {args.router_rank or 'full'}, linear compensation rank {args.linear_comp or 'none'}, "
+          f"router rank {args.router_rank or 'full'}, "
           f"refit {'on' if args.refit else 'off'}, "
           f"threads={args.threads}, load {os.getloadavg()[0]:.2f}")
     print("| ffn_keep | variant | mean cos | top-10 overlap | actual FFN work (held-out) | "

@@ -41,10 +41,9 @@ CONFIGS = {
     "moh-weighted": dict(attention="moh", ffn="keep",
                          options={"moh": {"active_heads": 0.5, "shared_heads": 0.25, "gate_style": "weighted"}}),
     "moepp": dict(attention="keep", ffn="moepp", options={"moepp": {"experts": 4, "ffn_keep": 0.5}}),
-    # the factored router (--router-rank) and a factored linear compensation (--linear-comp): two
-    # matmuls each in the router subgraph
+    # the factored router (--router-rank): two matmuls in the router subgraph
     "moepp-factored": dict(attention="keep", ffn="moepp",
-                           options={"moepp": {"experts": 8, "ffn_keep": 0.5, "router_rank": 3, "linear_comp": 4}}),
+                           options={"moepp": {"experts": 8, "ffn_keep": 0.5, "router_rank": 3}}),
     "sparse+moh+moepp": dict(attention="sparse+moh", ffn="moepp",
                              options={"sparse": {"profile_lengths": [16, 32], "validate_length": 24,
                                                  "density": 0.6},

@@ -50,12 +50,10 @@ def bert_fitted():
 
 @pytest.mark.parametrize("name", ALL)
 def test_identity_is_exact_on_every_model(name):
-    """All FFN experts active, no zero-computation expert chosen (and the linear compensation
-    present but unfitted): the dense FFN within 1e-5."""
+    """All FFN experts active, no zero-computation expert chosen: the dense FFN within 1e-5."""
     model, inputs, (_, n_ffn), facts = build(name)
     compiled = moh_compile.compile(model, inputs, _moepp(experts=4, ffn_keep=1.0, zero_experts=1, copy_experts=1,
-                                                         const_experts=1, gating_residual=True,
-                                                         linear_comp=2),
+                                                         const_experts=1, gating_residual=True),
                                     captured=captured(name))
     applied = [a for a in compiled.report.actions if a.get("transform") == "moepp"]
     assert len(applied) == n_ffn, compiled.report.skipped
@@ -169,32 +167,6 @@ def test_factored_router_meets_the_budget_and_reexports():
     torch.testing.assert_close(got, _run(compiled, batch), atol=1e-5, rtol=1e-5)
 
 
-def test_linear_compensation_is_fitted_counted_and_reexports():
-    """--linear-comp R: the refit adds an affine map of the token to the skip compensation (same
-    routing: the router is fitted first). Full rank is one map, lower ranks are factored; the fit
-    error on the calibration tokens drops below the refit without it, the report counts the
-    map's FLOPs, and the program re-exports."""
-    model, inputs, _, _ = build("bert")
-    calib = _bert_calibration()
-    d = model.config.hidden_size
-    plain = moh_compile.compile(model, inputs, _moepp(experts=8, ffn_keep=0.5), calibration=calib)
-    base = {b["block"]: b for b in plain.report.sections["ffn:moepp"]["blocks"]}
-    for rank in (d, 3):
-        compiled = moh_compile.compile(model, inputs, _moepp(experts=8, ffn_keep=0.5, linear_comp=rank),
-                                       calibration=calib)
-        routers = [m for m in compiled.graph_module.modules() if isinstance(m, ExpertRouter)]
-        assert all((r.comp_in is None) == (rank == d) and r.comp_out.weight.abs().sum() > 0 for r in routers)
-        extra = 2 * d * d if rank == d else 2 * rank * 2 * d
-        for b in compiled.report.sections["ffn:moepp"]["blocks"]:
-            before = base[b["block"]]
-            assert b["router_flops_per_token"] == before["router_flops_per_token"] + extra
-            assert b["refit"]["rel_error_after"] < before["refit"]["rel_error_after"] - 0.01, (b, before)
-            assert 0 < b["refit"]["linear_share"] < 1
-        batch = calib.eval_batches[0]
-        got = compiled.export().module()(**batch)["last_hidden_state"]
-        torch.testing.assert_close(got, _run(compiled, batch), atol=1e-5, rtol=1e-5)
-
-
 def test_plan_round_trip_reapplies_grouping_and_fit():
     model, inputs, _, _ = build("bert")
     calib = _bert_calibration(seed=1)
@@ -251,9 +223,6 @@ def _one_line_error(capsys, code, needle):
     (["--router-rank", "0"], "--router-rank"),
     (["--router-rank", "17"], "--router-rank must be an integer in [1, 17)"),
     (["--experts", "128", "--router-rank", "64"], "not below d_model 64"),
-    (["--linear-comp", "0"], "--linear-comp must be a positive integer"),
-    (["--linear-comp", "65"], "exceeds the largest rank"),
-    (["--linear-comp", "4", "--no-refit"], "drop --no-refit"),
     (["--ffn-keep", "0.5"], "calibration data"),
     (["--finetune-pooled-weight", "-1"], "--finetune-pooled-weight"),
     (["--finetune-validation", "1"], "--finetune-validation"),

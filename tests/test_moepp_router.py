@@ -102,34 +102,6 @@ def test_compensation_covers_exactly_the_skipped_groups():
     torch.testing.assert_close(comp, expect, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_compensation_adds_an_affine_map_of_the_token():
-    """linear_rank: comp = skipped groups' table rows + comp_out(comp_in(x)); zero until fitted;
-    factored below min(d, d_out), one map at full rank; FLOPs counted."""
-    from moh_compile.passes.moepp_router import router_flops
-
-    g = torch.Generator().manual_seed(3)
-    d, n = 6, 4
-    x = torch.randn(2, 5, d, generator=g)
-    for rank, factored in ((2, True), (d, False)):
-        cfg = MoEPPConfig(n_ffn=n, n_zero=1, top_k=3, linear_rank=rank)
-        router = ExpertRouter(d, d, cfg)
-        assert (router.comp_in is not None) == factored
-        assert router(x)[3].abs().max() == 0  # zero until fitted: identity stays exact
-        with torch.no_grad():
-            router.proj.weight.copy_(torch.randn(n + 1, d, generator=g))
-            router.comp_table.copy_(torch.randn(n, d, generator=g))
-            router.comp_out.weight.copy_(torch.randn(d, rank, generator=g))
-            router.comp_out.bias.copy_(torch.randn(d, generator=g))
-        idx, w, _, comp = router(x)
-        lin = router.comp_in.weight.T @ router.comp_out.weight.T if factored else router.comp_out.weight.T
-        expect = (~_chosen(idx, n)).float() @ router.comp_table.detach() + x @ lin.detach() + router.comp_out.bias.detach()
-        torch.testing.assert_close(comp, expect, atol=1e-5, rtol=1e-5)
-        base = router_flops(MoEPPConfig(n_ffn=n, n_zero=1, top_k=3), d, d)
-        assert router_flops(cfg, d, d) - base == (2 * rank * 2 * d if factored else 2 * d * d)
-    with pytest.raises(ValueError, match="linear_rank"):
-        MoEPPConfig(n_ffn=n, top_k=2, linear_rank=2, compensation=False)
-
-
 def test_binary_weights_pass_gradient_to_logits_and_load_balance_is_recorded():
     router = ExpertRouter(8, 8, MoEPPConfig(n_ffn=4, n_zero=1, top_k=2))
     with torch.no_grad():

@@ -25,24 +25,6 @@ def test_recovers_the_weights_that_generated_the_routed_output():
     assert res["comp"][0].abs().max() < 1e-6  # part 0 always runs: its compensation keeps the prior (0)
 
 
-def test_recovers_a_linear_term_that_every_token_gets():
-    """extra features (here the token itself, for MoE++'s linear compensation) are fitted jointly;
-    the reported error is 0 with them and not without."""
-    parts, gates = _data()
-    t, n, f = parts.shape
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(t, 3, generator=g)
-    w_true, comp_true, lin_true = (torch.randn(6, n * f, generator=g), torch.randn(n, 6, generator=g),
-                                   torch.randn(6, 3, generator=g))
-    target = (parts * gates.unsqueeze(-1)).reshape(t, -1) @ w_true.T + (gates == 0).float() @ comp_true + x @ lin_true.T
-    args = (parts, gates, target, torch.zeros_like(w_true), torch.zeros_like(comp_true))
-    res = refit_routed_output(*args, penalties=(1e-9,), extra=x)
-    assert torch.allclose(res["extra_map"], lin_true, atol=1e-4) and torch.allclose(res["weight"], w_true, atol=1e-4)
-    assert res["error_after"] < 1e-5
-    without = refit_routed_output(*args, penalties=(1e-9,))
-    assert without["extra_map"] is None and without["error_after"] > 0.1
-
-
 def test_all_parts_on_keeps_the_dense_weights_exactly():
     """Identity setting: every gate 1 and the target is the dense output -> the refit is a no-op."""
     parts, _ = _data()

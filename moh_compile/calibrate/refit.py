@@ -21,10 +21,9 @@ PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 def refit_routed_output(parts: torch.Tensor, gates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                         comp: torch.Tensor, token_weight: torch.Tensor | None = None,
-                        penalties: tuple[float, ...] = PENALTIES, holdout: float = 0.2,
-                        extra: torch.Tensor | None = None, extra_map: torch.Tensor | None = None) -> dict:
+                        penalties: tuple[float, ...] = PENALTIES, holdout: float = 0.2) -> dict:
     """Refit `weight` (d_out, n * f) and `comp` (n, d_out) so that, per token,
-    weight @ (parts * gates).flatten() + (gates == 0) @ comp [+ extra_map @ extra] ~ target.
+    weight @ (parts * gates).flatten() + (gates == 0) @ comp ~ target.
 
     parts (T, n, f): each part's input to the output projection; gates (T, n): the gate each part
     got (0 = skipped); target (T, d_out): the dense output without bias (minus any fixed extra
@@ -38,19 +37,12 @@ def refit_routed_output(parts: torch.Tensor, gates: torch.Tensor, target: torch.
     if weight.shape != (d_out, n * f) or comp.shape != (n, d_out) or gates.shape != (t, n):
         raise ValueError(f"shape mismatch: parts {tuple(parts.shape)}, gates {tuple(gates.shape)}, weight "
                          f"{tuple(weight.shape)}, comp {tuple(comp.shape)}, target {tuple(target.shape)}")
-    if extra is not None and extra.shape[0] != t:
-        raise ValueError(f"extra has {extra.shape[0]} tokens, parts {t}")
     gates = gates.to(parts.dtype)
-    blocks = [(parts * gates.unsqueeze(-1)).reshape(t, n * f), (gates == 0).to(parts.dtype)]
-    priors = [weight.T, comp]
-    if extra is not None:
-        blocks.append(extra.to(parts.dtype))
-        priors.append(extra.new_zeros(extra.shape[1], d_out) if extra_map is None else extra_map.T)
-    feats = torch.cat(blocks, -1).double()
+    feats = torch.cat([(parts * gates.unsqueeze(-1)).reshape(t, n * f), (gates == 0).to(parts.dtype)], -1).double()
     y = target.double()
     if token_weight is not None:
         feats, y = feats * token_weight.double().unsqueeze(-1), y * token_weight.double().unsqueeze(-1)
-    prior = torch.cat(priors, 0).double()
+    prior = torch.cat([weight.T, comp], 0).double()
 
     def solve(rows: slice, penalty: float) -> torch.Tensor:
         x = feats[rows]
@@ -69,8 +61,7 @@ def refit_routed_output(parts: torch.Tensor, gates: torch.Tensor, target: torch.
     best = min(errors, key=errors.get) if errors else penalties[0]
     sol = solve(slice(0, t), best)
     ref = y.norm().clamp_min(1e-30)
-    return {"weight": sol[: n * f].T.contiguous().to(weight.dtype), "comp": sol[n * f:n * f + n].to(comp.dtype),
-            "extra_map": None if extra is None else sol[n * f + n:].T.contiguous().to(weight.dtype),
+    return {"weight": sol[: n * f].T.contiguous().to(weight.dtype), "comp": sol[n * f:].to(comp.dtype),
             "penalty": best, "holdout_errors": errors,
             "error_before": float((feats @ prior - y).norm() / ref),
             "error_after": float((feats @ sol - y).norm() / ref)}

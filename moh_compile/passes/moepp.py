@@ -44,8 +44,7 @@ from moh_compile.rewrite import constant_value, drop_unread_attrs, insert_ffn, r
 aten = torch.ops.aten
 
 DEFAULTS = dict(experts=16, ffn_keep=0.5, top_k=None, zero_experts=1, copy_experts=0, const_experts=0,
-                gating_residual=False, seed=0, max_tokens=8192, refit=True, router_rank=None,
-                linear_comp=None)
+                gating_residual=False, seed=0, max_tokens=8192, refit=True, router_rank=None)
 
 
 def resolve_settings(opts: dict) -> dict:
@@ -67,12 +66,6 @@ def resolve_settings(opts: dict) -> dict:
     if rank is not None and (not isinstance(rank, int) or not 1 <= rank < total):
         raise MohCompileError(f"--router-rank must be an integer in [1, {total}) (below the {total} experts incl. "
                               f"zero/copy/const; omit it for a full-rank router), got {rank}")
-    lin = s["linear_comp"]
-    if lin is not None and (not isinstance(lin, int) or lin < 1):
-        raise MohCompileError(f"--linear-comp must be a positive integer (the rank of the linear compensation), "
-                              f"got {lin}")
-    if lin is not None and not s["refit"]:
-        raise MohCompileError("--linear-comp is fitted by the refit: drop --no-refit")
     if s["top_k"] is None:  # with a zero expert, k leaves room above the mean
         s["top_k"] = top_k_for_keep(keep, n, KMAX_FACTOR if s["zero_experts"] else 1.0)
     k = s["top_k"]
@@ -138,9 +131,6 @@ class MoEPPPass(Pass):
         g.add_argument("--router-rank", type=int, default=None, metavar="R",
                        help="factor each router through R dimensions (reduced-rank fit): cuts its cost from "
                             "2*d*N to 2*R*(d+N) FLOPs per token, for many experts (default: full rank)")
-        g.add_argument("--linear-comp", type=int, default=None, metavar="R",
-                       help="add a rank-R linear map of the token to the skipped experts' compensation, "
-                            "fitted with the refit (R = d_model: full; costs 2*R*(d+d_out) FLOPs per token)")
 
     def options_from_args(self, args) -> dict:
         if getattr(args, "ffn", None) != self.name:
@@ -150,8 +140,6 @@ class MoEPPPass(Pass):
                     const_experts=args.const_experts, gating_residual=args.gating_residual)
         if getattr(args, "router_rank", None) is not None:
             opts["router_rank"] = args.router_rank
-        if getattr(args, "linear_comp", None) is not None:
-            opts["linear_comp"] = args.linear_comp
         if getattr(args, "refit", None) is not None:
             opts["refit"] = args.refit
         resolve_settings(opts)  # invalid settings fail before the model is loaded
@@ -172,19 +160,15 @@ class MoEPPPass(Pass):
         if s["router_rank"] is not None and s["router_rank"] >= blk.d_model:
             raise MohCompileError(f"{blk.name}: --router-rank {s['router_rank']} is not below d_model "
                                   f"{blk.d_model}: a factored router would cost more than a full one")
-        if s["linear_comp"] is not None and s["linear_comp"] > min(blk.d_model, blk.d_out):
-            raise MohCompileError(f"{blk.name}: --linear-comp {s['linear_comp']} exceeds the largest rank of a "
-                                  f"{blk.d_model} -> {blk.d_out} map ({min(blk.d_model, blk.d_out)})")
         settings = {k: s[k] for k in ("experts", "ffn_keep", "top_k", "zero_experts", "copy_experts",
                                       "const_experts", "gating_residual", "seed", "max_tokens", "refit",
-                                      "router_rank", "linear_comp")}
+                                      "router_rank")}
         return BlockPlan(blk.name, self.kind, self.name, settings)
 
     def _config(self, st: dict, top_k: int | None = None) -> MoEPPConfig:
         return MoEPPConfig(n_ffn=st["experts"], n_zero=st["zero_experts"], n_copy=st["copy_experts"],
                            n_const=st["const_experts"], top_k=st["experts"] if top_k is None else top_k,
-                           gating_residual=st["gating_residual"], rank=st.get("router_rank"),
-                           linear_rank=st.get("linear_comp"))
+                           gating_residual=st["gating_residual"], rank=st.get("router_rank"))
 
     def rewrite(self, gm, match, block_plan):
         st = block_plan.settings
@@ -312,8 +296,7 @@ class MoEPPPass(Pass):
             after = dense * frac + extra
             dense_total, after_total = dense_total + dense, after_total + after
             rows.append({"block": blk.name, "experts": cfg.n_ffn, "zero": cfg.n_zero, "copy": cfg.n_copy,
-                         "const": cfg.n_const, "top_k": cfg.top_k, "router_rank": cfg.rank,
-                         "linear_comp": cfg.linear_rank, "ffn_fraction": frac,
+                         "const": cfg.n_const, "top_k": cfg.top_k, "router_rank": cfg.rank, "ffn_fraction": frac,
                          "router_flops_per_token": routing,
                          "choice_rate": u["choice_rate"] if u else None, "flops_per_token_dense": dense,
                          "flops_per_token_moepp": after, **{k: v for k, v in st.get("fit", {}).items()}})
@@ -339,48 +322,21 @@ class MoEPPPass(Pass):
 
 @torch.no_grad()
 def _refit_block(x, experts, experts_mod, router, prev, activation, target, scale) -> dict:
-    """Refit the experts' down projections and the compensation table (and the linear
-    compensation, when the router has one) under the fitted routing (calibrate/refit.py), in
-    place; copy/constant experts are never chosen training-free, so the routed output is FFN
-    groups + compensation only. Returns the penalty and the relative (stream-weighted) error on
-    the fit tokens before and after."""
-    from moh_compile.calibrate.moepp_fit import chosen_groups, group_hidden, reduced_rank
+    """Refit the experts' down projections and the compensation table under the fitted routing
+    (calibrate/refit.py), in place; copy/constant experts are never chosen training-free, so the
+    routed output is FFN groups + compensation only. Returns the penalty and the relative
+    (stream-weighted) error on the fit tokens before and after."""
+    from moh_compile.calibrate.moepp_fit import chosen_groups, group_hidden
     from moh_compile.calibrate.refit import refit_routed_output
 
     n, d_out, fe = experts["w_out"].shape
-    hidden, chosen = group_hidden(x, experts, activation), chosen_groups(router, x, prev)
-    weight = None if scale is None else 1.0 / scale
-
-    def refit(tgt, extra=None):
-        return refit_routed_output(hidden, chosen, tgt, experts["w_out"].permute(1, 0, 2).reshape(d_out, n * fe),
-                                   router.comp_table, weight, extra=extra)
-
-    linear = {}
-    if router.comp_out is None:
-        res = refit(target)
-    else:  # the affine map is fitted jointly (a constant feature gives its bias)
-        res = refit(target, extra=torch.cat([x, x.new_ones(x.shape[0], 1)], -1))
-        lin, bias = res["extra_map"][:, :-1], res["extra_map"][:, -1]
-        if router.comp_in is not None:  # reduced rank, then refit the rest around the truncated map
-            low, basis = reduced_rank(lin, x, router.comp_in.out_features)
-            bias = bias + x.mean(0) @ (lin - low).T
-            router.comp_in.weight.copy_(basis.T @ lin)
-            lin, before = low, res["error_before"]
-            rest = target - x @ lin.T - bias
-            res = refit(rest)
-            w = 1.0 if weight is None else weight.unsqueeze(-1)  # errors relative to the whole target
-            res["error_before"] = before
-            res["error_after"] *= float((rest * w).norm() / (target * w).norm().clamp_min(1e-30))
-            router.comp_out.weight.copy_(basis)
-        else:
-            router.comp_out.weight.copy_(lin)
-        router.comp_out.bias.copy_(bias)
-        final = x @ lin.T + bias
-        linear = {"linear_share": round(float(final.sub(final.mean(0)).norm() / target.sub(target.mean(0)).norm()), 4)}
+    res = refit_routed_output(group_hidden(x, experts, activation), chosen_groups(router, x, prev), target,
+                              experts["w_out"].permute(1, 0, 2).reshape(d_out, n * fe), router.comp_table,
+                              None if scale is None else 1.0 / scale)
     experts_mod.w_out.copy_(res["weight"].reshape(d_out, n, fe).permute(1, 0, 2))
     router.comp_table.copy_(res["comp"])
     return {"penalty": res["penalty"], "rel_error_before": round(res["error_before"], 4),
-            "rel_error_after": round(res["error_after"], 4), **linear}
+            "rel_error_after": round(res["error_after"], 4)}
 
 
 def router_budgets(plan, module: nn.Module) -> dict[str, float]:

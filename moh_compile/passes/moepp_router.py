@@ -18,10 +18,7 @@ term) or "softmax" (MoE++ style: softmax over the chosen slots' logits).
 
 Compensation: skipping group g loses its output y_g(x); the router adds back a per-group vector
 m_g (the mean of y_g over tokens that skip g on calibration data) for every skipped group, as a
-gather from a (n_ffn, d_out) table: compensation = sum(m) - sum_{chosen g} m_g. Optionally
-(`linear_rank`) plus an affine map of the token, L x + c with L of rank <= linear_rank, fitted
-with the refit: the skipped groups' outputs still vary with x, and the part of that variation a
-linear map explains costs 2 d d_out FLOPs instead of the groups' 2 F d (calibrate/refit.py).
+gather from a (n_ffn, d_out) table: compensation = sum(m) - sum_{chosen g} m_g.
 """
 from __future__ import annotations
 
@@ -47,7 +44,6 @@ class MoEPPConfig:
     tau: float = 0.75  # load-balance weight eta for zero-computation experts
     compensation: bool = True
     rank: int | None = None  # low-rank router x -> (rank) -> logits; None: one full d x n_total map
-    linear_rank: int | None = None  # linear compensation L x + c, rank(L) <= linear_rank; None: off
 
     def __post_init__(self):
         if self.n_ffn < 1:
@@ -60,8 +56,6 @@ class MoEPPConfig:
             raise ValueError(f"weighting must be 'binary' or 'softmax', got {self.weighting!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1 (or None for a full-rank router), got {self.rank}")
-        if self.linear_rank is not None and (self.linear_rank < 1 or not self.compensation):
-            raise ValueError(f"linear_rank must be >= 1 and needs compensation (or None), got {self.linear_rank}")
 
     @property
     def n_total(self) -> int:
@@ -115,14 +109,6 @@ class ExpertRouter(Router):
             if config.n_zero:
                 self.proj.bias[config.n_ffn] = -1e3  # below any FFN score: keep all k slots
         self.comp_table = nn.Parameter(torch.zeros(config.n_ffn, d_out), requires_grad=config.compensation)
-        # linear compensation: comp_out(comp_in(x)), factored when its rank is below min(d_in, d_out);
-        # comp_out starts at zero, so the term is 0 until fitted (identity stays exact)
-        lr = config.linear_rank
-        self.comp_in = nn.Linear(d_in, lr, bias=False) if lr and lr < min(d_in, d_out) else None
-        self.comp_out = nn.Linear(self.comp_in.out_features if self.comp_in else d_in, d_out) if lr else None
-        if self.comp_out is not None:
-            nn.init.zeros_(self.comp_out.weight)
-            nn.init.zeros_(self.comp_out.bias)
 
     def logits(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None) -> torch.Tensor:
         """G_j = W_j x (+ W_g G_{j-1} when gating_residual and the previous logits are given)."""
@@ -159,12 +145,12 @@ class ExpertRouter(Router):
             weight = torch.softmax(top_val.masked_fill(empty, float("-inf")), dim=-1)
             weight = torch.nan_to_num(weight, nan=0.0)
         weight = weight.masked_fill(empty, 0.0)
-        comp = self._compensation(top_idx, weight, x) if cfg.compensation else None
+        comp = self._compensation(top_idx, weight) if cfg.compensation else None
         if self.wants_load_balance:
             self.last_load_balance_loss = self._load_balance(logits, top_idx, empty)
         return top_idx, weight, logits, comp
 
-    def _compensation(self, idx: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _compensation(self, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         n = self.config.n_ffn
         # a chosen group with weight w leaves (1 - w) of its mean uncovered; binary w == 1 forward.
         # Per-token weights over the n groups, then one (.., n) @ (n, d) matmul: gathering the
@@ -173,10 +159,6 @@ class ExpertRouter(Router):
         per_group = w.new_zeros((*idx.shape[:-1], n)).scatter_add(-1, idx.clamp(max=n - 1), w)
         # sum(m) - per_group @ m as one addmm: no (tokens, d_out) temporary for the product
         flat = torch.addmm(self.comp_table.sum(dim=0), per_group.reshape(-1, n), self.comp_table, alpha=-1)
-        if self.comp_out is not None:  # + L x + c, accumulated into the same buffer
-            lin = x.reshape(-1, x.shape[-1]).to(flat.dtype)
-            lin = self.comp_in(lin) if self.comp_in is not None else lin
-            flat = torch.addmm(flat + self.comp_out.bias, lin, self.comp_out.weight.t())
         return flat.reshape(*idx.shape[:-1], flat.shape[-1])
 
     def _load_balance(self, logits, idx, empty) -> torch.Tensor:
@@ -191,15 +173,10 @@ class ExpertRouter(Router):
 def router_flops(config: MoEPPConfig, d_in: int, d_out: int) -> int:
     """FLOPs per token of the router module as it runs: logits (with the gating residual's
     n_total^2 map) and the compensation, a (n_ffn,) x (n_ffn, d_out) product per token, as
-    costly as full-rank logits when n_ffn is large (17% of MiniLM's FFN at 512 experts), plus
-    the linear compensation's map when there is one."""
+    costly as full-rank logits when n_ffn is large (17% of MiniLM's FFN at 512 experts)."""
     logits = 2 * config.rank * (d_in + config.n_total) if config.rank else 2 * d_in * config.n_total
-    linear = 0
-    if config.linear_rank:
-        r = config.linear_rank
-        linear = 2 * r * (d_in + d_out) if r < min(d_in, d_out) else 2 * d_in * d_out
     return logits + (2 * config.n_total ** 2 if config.gating_residual else 0) + \
-        (2 * config.n_ffn * d_out if config.compensation else 0) + linear
+        (2 * config.n_ffn * d_out if config.compensation else 0)
 
 
 def mean_ffn_count(idx: torch.Tensor, n_ffn: int, mask: torch.Tensor | None = None) -> float:
