@@ -173,8 +173,9 @@ LAYOUTS = ("auto", "sorted", "capacity", "rows")
 ROWS_MAX_WIDTH = 48  # widest expert (neurons) for which "auto" picks the C row kernels; see choose_layout
 # Wider experts also take them on small batches when one expert's weight matrix fits in L2 (96 x 384
 # floats: MiniLM's 16 experts): there the ~64 library calls per op (gather, two GEMMs, scatter-add
-# per expert), each a parallel region, cost more than the GEMMs gain (d 384, 512-2048 tokens:
-# 0.54-0.80 of ideal vs 0.39-0.73; equal at 4096, sorted ahead at 8192 and whenever d = 1024).
+# per expert), each a parallel region, cost more than the GEMMs gain (d 384, 512-2048 tokens, 25%
+# work: 0.54-0.80 of ideal vs 0.39-0.73, at 50% ahead or level but once; level at 4096 tokens,
+# sorted ahead at 8192 and at every d 1024 point).
 ROWS_SMALL_EXPERT_FLOATS = 96 * 384
 ROWS_SMALL_BATCH_TOKENS = 2048
 
