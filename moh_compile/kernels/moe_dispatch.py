@@ -7,8 +7,7 @@ and are folded into the combine as two vectorised terms (a per-token multiple of
 (T, n_const) @ (n_const, d) product).
 
 Layouts for the FFN part (`moepp_dispatch(..., layout=...)`; "auto", the default, takes "rows" for
-experts of at most ROWS_MAX_WIDTH neurons, and for L2-sized experts on small batches, when its C
-kernels build here, else "sorted"; see choose_layout):
+experts of at most ROWS_MAX_WIDTH neurons when its C kernels build here, else "sorted"):
   "rows"     C row kernels for fine-grained experts (moe_fine.py): pairs grouped by (token tile,
              expert), each expert's few weight rows kept in L1, no gather or scatter buffers.
   "sorted"   sort the (token, slot) pairs by expert; per expert gather its token rows
@@ -171,24 +170,13 @@ def _zero_compute(xf, out, expert_idx, expert_weight, n_ffn, n_zero, n_copy, con
 
 LAYOUTS = ("auto", "sorted", "capacity", "rows")
 ROWS_MAX_WIDTH = 48  # widest expert (neurons) for which "auto" picks the C row kernels; see choose_layout
-# Wider experts also take them on small batches when one expert's weight matrix fits in L2 (96 x 384
-# floats: MiniLM's 16 experts): there the ~64 library calls per op (gather, two GEMMs, scatter-add
-# per expert), each a parallel region, cost more than the GEMMs gain (d 384, 512-2048 tokens, 25%
-# work: 0.54-0.80 of ideal vs 0.39-0.73, at 50% ahead or level but once; level at 4096 tokens,
-# sorted ahead at 8192 and at every d 1024 point).
-ROWS_SMALL_EXPERT_FLOATS = 96 * 384
-ROWS_SMALL_BATCH_TOKENS = 2048
 
 
 def choose_layout(w_in: torch.Tensor, xf: torch.Tensor) -> str:
-    """"rows" for experts of at most ROWS_MAX_WIDTH neurons, or for L2-sized experts on at most
-    ROWS_SMALL_BATCH_TOKENS tokens (float32, CPU, C kernels built), else "sorted": library GEMMs
-    win on wide experts and large batches, the row kernels on narrow experts and small batches
-    (benchmarks/bench_moepp.py --layouts sorted,rows --experts N; results/moepp_cpu_2026-11-25.md)."""
-    f_e, d = w_in.shape[1], w_in.shape[2]
-    narrow = f_e <= ROWS_MAX_WIDTH
-    small = f_e * d <= ROWS_SMALL_EXPERT_FLOATS and xf.shape[0] <= ROWS_SMALL_BATCH_TOKENS
-    if ((narrow or small) and xf.dtype == torch.float32 and xf.device.type == "cpu"
+    """"rows" for experts of at most ROWS_MAX_WIDTH neurons (float32, CPU, C kernels built), else
+    "sorted": library GEMMs win on wide experts, the row kernels on narrow ones
+    (benchmarks/bench_moepp.py --layouts sorted,rows --experts N)."""
+    if (w_in.shape[1] <= ROWS_MAX_WIDTH and xf.dtype == torch.float32 and xf.device.type == "cpu"
             and w_in.dtype == torch.float32 and moe_fine.available()):
         return "rows"
     return "sorted"
@@ -198,8 +186,7 @@ def moepp_dispatch(x, w_in, b_in, w_gate, b_gate, w_out, b_out, expert_idx, expe
                    const_vectors, const_gate_weight, n_zero: int, n_copy: int, activation: str,
                    layout: str = "auto") -> torch.Tensor:
     """Forward of the MoE++ op; arguments as validated by ops.moepp.validate_moepp_args.
-    layout "auto" picks "rows" (moe_fine.py) for narrow experts or small problems when its C kernels
-    load, else "sorted" (choose_layout)."""
+    layout "auto" picks "rows" (moe_fine.py) for narrow experts when its C kernels load, else "sorted"."""
     d = x.shape[-1]
     d_out = w_out.shape[1]
     k = expert_idx.shape[-1]
