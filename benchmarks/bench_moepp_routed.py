@@ -23,24 +23,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_moepp import time_interleaved  # noqa: E402
+from harness import held_out_documents  # noqa: E402
 
 import moh_compile  # noqa: E402
-from moh_compile.calibrate.data import Calibration, as_calibration, load_lines, tokenize_lines, tokenizer_for  # noqa: E402
+from moh_compile.calibrate.data import as_calibration  # noqa: E402
 from moh_compile.config import CompileConfig  # noqa: E402
 from moh_compile.kernels.moe_dispatch import moepp_dispatch  # noqa: E402
 from moh_compile.loading import load_model  # noqa: E402
 from moh_compile.ops.ffn import ffn_reference  # noqa: E402
 from moh_compile.passes.moepp_router import ExpertRouter  # noqa: E402
-from moh_compile.passes.sparse import pack_batches  # noqa: E402
-
-
-def held_out_documents(loaded, batch: int, seq: int) -> dict:
-    """`batch` documents of exactly `seq` tokens packed from the held-out sentences."""
-    lines = tokenize_lines(load_lines("example-eval"), tokenizer_for(loaded), batch_size=16, max_length=128)
-    docs = pack_batches(Calibration(batches=lines, tokenized=True), lines, seq, count=batch, batch_size=batch)
-    if not docs or next(iter(docs[0].values())).shape[0] < batch:
-        raise SystemExit(f"not enough held-out text for {batch} documents of {seq} tokens")
-    return docs[0]
 
 
 @torch.no_grad()

@@ -221,18 +221,12 @@ def budget_docs(model: str, seq: int, path: str) -> str:
 
 
 def text_feed(loaded, session, batch: int, seq: int) -> dict:
-    """`batch` held-out documents of exactly `seq` tokens (moh_compile/data/eval.txt sentences
-    concatenated): routers route real text differently from random token ids, so the work the
-    compiled model skips, and its plan, are only representative on text."""
-    from moh_compile.calibrate.data import Calibration, load_lines, tokenize_lines, tokenizer_for
-    from moh_compile.passes.sparse import pack_batches
+    """`batch` held-out documents of exactly `seq` tokens (harness.held_out_documents), as the
+    session's named inputs."""
+    from harness import held_out_documents
 
-    batches = tokenize_lines(load_lines("example-eval"), tokenizer_for(loaded), batch_size=16, max_length=128)
-    docs = pack_batches(Calibration(batches=batches, tokenized=True), batches, seq, count=batch, batch_size=batch)
-    if not docs or next(iter(docs[0].values())).shape[0] < batch:
-        raise SystemExit(f"not enough held-out text for {batch} documents of {seq} tokens")
     names = {i.name for i in session.get_inputs()}
-    return {k: v.numpy() for k, v in docs[0].items() if k in names}
+    return {k: v.numpy() for k, v in held_out_documents(loaded, batch, seq).items() if k in names}
 
 
 def model_table(model: str, compile_args: list[str], seqs: list[int], batch: int, repeats: int, threads: int,

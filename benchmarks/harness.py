@@ -135,3 +135,17 @@ def save_results(name: str, title: str, columns: list[str], rows: list[list], me
 
 
 __all__ = ["Timing", "add_run_args", "set_threads", "time_fn", "time_interleaved", "print_table", "save_results", "environment"]
+
+
+def held_out_documents(loaded, batch: int, seq: int) -> dict:
+    """`batch` documents of exactly `seq` tokens packed from the held-out sentences
+    (moh_compile/data/eval.txt): routers route real text differently from random token ids, so
+    the work a compiled model skips is only representative on text. Tensors by input name."""
+    from moh_compile.calibrate.data import Calibration, load_lines, tokenize_lines, tokenizer_for
+    from moh_compile.passes.sparse import pack_batches
+
+    lines = tokenize_lines(load_lines("example-eval"), tokenizer_for(loaded), batch_size=16, max_length=128)
+    docs = pack_batches(Calibration(batches=lines, tokenized=True), lines, seq, count=batch, batch_size=batch)
+    if not docs or next(iter(docs[0].values())).shape[0] < batch:
+        raise SystemExit(f"not enough held-out text for {batch} documents of {seq} tokens")
+    return docs[0]
