@@ -134,9 +134,6 @@ def save_results(name: str, title: str, columns: list[str], rows: list[list], me
     return json_path, md_path
 
 
-__all__ = ["Timing", "add_run_args", "set_threads", "time_fn", "time_interleaved", "print_table", "save_results", "environment"]
-
-
 def held_out_documents(loaded, batch: int, seq: int) -> dict:
     """`batch` documents of exactly `seq` tokens packed from the held-out sentences
     (moh_compile/data/eval.txt): routers route real text differently from random token ids, so
@@ -149,3 +146,7 @@ def held_out_documents(loaded, batch: int, seq: int) -> dict:
     if not docs or next(iter(docs[0].values())).shape[0] < batch:
         raise SystemExit(f"not enough held-out text for {batch} documents of {seq} tokens")
     return docs[0]
+
+
+__all__ = ["Timing", "add_run_args", "set_threads", "time_fn", "time_interleaved", "print_table", "save_results", "environment",
+           "held_out_documents"]
